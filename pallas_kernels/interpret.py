@@ -1,0 +1,67 @@
+"""One switch that makes every Pallas kernel run on CPU, for tests.
+
+Inside ``with interpret_mode():``
+
+* GPU (Triton-lowered) kernels run with ``pallas_call(..., interpret=True)``: wrappers ask
+  :func:`gpu_interpret` for their ``interpret`` argument;
+* TPU (Mosaic) kernels run in the TPU interpret mode
+  (``jax.experimental.pallas.tpu.force_tpu_interpret_mode``), which simulates VMEM, DMAs and
+  semaphores on the host and can detect races.
+
+Outside it, a kernel whose platform is not the current backend raises ``NotImplementedError`` so
+that dispatch falls through to the next implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import jax
+
+_INTERPRET = contextvars.ContextVar("pallas_kernels_interpret", default=False)
+
+
+@contextlib.contextmanager
+def interpret_mode(*, detect_races: bool = False) -> Iterator[None]:
+  """Runs GPU kernels with ``interpret=True`` and TPU kernels in TPU interpret mode.
+
+  Args:
+    detect_races: ask the TPU interpreter to detect races between DMAs and kernel reads/writes.
+  """
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+
+  token = _INTERPRET.set(True)
+  try:
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(detect_races=detect_races)):
+      yield
+  finally:
+    _INTERPRET.reset(token)
+
+
+def interpreting() -> bool:
+  """Whether :func:`interpret_mode` is active."""
+  return _INTERPRET.get()
+
+
+def gpu_interpret(interpret: bool | None) -> bool:
+  """Resolves a GPU kernel wrapper's ``interpret`` argument.
+
+  Returns True when asked explicitly or inside :func:`interpret_mode`; returns False on a GPU;
+  raises NotImplementedError anywhere else, so dispatch moves on to the next implementation.
+  """
+  interpret = interpreting() if interpret is None else interpret
+  if not interpret and jax.default_backend() not in ("cuda", "rocm", "gpu"):
+    raise NotImplementedError(
+        f"Pallas GPU kernel needs a GPU (backend is {jax.default_backend()!r}); "
+        "use interpret=True or pallas_kernels.interpret.interpret_mode() to run it on CPU")
+  return interpret
+
+
+def require_tpu_or_interpret() -> None:
+  """Raises NotImplementedError unless on a TPU or inside :func:`interpret_mode`."""
+  if not interpreting() and jax.default_backend() != "tpu":
+    raise NotImplementedError(
+        f"Pallas TPU kernel needs a TPU (backend is {jax.default_backend()!r}); "
+        "use pallas_kernels.interpret.interpret_mode() to run it in the TPU interpreter on CPU")
