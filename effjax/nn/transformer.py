@@ -1,0 +1,128 @@
+"""A Llama-style decoder-only language model in Flax Linen.
+
+Pre-norm blocks: ``x + Attention(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``; rotary positions;
+grouped-query attention through a pluggable ``attention_fn``; optionally tied input/output
+embeddings. Logits are returned in float32 whatever the compute dtype.
+
+Memory: parameters ``vocab*d (x2 untied) + layers * (d*(heads + 2*kv_heads)*head_dim +
+heads*head_dim*d + 3*d*d_ff + 2d)``; activations per layer ``O(batch * seq * d)`` plus whatever
+``attention_fn`` needs (O(seq) for flash attention, O(seq^2) for naive attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from effjax.nn.attention import AttentionFn, MultiHeadAttention, dot_product_attention
+from effjax.nn.rope import segment_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Shape of a decoder LM. ``head_dim`` defaults to ``d_model // num_heads``."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  d_ff: int
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  qk_norm: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"TransformerConfig.{name} must be > 0, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"TransformerConfig.num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"TransformerConfig.d_model={self.d_model} is not divisible by "
+                       f"num_heads={self.num_heads}; set head_dim explicitly")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+
+class SwiGLU(nn.Module):
+  """``down(silu(gate(x)) * up(x))`` (Shazeer 2020), as in Llama."""
+  d_ff: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_model"]:
+    dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=self.dtype,
+                                            param_dtype=self.param_dtype, name=name)
+    hidden = nn.silu(dense(self.d_ff, "gate")(x)) * dense(self.d_ff, "up")(x)
+    return dense(x.shape[-1], "down")(hidden)
+
+
+class DecoderBlock(nn.Module):
+  config: TransformerConfig
+  attention_fn: AttentionFn = dot_product_attention
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids=None):
+    config = self.config
+    norm = lambda name: nn.RMSNorm(epsilon=config.norm_eps, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=name)
+    x = x + MultiHeadAttention(
+        num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+        head_dim=config.resolved_head_dim, rope_theta=config.rope_theta, qk_norm=config.qk_norm,
+        norm_eps=config.norm_eps, attention_fn=self.attention_fn, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="attention")(norm("attention_norm")(x), positions,
+                                                         segment_ids)
+    return x + SwiGLU(config.d_ff, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="mlp")(norm("mlp_norm")(x))
+
+
+class DecoderLM(nn.Module):
+  """Token ids ``[batch, seq]`` -> float32 logits ``[batch, seq, vocab]``.
+
+  ``positions`` default to ``0..seq-1`` per row, or restart per segment when ``segment_ids`` are
+  given (packed rows: tokens attend only within their segment).
+  """
+  config: TransformerConfig
+  attention_fn: AttentionFn = dot_product_attention
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Int[Array, "batch seq"],
+               positions: Int[Array, "batch seq"] | None = None,
+               segment_ids: Int[Array, "batch seq"] | None = None
+               ) -> Float[Array, "batch seq vocab"]:
+    config = self.config
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integer [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
+    if positions is None:
+      positions = (segment_positions(segment_ids) if segment_ids is not None else
+                   jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape))
+    embed = nn.Embed(config.vocab_size, config.d_model, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="embed",
+                     embedding_init=nn.initializers.normal(stddev=config.d_model**-0.5))
+    x = embed(tokens)
+    for layer in range(config.num_layers):
+      x = DecoderBlock(config, attention_fn=self.attention_fn, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=f"layer_{layer}")(x, positions,
+                                                                            segment_ids)
+    x = nn.RMSNorm(epsilon=config.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="final_norm")(x)
+    if config.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(config.vocab_size, use_bias=False, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="lm_head")(x)
+    return logits.astype(jnp.float32)

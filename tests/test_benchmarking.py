@@ -1,0 +1,73 @@
+"""The bench harness: compiled memory, timing, result files with command + machine, plots."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from effjax import benchmarking
+from experiments import bench
+
+
+def _naive_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def test_compiled_memory_sees_the_quadratic_buffer_without_allocating():
+  def temp(seq_len):
+    spec = jax.ShapeDtypeStruct((1, seq_len, 8, 64), jnp.float32)
+    return benchmarking.compiled_memory(_naive_attention, spec, spec, spec)
+
+  small, large = temp(4096), temp(65536)  # the large logits alone are 128 GiB: never allocated
+  assert large.temp_bytes >= 8 * 65536 * 65536 * 4
+  assert 200 < large.temp_bytes / small.temp_bytes < 300  # 16x longer -> ~256x the logits
+  assert large.argument_bytes == 3 * 65536 * 8 * 64 * 4
+  assert large.output_bytes == 65536 * 8 * 64 * 4
+  assert large.peak_bytes == large.argument_bytes + large.output_bytes + large.temp_bytes
+
+
+def test_compiled_memory_counts_donation():
+  spec = jax.ShapeDtypeStruct((1024,), jnp.float32)
+  donated = benchmarking.compiled_memory(lambda x: x * 2, spec, donate_argnums=0)
+  assert donated.alias_bytes == 4096
+  assert donated.peak_bytes == 4096
+
+
+def test_time_call():
+  timing = benchmarking.time_call(jax.jit(lambda x: x @ x), jnp.ones((64, 64)), repeats=3)
+  assert 0 < timing.min_s <= timing.median_s <= timing.max_s and timing.repeats == 3
+  with pytest.raises(ValueError, match="repeats >= 1"):
+    benchmarking.time_call(lambda: None, repeats=0)
+
+
+def test_write_results_has_command_machine_and_table(tmp_path):
+  rows = [{"seq_len": 1024, "temp_bytes": 3 * 2**20, "ratio": 0.5},
+          {"seq_len": 2048, "temp_bytes": None, "ratio": 1.25}]
+  json_path, md_path = benchmarking.write_results(
+      "demo", rows, title="Demo", columns=["seq_len", "temp_bytes", "ratio"], directory=tmp_path,
+      command="effjax-bench demo", notes="Some notes.",
+      formatters={"temp_bytes": benchmarking.format_bytes})
+  record = json.loads(json_path.read_text())
+  assert record["command"] == "effjax-bench demo" and record["rows"] == rows
+  assert record["machine"]["backend"] == "cpu" and record["machine"]["jax"] == jax.__version__
+  markdown = md_path.read_text()
+  assert markdown.startswith("# Demo\n\nCommand: `effjax-bench demo`\n\nMachine: cpu: ")
+  assert "| seq_len | temp_bytes | ratio |" in markdown
+  assert "| 1024 | 3.00 MiB | 0.5 |" in markdown and "| 2048 | - | 1.25 |" in markdown
+
+
+def test_plot_writes_png(tmp_path):
+  path = benchmarking.plot_lines(tmp_path / "p.png", {"a": ([1, 2, 4], [1, 4, 16]),
+                                                      "b": ([1, 2, 4], [1, None, 3])},
+                                 title="t", xlabel="S", ylabel="bytes")
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_effjax_bench_cli_quick(tmp_path, capsys):
+  assert bench.main(["attention_memory", "--quick", "--out", str(tmp_path)]) == 0
+  written = {p.name for p in tmp_path.iterdir()}
+  assert written == {"attention_memory.json", "attention_memory.md", "attention_memory.png"}
+  rows = json.loads((tmp_path / "attention_memory.json").read_text())["rows"]
+  assert all(row["temp_bytes"] > 0 for row in rows)
+  assert "wrote" in capsys.readouterr().out

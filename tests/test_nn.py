@@ -1,0 +1,111 @@
+"""Flax building blocks: RoPE, restartable positions, GQA attention layer, decoder LM."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax import nn as enn
+from effjax import testing
+
+
+def test_rope_preserves_norm_and_is_relative():
+  x = jax.random.normal(jax.random.key(0), (1, 6, 2, 16))
+  positions = jnp.arange(6)[None]
+  rotated = enn.apply_rope(x, positions, theta=100.0)
+  np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1),
+                             rtol=1e-5)
+  # <R(p)q, R(p')k> depends only on p - p'.
+  q, k = x[:, :1], x[:, 1:2]
+  dot = lambda pq, pk: jnp.sum(enn.apply_rope(q, jnp.array([[pq]]), 100.0) *
+                               enn.apply_rope(k, jnp.array([[pk]]), 100.0))
+  np.testing.assert_allclose(dot(3, 1), dot(10, 8), rtol=1e-4)
+  assert not np.allclose(dot(3, 1), dot(3, 2), rtol=1e-3)
+  np.testing.assert_array_equal(enn.apply_rope(x, jnp.zeros((1, 6), jnp.int32), 100.0), x)
+
+
+def test_rope_errors():
+  with pytest.raises(ValueError, match="even head_dim, got head_dim=15"):
+    enn.rope_frequencies(15, 1e4)
+  with pytest.raises(ValueError, match=r"positions must have shape \[batch, seq\]"):
+    enn.apply_rope(jnp.zeros((1, 4, 1, 8)), jnp.zeros((1, 5), jnp.int32), 1e4)
+
+
+def test_segment_positions_restart():
+  segments = jnp.array([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+  np.testing.assert_array_equal(enn.segment_positions(segments),
+                                [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+
+
+def _reference_attention(q, k, v, *, causal, q_segment_ids=None, kv_segment_ids=None):
+  """Naive float32 attention with K/V repeated to the query heads."""
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else True
+  if q_segment_ids is not None:
+    mask = mask & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+  logits = jnp.where(mask, logits, -jnp.inf)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_default_attention_fn_matches_reference_with_gqa_and_segments(heads, kv_heads):
+  keys = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(keys[0], (2, 9, heads, 16))
+  k = jax.random.normal(keys[1], (2, 9, kv_heads, 16))
+  v = jax.random.normal(keys[2], (2, 9, kv_heads, 16))
+  segments = jnp.array([[0] * 4 + [1] * 5, [0] * 9])
+  for kwargs in ({"causal": True}, {"causal": True, "q_segment_ids": segments,
+                                    "kv_segment_ids": segments}):
+    testing.check_against_reference(functools.partial(enn.dot_product_attention, **kwargs),
+                                    functools.partial(_reference_attention, **kwargs),
+                                    q, k, v, argnums=(0, 1, 2))
+
+
+def _tiny_lm(**overrides):
+  config = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48)
+  config.update(overrides)
+  return enn.DecoderLM(enn.TransformerConfig(**config))
+
+
+def test_decoder_is_causal_and_packed_segments_are_independent():
+  model = _tiny_lm()
+  tokens = jax.random.randint(jax.random.key(0), (1, 10), 0, 64)
+  params = model.init(jax.random.key(1), tokens)
+  logits = model.apply(params, tokens)
+  assert logits.shape == (1, 10, 64) and logits.dtype == jnp.float32
+  changed = tokens.at[0, 7].set((tokens[0, 7] + 1) % 64)
+  np.testing.assert_array_equal(model.apply(params, changed)[:, :7], logits[:, :7])
+  assert not np.allclose(model.apply(params, changed)[:, 7:], logits[:, 7:])
+  # Two documents packed in one row give the same logits as each document alone.
+  segments = jnp.array([[0] * 4 + [1] * 6])
+  packed = model.apply(params, tokens, segment_ids=segments)
+  np.testing.assert_allclose(packed[:, :4], model.apply(params, tokens[:, :4]), atol=1e-5)
+  np.testing.assert_allclose(packed[:, 4:], model.apply(params, tokens[:, 4:]), atol=1e-5)
+
+
+def test_decoder_takes_its_attention_fn():
+  calls = []
+
+  def recording_attention(q, k, v, **kwargs):
+    calls.append((q.shape, k.shape))
+    return enn.dot_product_attention(q, k, v, **kwargs)
+
+  model = enn.DecoderLM(_tiny_lm().config, attention_fn=recording_attention)
+  model.init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))
+  assert calls == [((1, 5, 4, 8), (1, 5, 2, 8))] * 2
+
+
+def test_bad_model_config_and_inputs():
+  with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+    enn.TransformerConfig(vocab_size=8, d_model=24, num_layers=1, num_heads=6, num_kv_heads=4,
+                          d_ff=8)
+  with pytest.raises(ValueError, match="vocab_size must be > 0"):
+    enn.TransformerConfig(vocab_size=0, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                          d_ff=8)
+  model = _tiny_lm()
+  with pytest.raises(ValueError, match=r"tokens must be integer \[batch, seq\]"):
+    model.init(jax.random.key(0), jnp.zeros((1, 5), jnp.float32))
