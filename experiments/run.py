@@ -20,6 +20,8 @@ from experiments.config import ConfigError, parse_config, read_experiment_name
 # Experiment name (the `experiment:` key of a config) -> module defining Config and main.
 EXPERIMENTS: dict[str, str] = {
     "train_lm": "experiments.train_lm",
+    "generate": "experiments.generate",
+    "eval_perplexity": "experiments.eval_perplexity",
 }
 
 

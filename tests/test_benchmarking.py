@@ -71,3 +71,13 @@ def test_effjax_bench_cli_quick(tmp_path, capsys):
   rows = json.loads((tmp_path / "attention_memory.json").read_text())["rows"]
   assert all(row["temp_bytes"] > 0 for row in rows)
   assert "wrote" in capsys.readouterr().out
+
+
+def test_quickstart_suite_quick(tmp_path):
+  pytest.importorskip("tokenizers")
+  pytest.importorskip("gensim")
+  assert bench.main(["quickstart", "--quick", "--out", str(tmp_path)]) == 0
+  record = json.loads((tmp_path / "quickstart.json").read_text())
+  assert [row["step"] for row in record["rows"]] == [2, 4]
+  assert "Held-out perplexity" in (tmp_path / "quickstart.md").read_text()
+  assert (tmp_path / "quickstart_loss.png").exists()

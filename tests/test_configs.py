@@ -2,6 +2,7 @@
 
 import pathlib
 
+import numpy as np
 import pytest
 
 from experiments import run
@@ -29,7 +30,8 @@ def test_every_config_runs_tiny(path, tmp_path):
   module, _ = run.load(str(path))
   overrides = [*module.SMOKE_OVERRIDES, f"--output_dir={tmp_path}"]
   summary = run.run(str(path), overrides)
-  assert summary["heldout_perplexity"] > 1.0
+  numbers = [value for value in summary.values() if isinstance(value, float)]
+  assert summary and all(np.isfinite(numbers)), summary
 
 
 def _write(tmp_path, text):

