@@ -33,7 +33,7 @@ TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
 
 
-def _import_eval_dependency(name: str) -> Any:
+def import_eval_dependency(name: str) -> Any:
   """Imports an ``[eval]``-extra package, or raises ModuleNotFoundError saying how to install it."""
   try:
     return importlib.import_module(name)
@@ -89,7 +89,7 @@ def _smollm_pre_tokenizer() -> tokenizers.pre_tokenizers.PreTokenizer:
   SmolLM2's ``tokenizer.json`` spells the same thing as
   ``Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)]``.
   """
-  pre_tokenizers = _import_eval_dependency("tokenizers").pre_tokenizers
+  pre_tokenizers = import_eval_dependency("tokenizers").pre_tokenizers
   return pre_tokenizers.Sequence([
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
@@ -122,7 +122,7 @@ def _build_backend(tokens: Sequence[str], merges: Sequence[str], token_types: Se
     token_types: llama.cpp token type of each id; length V.
     pre: a key of :data:`PRE_TOKENIZERS`.
   """
-  tk = _import_eval_dependency("tokenizers")
+  tk = import_eval_dependency("tokenizers")
   if len(token_types) != len(tokens):
     raise ValueError(
         f"GGUF field 'tokenizer.ggml.token_type' has {len(token_types)} entries, expected one per "
@@ -186,7 +186,7 @@ class Tokenizer:
         ``tokenizer.ggml.pre`` names a tokenizer this module cannot build.
       TypeError: ``source`` is neither a path nor a GGUFReader.
     """
-    gguf = _import_eval_dependency("gguf")
+    gguf = import_eval_dependency("gguf")
     if isinstance(source, (str, os.PathLike)):
       reader = gguf.GGUFReader(source)
     elif isinstance(source, gguf.GGUFReader):

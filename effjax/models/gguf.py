@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.data.tokenizer import Tokenizer, _import_eval_dependency, smollm2_gguf_path
+from effjax.data.tokenizer import Tokenizer, import_eval_dependency, smollm2_gguf_path
 from effjax.nn import DecoderLM, TransformerConfig
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def rope_rows_to_rotate_half(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def _dequantize(tensor: Any) -> np.ndarray:
   """A GGUF tensor as float32 numpy, in numpy (row-major) shape: GGUF's dims reversed."""
-  quants = _import_eval_dependency("gguf").quants
+  quants = import_eval_dependency("gguf").quants
   kind = tensor.tensor_type.name
   if kind not in SUPPORTED_TENSOR_TYPES:
     raise UnsupportedGGUFError(
@@ -238,7 +238,7 @@ def load_gguf(path: str | os.PathLike[str], *, num_layers: int | None = None,
     UnsupportedGGUFError: see :func:`config_from_gguf` and :func:`params_from_gguf`.
     ValueError: ``num_layers`` is not in ``[1, block_count]``.
   """
-  reader = _import_eval_dependency("gguf").GGUFReader(path)
+  reader = import_eval_dependency("gguf").GGUFReader(path)
   config = config_from_gguf(reader)
   if num_layers is not None:
     if (isinstance(num_layers, bool) or not isinstance(num_layers, int)
