@@ -4,6 +4,7 @@ Public entry points are re-exported here as they land; see README.md for the API
 """
 
 from effjax import dispatch
+from effjax.ops.attention import flash_attention
 
-__all__ = ["dispatch"]
+__all__ = ["dispatch", "flash_attention"]
 __version__ = "0.1.0"

@@ -113,18 +113,19 @@ def check_against_reference(fn: Callable[..., Any], reference: Callable[..., Any
   Args:
     fn: the implementation under test.
     reference: the float32 oracle with the same signature.
-    *args: inputs, in the dtype under test. Floating inputs are upcast to float32 for
-      ``reference``; integer/bool inputs (segment ids, masks) are passed unchanged.
+    *args: inputs (arrays or pytrees of arrays, e.g. Flax params), in the dtype under test.
+      Floating leaves are upcast to float32 for ``reference``; integer/bool leaves (segment
+      ids, masks) are passed unchanged.
     argnums: positions of ``args`` to differentiate with respect to.
     dtype: the dtype whose tolerance applies (default: the dtype of ``args[argnums[0]]``).
     seed: seed of the random cotangent used for the VJP.
     check_gradients: compare VJPs too (the default; switch off only for non-differentiable ops).
     atol, rtol: override the table for this call (justify it in the test).
   """
-  dtype = jnp.result_type(args[argnums[0]]) if dtype is None else dtype
-  args32 = tuple(
-      jnp.asarray(a, jnp.float32) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
-      for a in args)
+  dtype = jnp.result_type(jax.tree.leaves(args[argnums[0]])[0]) if dtype is None else dtype
+  args32 = jax.tree.map(
+      lambda a: (jnp.asarray(a, jnp.float32) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
+                 else a), args)
   out, fn_vjp = _vjp(fn, args, argnums)
   out_ref, ref_vjp = _vjp(reference, args32, argnums)
   assert_close(out, out_ref, dtype=dtype, atol=atol, rtol=rtol)

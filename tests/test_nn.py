@@ -9,6 +9,7 @@ import pytest
 
 from effjax import nn as enn
 from effjax import testing
+from effjax.ops.attention import flash_attention
 
 
 def test_rope_preserves_norm_and_is_relative():
@@ -39,30 +40,19 @@ def test_segment_positions_restart():
                                 [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
 
 
-def _reference_attention(q, k, v, *, causal, q_segment_ids=None, kv_segment_ids=None):
-  """Naive float32 attention with K/V repeated to the query heads."""
-  group = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-  mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else True
-  if q_segment_ids is not None:
-    mask = mask & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-  logits = jnp.where(mask, logits, -jnp.inf)
-  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-
-
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_default_attention_fn_matches_reference_with_gqa_and_segments(heads, kv_heads):
-  keys = jax.random.split(jax.random.key(1), 3)
-  q = jax.random.normal(keys[0], (2, 9, heads, 16))
-  k = jax.random.normal(keys[1], (2, 9, kv_heads, 16))
-  v = jax.random.normal(keys[2], (2, 9, kv_heads, 16))
-  segments = jnp.array([[0] * 4 + [1] * 5, [0] * 9])
-  for kwargs in ({"causal": True}, {"causal": True, "q_segment_ids": segments,
-                                    "kv_segment_ids": segments}):
-    testing.check_against_reference(functools.partial(enn.dot_product_attention, **kwargs),
-                                    functools.partial(_reference_attention, **kwargs),
-                                    q, k, v, argnums=(0, 1, 2))
+def test_attention_layer_flash_default_matches_reference_attention(heads, kv_heads):
+  layer = enn.MultiHeadAttention(num_heads=heads, num_kv_heads=kv_heads, head_dim=16)
+  x = jax.random.normal(jax.random.key(0), (2, 37, 24))
+  positions = jnp.broadcast_to(jnp.arange(37), (2, 37))
+  segments = jnp.array([[0] * 12 + [1] * 25, [0] * 37])
+  params = layer.init(jax.random.key(1), x, positions)
+  reference = layer.clone(attention_fn=functools.partial(flash_attention,
+                                                         implementation="reference"))
+  for segment_ids in (None, segments):
+    testing.check_against_reference(
+        lambda p, x: layer.apply(p, x, positions, segment_ids),
+        lambda p, x: reference.apply(p, x, positions, segment_ids), params, x, argnums=(0, 1))
 
 
 def _tiny_lm(**overrides):
@@ -92,7 +82,7 @@ def test_decoder_takes_its_attention_fn():
 
   def recording_attention(q, k, v, **kwargs):
     calls.append((q.shape, k.shape))
-    return enn.dot_product_attention(q, k, v, **kwargs)
+    return flash_attention(q, k, v, **kwargs)
 
   model = enn.DecoderLM(_tiny_lm().config, attention_fn=recording_attention)
   model.init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))

@@ -1,10 +1,10 @@
 """Flax (Linen) modules. Layers take their ops as callables (``attention_fn=...``)."""
 
-from effjax.nn.attention import MultiHeadAttention, dot_product_attention
+from effjax.nn.attention import MultiHeadAttention
 from effjax.nn.rope import apply_rope, rope_frequencies, segment_positions
 from effjax.nn.transformer import DecoderBlock, DecoderLM, SwiGLU, TransformerConfig
 
 __all__ = [
-    "MultiHeadAttention", "dot_product_attention", "apply_rope", "rope_frequencies",
+    "MultiHeadAttention", "apply_rope", "rope_frequencies",
     "segment_positions", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",
 ]

@@ -1,7 +1,8 @@
 """Multi-head attention layer (Flax Linen): projections, RoPE, GQA, optional qk-norm.
 
-The attention computation itself is a callable argument, ``attention_fn``, with the signature of
-:func:`effjax.ops.attention.flash_attention` restricted to what the layer passes::
+The attention computation itself is a callable argument, ``attention_fn`` (default:
+:func:`effjax.ops.attention.flash_attention`, O(N) memory), with the signature of
+``flash_attention`` restricted to what the layer passes::
 
     attention_fn(q, k, v, *, causal, q_segment_ids, kv_segment_ids) -> out
 
@@ -20,17 +21,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from effjax.nn.rope import apply_rope
+from effjax.ops.attention import flash_attention
 
 AttentionFn = Callable[..., jax.Array]
-
-
-def dot_product_attention(q, k, v, *, causal: bool = False, q_segment_ids=None,
-                          kv_segment_ids=None):
-  """``jax.nn.dot_product_attention`` (XLA) adapted to the ``attention_fn`` contract."""
-  mask = None
-  if q_segment_ids is not None:
-    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
 
 
 class MultiHeadAttention(nn.Module):
@@ -51,7 +44,7 @@ class MultiHeadAttention(nn.Module):
   rope_theta: float = 10000.0
   qk_norm: bool = False
   norm_eps: float = 1e-6
-  attention_fn: AttentionFn = dot_product_attention
+  attention_fn: AttentionFn = flash_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

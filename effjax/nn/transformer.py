@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from effjax.nn.attention import AttentionFn, MultiHeadAttention, dot_product_attention
+from effjax.nn.attention import AttentionFn, MultiHeadAttention
+from effjax.ops.attention import flash_attention
 from effjax.nn.rope import segment_positions
 
 
@@ -69,7 +70,7 @@ class SwiGLU(nn.Module):
 
 class DecoderBlock(nn.Module):
   config: TransformerConfig
-  attention_fn: AttentionFn = dot_product_attention
+  attention_fn: AttentionFn = flash_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -95,7 +96,7 @@ class DecoderLM(nn.Module):
   given (packed rows: tokens attend only within their segment).
   """
   config: TransformerConfig
-  attention_fn: AttentionFn = dot_product_attention
+  attention_fn: AttentionFn = flash_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

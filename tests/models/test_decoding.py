@@ -9,6 +9,7 @@ import pytest
 
 from effjax import testing
 from effjax.models import extend, init_caches, prefill, prompt_layout
+from effjax.ops.attention import flash_attention
 
 TEXTS = ("The government said on Monday that it would not change its plans.",
          "Australia's cricket team won the match")
@@ -60,32 +61,30 @@ def test_prefill_then_token_by_token_equals_full_forward(smollm2_2layers, rows):
 
 
 def test_flash_attention_in_the_model_matches_reference_attention(smollm2_2layers, rows):
-  attention = pytest.importorskip("effjax.ops.attention")
   model, params, tokenizer = smollm2_2layers
   tokens, start = _left_pad(rows, tokenizer.pad_id)
   positions, segment_ids = prompt_layout(start, tokens.shape[1])
   logits = {
       implementation: jax.jit(model.clone(attention_fn=functools.partial(
-          attention.flash_attention, implementation=implementation)).apply)(
+          flash_attention, implementation=implementation)).apply)(
               params, tokens, positions, segment_ids)
       for implementation in ("xla", "reference")}
   real = np.asarray(segment_ids, bool)  # padding positions' logits are meaningless
   testing.assert_close(logits["xla"][real], logits["reference"][real])
 
 
-def test_prefill_with_flash_attention_matches_default(smollm2_2layers, rows):
-  attention = pytest.importorskip("effjax.ops.attention")
-  model, params, tokenizer = smollm2_2layers
+def test_prefill_with_default_flash_attention_matches_reference(smollm2_2layers, rows):
+  model, params, tokenizer = smollm2_2layers  # default attention_fn: flash_attention
   tokens, start = _left_pad(rows, tokenizer.pad_id)
-  flash = model.clone(attention_fn=functools.partial(attention.flash_attention,
-                                                     implementation="xla"))
+  reference = model.clone(attention_fn=functools.partial(flash_attention,
+                                                         implementation="reference"))
   results = [jax.jit(prefill, static_argnums=0)(m, params, tokens, start,
                                                 init_caches(m, len(rows), tokens.shape[1]))
-             for m in (model, flash)]
-  (logits, caches), (flash_logits, flash_caches) = results
+             for m in (model, reference)]
+  (logits, caches), (reference_logits, reference_caches) = results
   real = np.asarray(prompt_layout(start, tokens.shape[1])[1], bool)
-  testing.assert_close(flash_logits[real], logits[real])
-  testing.assert_close(flash_caches, caches)
+  testing.assert_close(logits[real], reference_logits[real])
+  testing.assert_close(caches, reference_caches)
 
 
 def test_cache_count_must_match_layers(smollm2_2layers):
