@@ -265,19 +265,37 @@ class MetricsLog:
       self._tensorboard.close()
 
 
+def load_windows(config: Config, tokenizer: Any) -> tuple[Any, np.ndarray]:
+  """Training windows (a :class:`effjax.data.TokenWindows`) and held-out windows ``[n, seq+1]``."""
+  from effjax.data import TokenWindows, load_text_splits  # pylint: disable=g-import-not-at-top
+
+  train_tokens, heldout_tokens = load_text_splits(
+      config.data.source, tokenizer, config.data.heldout_fraction, config.seed)
+  heldout = TokenWindows(heldout_tokens, config.data.seq_len).all_windows()
+  if config.eval_windows is not None:
+    heldout = heldout[:config.eval_windows]
+  return TokenWindows(train_tokens, config.data.seq_len), heldout
+
+
+def restore_or_init(checkpoints: ocp.CheckpointManager, init: Any, key: jax.Array,
+                    state_sharding: jax.sharding.Sharding) -> TrainState:
+  """The latest checkpoint restored onto ``state_sharding``, or ``init(key)`` if there is none."""
+  if checkpoints.latest_step() is None:
+    return init(key)
+  target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
+      jax.eval_shape(init, key))
+  return checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(target))
+
+
 def main(config: Config) -> dict[str, Any]:
   """Trains (or resumes), evaluates and samples; returns a summary dict."""
-  from effjax.data import TokenWindows, load_smollm2_tokenizer, load_text_splits  # pylint: disable=g-import-not-at-top
+  from effjax.data import load_smollm2_tokenizer  # pylint: disable=g-import-not-at-top
 
   output_dir = pathlib.Path(config.output_dir).absolute()
   output_dir.mkdir(parents=True, exist_ok=True)
   tokenizer = load_smollm2_tokenizer()
-  train_tokens, heldout_tokens = load_text_splits(
-      config.data.source, tokenizer, config.data.heldout_fraction, config.seed)
-  train_windows = TokenWindows(train_tokens, config.data.seq_len)
-  heldout_windows = TokenWindows(heldout_tokens, config.data.seq_len).all_windows()
-  if config.eval_windows is not None:
-    heldout_windows = heldout_windows[:config.eval_windows]
+  train_windows, heldout_windows = load_windows(config, tokenizer)
 
   mesh = sharding.data_parallel_mesh()
   sharding.check_batch_divisible(config.batch_size, mesh)
@@ -289,17 +307,11 @@ def main(config: Config) -> dict[str, Any]:
     params = model.init(key, jnp.zeros((1, config.data.seq_len), jnp.int32))
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-  init = jax.jit(init, out_shardings=replicated)
-  abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
   checkpoints = ocp.CheckpointManager(
       output_dir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-  if checkpoints.latest_step() is not None:
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          abstract_state)
-    state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(target))
-  else:
-    state = init(jax.random.key(config.seed))
+  state = restore_or_init(checkpoints, jax.jit(init, out_shardings=replicated),
+                          jax.random.key(config.seed), replicated)
   start = int(state.step)
   train_step = jax.jit(make_train_step(model, optimizer), in_shardings=(replicated, data),
                        out_shardings=(replicated, replicated), donate_argnums=0)
