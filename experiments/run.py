@@ -33,11 +33,12 @@ def experiment_module(name: str) -> ModuleType:
 
 def load(path: str, overrides: Sequence[str] = ()) -> tuple[ModuleType, Any]:
   """Loads a config file with overrides; returns (experiment module, config)."""
-  module = experiment_module(read_experiment_name(path))
+  name = read_experiment_name(path)
+  module = experiment_module(name)
   config = parse_config(module.Config, path, overrides)
-  if config.experiment != read_experiment_name(path):
+  if config.experiment != name:
     raise ConfigError(f"config key 'experiment' cannot be overridden "
-                      f"(file says {read_experiment_name(path)!r}, got {config.experiment!r})")
+                      f"(file says {name!r}, got {config.experiment!r})")
   return module, config
 
 

@@ -213,11 +213,9 @@ def heldout_perplexity(model: DecoderLM, params: Any, windows: np.ndarray, batch
   data = sharding.batch_sharded(mesh)
   step = jax.jit(lambda p, w, m: next_token_loss(model, p, w, m),
                  in_shardings=(sharding.replicated(mesh), data, data))
-  total = count = 0.0
-  for start in range(0, len(windows), batch_size):
-    batch_total, batch_count = step(params, windows[start:start + batch_size],
-                                    weights[start:start + batch_size])
-    total, count = total + float(batch_total), count + float(batch_count)
+  sums = [step(params, windows[start:start + batch_size], weights[start:start + batch_size])
+          for start in range(0, len(windows), batch_size)]  # no host sync until the end
+  total, count = (sum(float(part[i]) for part in sums) for i in (0, 1))
   return float(np.exp(total / count))
 
 
