@@ -17,6 +17,7 @@ from collections.abc import Sequence
 # Suite name -> module.
 SUITES: dict[str, str] = {
     "attention_memory": "experiments.bench_attention",
+    "attention_gpu": "experiments.bench_attention_gpu",
     "quickstart": "experiments.bench_quickstart",
 }
 

@@ -4,9 +4,12 @@ Inside ``with interpret_mode():``
 
 * GPU (Triton-lowered) kernels run with ``pallas_call(..., interpret=True)``: wrappers ask
   :func:`gpu_interpret` for their ``interpret`` argument;
-* TPU (Mosaic) kernels run in the TPU interpret mode
-  (``jax.experimental.pallas.tpu.force_tpu_interpret_mode``), which simulates VMEM, DMAs and
-  semaphores on the host and can detect races.
+* TPU (Mosaic) kernels run in the TPU interpret mode, which simulates VMEM, DMAs and semaphores
+  on the host and can detect races: wrappers pass ``interpret=require_tpu_or_interpret()`` (a
+  ``pltpu.InterpretParams``) to their ``pallas_call``.
+
+The switch is per kernel family, never jax's global ``force_tpu_interpret_mode``: that would also
+send GPU (Triton) kernels to the TPU interpreter, which rejects them.
 
 Outside it, a kernel whose platform is not the current backend raises ``NotImplementedError`` so
 that dispatch falls through to the next implementation.
@@ -16,11 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 
-_INTERPRET = contextvars.ContextVar("pallas_kernels_interpret", default=False)
+
+@dataclasses.dataclass(frozen=True)
+class _Interpret:
+  detect_races: bool
+
+
+_INTERPRET: contextvars.ContextVar[_Interpret | None] = contextvars.ContextVar(
+    "pallas_kernels_interpret", default=None)
 
 
 @contextlib.contextmanager
@@ -30,19 +42,16 @@ def interpret_mode(*, detect_races: bool = False) -> Iterator[None]:
   Args:
     detect_races: ask the TPU interpreter to detect races between DMAs and kernel reads/writes.
   """
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-
-  token = _INTERPRET.set(True)
+  token = _INTERPRET.set(_Interpret(detect_races=detect_races))
   try:
-    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(detect_races=detect_races)):
-      yield
+    yield
   finally:
     _INTERPRET.reset(token)
 
 
 def interpreting() -> bool:
   """Whether :func:`interpret_mode` is active."""
-  return _INTERPRET.get()
+  return _INTERPRET.get() is not None
 
 
 def gpu_interpret(interpret: bool | None) -> bool:
@@ -59,9 +68,18 @@ def gpu_interpret(interpret: bool | None) -> bool:
   return interpret
 
 
-def require_tpu_or_interpret() -> None:
-  """Raises NotImplementedError unless on a TPU or inside :func:`interpret_mode`."""
-  if not interpreting() and jax.default_backend() != "tpu":
+def require_tpu_or_interpret() -> Any:
+  """The ``interpret`` argument of a TPU kernel's ``pallas_call``.
+
+  Returns ``pltpu.InterpretParams`` inside :func:`interpret_mode`, False on a TPU; raises
+  NotImplementedError anywhere else, so dispatch moves on to the next implementation.
+  """
+  settings = _INTERPRET.get()
+  if settings is not None:
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    return pltpu.InterpretParams(detect_races=settings.detect_races)
+  if jax.default_backend() != "tpu":
     raise NotImplementedError(
         f"Pallas TPU kernel needs a TPU (backend is {jax.default_backend()!r}); "
         "use pallas_kernels.interpret.interpret_mode() to run it in the TPU interpreter on CPU")
+  return False

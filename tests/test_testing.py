@@ -71,6 +71,7 @@ def test_unknown_dtype_tolerance():
 
 
 def test_interpret_mode_switch():
+  from jax.experimental.pallas import tpu as pltpu
   assert not testing.interpreting()
   with pytest.raises(NotImplementedError, match="needs a GPU"):
     pallas_interpret.gpu_interpret(None)
@@ -79,7 +80,7 @@ def test_interpret_mode_switch():
   with testing.interpret_mode():
     assert testing.interpreting()
     assert pallas_interpret.gpu_interpret(None) is True
-    pallas_interpret.require_tpu_or_interpret()
+    assert isinstance(pallas_interpret.require_tpu_or_interpret(), pltpu.InterpretParams)
   assert not testing.interpreting()
   assert pallas_interpret.gpu_interpret(True) is True
 

@@ -14,8 +14,9 @@ from attention_test_base import (DEFAULT_CASES, REFERENCE, SLOW_CASES, Attention
                                  Case, naive_attention, numpy_mask)
 
 from effjax import dispatch, testing
-from effjax.ops.attention import flash_attention, masks, xla
+from effjax.ops.attention import flash_attention, xla
 from effjax.ops.attention.api import normalize_arguments
+from pallas_kernels.flash_attention import masks
 
 
 class TestXla(AttentionTestBase):
@@ -60,12 +61,23 @@ class TestReference:
     testing.assert_close(REFERENCE(q, k, v, return_lse=True, **options)[1], lse.transpose(0, 2, 1))
 
 
-def test_default_order_is_xla_and_serves_the_call():
+def test_default_order_serves_the_call_on_cpu():
+  assert dispatch.default_order("flash_attention", "cpu") == ("xla",)
+  assert dispatch.default_order("flash_attention", "gpu") == ("pallas_gpu", "xla")
   for platform in dispatch.PLATFORMS:
-    assert dispatch.default_order("flash_attention", platform) == ("xla",)
+    assert dispatch.default_order("flash_attention", platform)[-1] == "xla"  # the fallback
   q, k, v, options = Case(20, 30, causal=True).inputs()
   np.testing.assert_array_equal(flash_attention(q, k, v, **options),
                                 flash_attention(q, k, v, implementation="xla", **options))
+
+
+def test_kernels_off_their_platform_fall_through_to_xla():
+  q, k, v, options = Case(20, 30, causal=True).inputs()
+  np.testing.assert_array_equal(
+      flash_attention(q, k, v, implementation=("pallas_gpu", "xla"), **options),
+      flash_attention(q, k, v, implementation="xla", **options))
+  with pytest.raises(dispatch.NoImplementationError, match="pallas_gpu.*needs a GPU"):
+    flash_attention(q, k, v, implementation="pallas_gpu", **options)
 
 
 def test_unknown_implementation_raises():

@@ -4,7 +4,9 @@ Implementations (see ``effjax.dispatch.DEFAULT_ORDER`` for the order tried per p
 
 * ``"reference"``: float32, materializes ``[q_len, kv_len]``; the test oracle, never a default.
 * ``"xla"``: FlashAttention-2-style blockwise online softmax in pure JAX with a recomputing
-  ``custom_vjp``; O(N) memory in forward and backward. The default everywhere for now.
+  ``custom_vjp``; O(N) memory in forward and backward. The default on CPU, the fallback elsewhere.
+* ``"pallas_gpu"``: Pallas kernels with Triton lowering (``pallas_kernels.flash_attention.gpu``):
+  forward, dq and dk/dv kernels, GQA by index mapping, causal/window/segment block skipping.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(j
 
 register(OP, "reference", "effjax.ops.attention.reference:attention")
 register(OP, "xla", "effjax.ops.attention.xla:attention")
+register(OP, "pallas_gpu", "pallas_kernels.flash_attention.gpu:attention")
 
 Window = tuple[int | None, int | None]
 

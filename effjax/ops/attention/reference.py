@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from effjax.ops.attention import masks
+from pallas_kernels.flash_attention import masks
 
 _HIGHEST = lax.Precision.HIGHEST
 

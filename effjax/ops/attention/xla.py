@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from effjax.ops.attention import masks
+from pallas_kernels.flash_attention import masks
 
 # Block-size heuristic: blocks of up to _MAX_BLOCK positions, halved (down to _MIN_BLOCK) until
 # one block of float32 logits over batch * heads fits in _BLOCK_ELEMENTS elements (16 MiB).

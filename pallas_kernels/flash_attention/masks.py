@@ -1,8 +1,10 @@
 """The attention mask, in one place: causal, sliding window, segment ids and length bounds.
 
-Every implementation asks this module which (query, key) pairs may interact, so the reference
-(which builds the whole ``[q_len, kv_len]`` mask) and the blockwise paths (which build one block at
-a time and skip blocks that are statically empty) cannot disagree.
+Every implementation (effjax's reference and ``xla`` paths, and the Pallas kernels, inside their
+kernel bodies) asks this module which (query, key) pairs may interact, so the reference (which
+builds the whole ``[q_len, kv_len]`` mask) and the blockwise paths (which build one block at a
+time and skip blocks that are statically empty) cannot disagree. It lives in ``pallas_kernels``
+because kernels never import effjax.
 
 Alignment: the diagonal is aligned bottom-right (FlashAttention >= 2.1). With
 ``offset = kv_len - q_len``, query ``i`` sits on key ``i + offset``. ``causal`` lets it see keys
@@ -80,6 +82,28 @@ class MaskSpec:
     stop = (self.q_len if self.left is None
             else jnp.minimum(last_key - self.offset + self.left + 1, self.q_len))
     return start, stop
+
+  def kv_full_range(self, q_start: IntLike, q_stop: IntLike) -> tuple[IntLike, IntLike]:
+    """Half-open range of keys that EVERY query in ``[q_start, q_stop)`` sees (band and lengths
+    only), so blocks inside it need no mask; empty (stop <= start) when some query is padding."""
+    last_query = q_stop - 1
+    start = 0 if self.left is None else jnp.maximum(last_query + self.offset - self.left, 0)
+    stop = (self.kv_len if self.right is None
+            else jnp.minimum(q_start + self.offset + self.right + 1, self.kv_len))
+    return start, stop * _as_int(q_stop <= self.q_len)
+
+  def q_full_range(self, kv_start: IntLike, kv_stop: IntLike) -> tuple[IntLike, IntLike]:
+    """Half-open range of queries that see EVERY key in ``[kv_start, kv_stop)`` (the transpose)."""
+    last_key = kv_stop - 1
+    start = 0 if self.right is None else jnp.maximum(last_key - self.offset - self.right, 0)
+    stop = (self.q_len if self.left is None
+            else jnp.minimum(kv_start - self.offset + self.left + 1, self.q_len))
+    return start, stop * _as_int(kv_stop <= self.kv_len)
+
+
+def _as_int(condition) -> IntLike:
+  """0 or 1 (arithmetic instead of a scalar ``where``, which Pallas' Triton lowering mistypes)."""
+  return jnp.asarray(condition, jnp.int32)
 
 
 def attention_mask(spec: MaskSpec, q_pos: Int[Array, " q"], kv_pos: Int[Array, " kv"],

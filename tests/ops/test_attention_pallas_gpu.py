@@ -1,0 +1,144 @@
+"""The Pallas GPU (Triton) FlashAttention kernels through the shared test base.
+
+On CPU (every CI run) the kernels run in Pallas' interpreter with 16/32-row tiles, so padded,
+partial and skipped blocks all occur at small sizes; on a GPU (``-m gpu``, benchmarks/gpu_check.sh)
+the same base runs the compiled kernels with their default tiles. The block-skipping ranges are
+checked against brute force.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_test_base import AttentionTestBase, Case, numpy_mask, packed_segment_ids
+
+from effjax.ops.attention import flash_attention
+from effjax.ops.attention.api import normalize_arguments
+from pallas_kernels.flash_attention import gpu, masks
+from pallas_kernels.interpret import interpret_mode
+
+SMALL_TILES = gpu.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32,
+                             block_q_dkv=16, block_kv_dkv=16)
+
+
+class TestPallasGpuInterpret(AttentionTestBase):
+  """Kernels in the interpreter, unequal small tiles per kernel."""
+
+  def attention(self, q, k, v, **options):
+    return gpu.attention(q, k, v, block_sizes=SMALL_TILES, interpret=True,
+                         **normalize_arguments(q, k, v, **options))
+
+
+@pytest.mark.gpu
+class TestPallasGpu(AttentionTestBase):
+  """The compiled kernels with default tiles (GPU only)."""
+  implementation = "pallas_gpu"
+
+
+def test_dispatch_runs_the_kernel_in_interpret_mode():
+  q, k, v, options = Case(50, 70, causal=True, group=2, segments=2).inputs()
+  with interpret_mode():
+    got = flash_attention(q, k, v, implementation="pallas_gpu", **options)
+  want = flash_attention(q, k, v, implementation="reference", **options)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(block_q=24), ["block_q", "power of two", "24"]),
+    (dict(block_kv_dq=8), ["block_kv_dq", "8"]),
+    (dict(num_warps=0), ["num_warps", "positive"]),
+])
+def test_bad_block_sizes_raise(change, words):
+  with pytest.raises(ValueError) as raised:
+    gpu.BlockSizes(**change)
+  for word in words:
+    assert word in str(raised.value)
+
+
+def test_block_sizes_must_be_a_block_sizes():
+  q, k, v, _ = Case(4, 4).inputs()
+  with pytest.raises(TypeError, match="block_sizes"):
+    gpu.attention(q, k, v, scale=1.0, block_sizes=(16, 16), interpret=True)
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(37, 37), (20, 53), (53, 20), (1, 9), (64, 64)])
+@pytest.mark.parametrize("causal, window", [
+    (False, None), (True, None), (False, (4, 2)), (True, (6, None)), (False, (None, 3)),
+    (True, (40, None))])
+def test_band_block_ranges_are_exact(q_len, kv_len, causal, window):
+  """The kernels' loops visit exactly the blocks of the other side that the band reaches, and
+  skip the mask exactly on the blocks where the band allows every pair."""
+  spec = masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window)
+  full = numpy_mask(q_len, kv_len, dict(causal=causal, window=window))[0]
+  for block, other in ((4, 8), (8, 4), (16, 16)):
+    for rows, ranges, full_ranges in ((full, spec.kv_range, spec.kv_full_range),
+                                      (full.T, spec.q_range, spec.q_full_range)):
+      for start in range(0, rows.shape[0], block):
+        mine = rows[start:start + block]
+        seen = {column // other for column in np.flatnonzero(mine.any(0))}
+        first, stop = (int(x) for x in gpu._block_range(ranges, start, block, other))
+        assert set(range(first, stop)) == seen
+        all_allowed = {j for j in range(rows.shape[1] // other)
+                       if start + block <= rows.shape[0] and mine[:, j * other:(j + 1) * other].all()}
+        lo, hi = (int(x) for x in full_ranges(start, start + block))
+        assert set(range(-(-lo // other), hi // other)) == all_allowed
+
+
+@pytest.mark.parametrize("length, segments, block", list(itertools.product((64, 100), (1, 3, 7), (16,))))
+def test_segment_block_ranges_are_exact_for_sorted_ids(length, segments, block):
+  """For packed (sorted) ids, the loop range is exactly the blocks that share a segment."""
+  ids = jnp.stack([packed_segment_ids(1, length, segments)[0],
+                   jnp.asarray(np.sort(np.random.default_rng(length).integers(0, segments, length)),
+                               jnp.int32)])
+  padded = gpu._pad_axis(ids, 1, -(-length // block) * block, mode="edge")
+  lo, hi = gpu._block_bounds(padded, block)
+  for row in range(2):
+    for start in range(0, length, block):
+      mine = np.asarray(ids[row, start:start + block])
+      first, stop = (int(x) for x in gpu._overlapping(0, 1 << 20, jnp.asarray(mine), lo[row],
+                                                      hi[row]))
+      sharing = {j for j in range(padded.shape[1] // block)
+                 if np.isin(np.asarray(padded[row, j * block:(j + 1) * block]), mine).any()}
+      assert set(range(first, stop)) == sharing
+
+
+def test_segment_block_ranges_cover_unsorted_ids():
+  """Unsorted ids skip less but never a block that shares an id."""
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 4, (1, 96)), jnp.int32)
+  lo, hi = gpu._block_bounds(ids, 16)
+  for start in range(0, 96, 16):
+    mine = ids[0, start:start + 16]
+    first, stop = (int(x) for x in gpu._overlapping(0, 6, mine, lo[0], hi[0]))
+    sharing = {j for j in range(6) if np.isin(ids[0, j * 16:(j + 1) * 16], mine).any()}
+    assert sharing <= set(range(first, stop))
+
+
+@pytest.mark.parametrize("options", [
+    dict(causal=True, dtype=jnp.bfloat16, head_dim=128),
+    dict(window=(7, 3), softcap=5.0, segments=True, dtype=jnp.float32, head_dim=80),
+], ids=["causal-bf16", "window-softcap-segments-f32"])
+def test_kernels_lower_to_triton(monkeypatch, options):
+  """Forward and backward lower to Triton IR for CUDA on this CPU-only machine: every primitive
+  the kernels use has a Triton lowering (the interpreter alone would not catch a missing one)."""
+  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
+  options = dict(options)
+  dtype, head_dim, segments = (options.pop("dtype"), options.pop("head_dim"),
+                               options.pop("segments", False))
+  spec = jax.ShapeDtypeStruct((2, 200, 4, head_dim), dtype)
+  kv_spec = jax.ShapeDtypeStruct((2, 200, 2, head_dim), dtype)
+  ids = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+
+  def forward_backward(q, k, v, q_ids, kv_ids):
+    out, vjp = jax.vjp(lambda q, k, v: gpu.attention(
+        q, k, v, scale=0.1, q_segment_ids=q_ids if segments else None,
+        kv_segment_ids=kv_ids if segments else None, **options), q, k, v)
+    return out, vjp(out)
+
+  text = jax.jit(forward_backward).trace(spec, kv_spec, kv_spec, ids, ids).lower(
+      lowering_platforms=("cuda",)).as_text()
+  for name in ("flash_attention_forward", "flash_attention_dq", "flash_attention_dkv"):
+    assert name in text
