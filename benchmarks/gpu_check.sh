@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 SUITE_DIR=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
-GPU_SUITES=(attention_gpu)
+GPU_SUITES=(attention_gpu long_conv)
 [ -n "${SUITES:-}" ] && read -ra GPU_SUITES <<< "$SUITES"  # e.g. SUITES="attention_gpu"
 TESTS=${TESTS:-tests/ops}
 
@@ -40,11 +40,13 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 # Only the op tests: the experiment tests need packages (draccus, gguf) a bare GPU image lacks.
-# Compiling the kernels is CPU-bound: spread the tests over 8 processes sharing the GPU.
-XLA_PYTHON_CLIENT_PREALLOCATE=false step gpu_tests 240 \
-  $PYTHON -m pytest -q -rfE -m gpu -n 8 -p no:cacheprovider -o addopts="" $TESTS
+# Compiling the kernels is CPU-bound: spread the tests over 8 processes sharing the GPU. -v puts
+# each test's result in the log as it finishes, so a step cut by its time limit still names its
+# failures.
+XLA_PYTHON_CLIENT_PREALLOCATE=false step gpu_tests ${TESTS_LIMIT_S:-240} \
+  $PYTHON -m pytest -v --tb=line -rfE -m "gpu and not slow" -n 8 -p no:cacheprovider -o addopts="" $TESTS
 for suite in "${GPU_SUITES[@]}"; do
-  step "bench_$suite" 300 $PYTHON -m experiments.bench "$suite" --out "$SUITE_DIR"
+  step "bench_$suite" ${SUITE_LIMIT_S:-300} $PYTHON -m experiments.bench "$suite" --out "$SUITE_DIR"
 done
 for suite in "${GPU_SUITES[@]}"; do
   for file in "$SUITE_DIR/$suite".{json,md,png}; do [ -f "$file" ] && cp "$file" "$OUT/"; done

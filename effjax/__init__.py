@@ -5,6 +5,8 @@ Public entry points are re-exported here as they land; see README.md for the API
 
 from effjax import dispatch
 from effjax.ops.attention import flash_attention
+from effjax.optim import zero_trainer
+from effjax.ops.long_conv import long_conv
 
-__all__ = ["dispatch", "flash_attention"]
+__all__ = ["dispatch", "flash_attention", "zero_trainer", "long_conv"]
 __version__ = "0.1.0"

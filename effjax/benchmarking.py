@@ -46,7 +46,11 @@ class MemoryStats:
 
 def compiled_memory(fn: Callable[..., Any], *args: Any, **jit_kwargs: Any) -> MemoryStats:
   """Compiles ``jax.jit(fn, **jit_kwargs)`` for ``args`` (arrays or ShapeDtypeStructs), no run."""
-  compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
+  return memory_of(jax.jit(fn, **jit_kwargs).lower(*args).compile())
+
+
+def memory_of(compiled: Any) -> MemoryStats:
+  """Per-device bytes of a compiled executable (``jitted.lower(...).compile()``)."""
   analysis = compiled.memory_analysis()
   if analysis is None:
     raise NotImplementedError(f"backend {jax.default_backend()!r} gives no memory_analysis()")

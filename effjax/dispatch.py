@@ -34,7 +34,9 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 # The ONE table: op name -> platform -> implementation names in the order they are tried.
 # Reference implementations are oracles for tests and never appear here.
 DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
-    "flash_attention": {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("xla",)},
+    "flash_attention": {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"),
+                        "tpu": ("pallas_tpu", "xla")},
+    "long_conv": {"cpu": ("xla_fft",), "gpu": ("xla_fft",), "tpu": ("butterfly", "xla_fft")},
 }
 
 Implementation = str | Sequence[str] | None

@@ -18,7 +18,11 @@ from collections.abc import Sequence
 SUITES: dict[str, str] = {
     "attention_memory": "experiments.bench_attention",
     "attention_gpu": "experiments.bench_attention_gpu",
+    "attention_tpu_blocks": "experiments.bench_attention_tpu",
+    "long_conv": "experiments.bench_long_conv",
     "quickstart": "experiments.bench_quickstart",
+    "kvcache_decode": "experiments.bench_kvcache",
+    "zero": "experiments.bench_zero",
 }
 
 

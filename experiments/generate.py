@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from effjax.models import Sampling, generate, load_smollm2
+from experiments.cache_config import CacheConfig
 from experiments.config import ConfigError, ExperimentConfig, require
 
 # SmolLM2's chat template (GGUF ``tokenizer.chat_template``) is ChatML with this default system
@@ -44,6 +45,9 @@ class Config(ExperimentConfig):
   """Nucleus sampling: the most likely tokens up to probability top_p (needs temperature > 0)."""
   num_layers: int | None = None
   """Use only the first num_layers blocks (smoke tests); None: the whole model."""
+  cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+  """The KV cache decoded through: {type: full} or {type: kivi, bits: 2, group_size: 32,
+  residual: 128}."""
 
   def __post_init__(self):
     require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an int >= 1")
@@ -58,7 +62,8 @@ class Config(ExperimentConfig):
     return Sampling(self.temperature, self.top_k, self.top_p)
 
 
-SMOKE_OVERRIDES = ("--num_layers=2", "--max_new_tokens=4")
+SMOKE_OVERRIDES = ("--num_layers=2", "--max_new_tokens=4",
+                   "--cache={type: kivi, bits: 2, group_size: 32, residual: 32}")
 
 
 def chat_prompt(message: str, system: str) -> str:
@@ -79,7 +84,7 @@ def main(config: Config) -> dict[str, Any]:
     [tokens] = generate(model, params, [prompt], max_new_tokens=config.max_new_tokens,
                         pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
                         eos_id=tokenizer.eos_id, sampling=sampling,
-                        key=jax.random.key(config.seed))
+                        key=jax.random.key(config.seed), cache_type=config.cache.cache_type())
     return tokens, time.perf_counter() - start
 
   _, first_seconds = run()
@@ -90,6 +95,7 @@ def main(config: Config) -> dict[str, Any]:
              "first_call_s": first_seconds}
   print(f"user: {config.prompt}\nassistant: {completion}" if config.chat else text + completion)
   print(f"\n[{len(prompt)} prompt tokens, {len(tokens)} new tokens in {seconds:.2f} s = "
-        f"{summary['tokens_per_s']:.1f} tokens/s on {jax.devices()[0].device_kind}; "
+        f"{summary['tokens_per_s']:.1f} tokens/s on {jax.devices()[0].device_kind}, "
+        f"{config.cache.label} cache; "
         f"first call incl. compilation {first_seconds:.1f} s]")
   return summary

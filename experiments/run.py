@@ -22,6 +22,8 @@ EXPERIMENTS: dict[str, str] = {
     "train_lm": "experiments.train_lm",
     "generate": "experiments.generate",
     "eval_perplexity": "experiments.eval_perplexity",
+    "eval_kvcache": "experiments.eval_kvcache",
+    "train_synthetic": "experiments.train_synthetic",
 }
 
 

@@ -8,9 +8,10 @@
   ``(seed, s)`` only, so a resumed run sees exactly the batches of an uninterrupted one.
 * Model: :class:`effjax.nn.DecoderLM` (RMSNorm, RoPE, SwiGLU, grouped-query attention through
   ``attention_fn``).
-* Training: data parallel over every local device (batch split on the ``data`` mesh axis, state
-  replicated, explicit jit shardings, state donated); optax AdamW with linear warm-up and cosine
-  decay, global-norm clipping.
+* Training: data parallel over every local device (batch split on the ``data`` mesh axis) with
+  ZeRO stage ``zero_stage`` (:mod:`effjax.optim.zero`: stage 1 shards the optimizer state, 2 also
+  the gradients, 3 also the parameters; explicit jit shardings, state donated); optax AdamW with
+  linear warm-up and cosine decay, global-norm clipping.
 * Outputs in ``output_dir``: ``metrics.jsonl``, TensorBoard event files (``tb/``), orbax
   checkpoints every ``checkpoint_every`` steps (``checkpoints/``). Re-running with the same
   ``output_dir`` resumes from the latest checkpoint. At the end: held-out perplexity and a greedy
@@ -25,7 +26,6 @@ import pathlib
 import time
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +33,10 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from effjax import sharding
+from effjax import distributed, sharding
 from effjax.nn import DecoderLM, TransformerConfig
+from effjax.nn.long_conv import LongConvLM, LongConvLMConfig
+from effjax.optim import zero
 from experiments.config import ExperimentConfig, require
 
 
@@ -54,8 +56,13 @@ class ModelConfig:
   """RoPE base."""
   dtype: str = "float32"
   """Compute dtype (float32 or bfloat16); parameters stay float32."""
+  mixer: str = "attention"
+  """Sequence mixer: 'attention' (Llama-style), or 'long_conv' / 'h3' (effjax.nn.LongConvLM:
+  learned causal long convolutions as long as data.seq_len; the head and RoPE keys are unused)."""
 
   def __post_init__(self):
+    require(self.mixer in ("attention", "long_conv", "h3"), "model.mixer", self.mixer,
+            "'attention', 'long_conv' or 'h3'")
     for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
       require(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "a positive integer")
     require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
@@ -118,10 +125,20 @@ class Config(ExperimentConfig):
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  distributed: distributed.DistributedConfig = dataclasses.field(
+      default_factory=distributed.DistributedConfig)
+  """Multi-process runs: coordinator host:port, process count and id (else $JAX_COORDINATOR_ADDRESS,
+  $JAX_NUM_PROCESSES, $JAX_PROCESS_ID; neither: one process). Each process loads its share of
+  every batch; process 0 writes the logs."""
   steps: int = 250
   """Optimizer steps in total (a resumed run continues up to this)."""
   batch_size: int = 8
   """Global batch (windows per step); a multiple of the device count."""
+  zero_stage: int | None = None
+  """ZeRO stage 0-3 (0: replicated state; 1: optimizer state sharded; 2: + gradients; 3: +
+  parameters). None: the best that fits, i.e. the lowest stage (least communication) whose
+  parameters + gradients + optimizer state take at most half of each device's memory (stage 0 on
+  CPU, which reports no device memory limit)."""
   log_every: int = 10
   """Write metrics every this many steps."""
   checkpoint_every: int = 50
@@ -146,6 +163,8 @@ class Config(ExperimentConfig):
     require(self.eval_windows is None or self.eval_windows > 0, "eval_windows", self.eval_windows,
             "None or a positive integer")
     require(self.sample_tokens >= 0, "sample_tokens", self.sample_tokens, ">= 0")
+    require(self.zero_stage in (None, *zero.STAGES), "zero_stage", self.zero_stage,
+            f"None or one of {zero.STAGES}")
 
 
 # Overrides that make any train_lm config tiny, for the config smoke test.
@@ -154,13 +173,13 @@ SMOKE_OVERRIDES = ("--steps=2", "--batch_size=8", "--data.seq_len=32", "--model.
                    "--model.d_ff=64", "--eval_windows=8", "--sample_tokens=2", "--log_every=1")
 
 
-class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-def build_model(config: ModelConfig, vocab_size: int) -> DecoderLM:
+def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any:
+  """The LM; ``seq_len`` (the training window) sets the long kernels' length."""
+  if config.mixer != "attention":
+    return LongConvLM(LongConvLMConfig(vocab_size=vocab_size, d_model=config.d_model,
+                                       num_layers=config.num_layers, d_ff=config.d_ff,
+                                       kernel_len=seq_len, mixer=config.mixer),
+                      dtype=jnp.dtype(config.dtype))
   return DecoderLM(
       TransformerConfig(vocab_size=vocab_size, d_model=config.d_model,
                         num_layers=config.num_layers, num_heads=config.num_heads,
@@ -191,17 +210,12 @@ def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
   return jnp.sum(nll * weights[:, None]), jnp.sum(weights) * targets.shape[1]
 
 
-def make_train_step(model: DecoderLM, optimizer: optax.GradientTransformation):
-  def train_step(state: TrainState, windows: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-    def loss_fn(params):
-      total, count = next_token_loss(model, params, windows)
-      return total / count
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(state.step + 1, params, opt_state), metrics
-  return train_step
+def make_loss(model: DecoderLM):
+  """``(params, windows [batch, seq+1]) -> mean next-token loss``, the ZeRO trainer's loss_fn."""
+  def loss_fn(params: Any, windows: jax.Array) -> jax.Array:
+    total, count = next_token_loss(model, params, windows)
+    return total / count
+  return loss_fn
 
 
 def heldout_perplexity(model: DecoderLM, params: Any, windows: np.ndarray, batch_size: int,
@@ -213,8 +227,11 @@ def heldout_perplexity(model: DecoderLM, params: Any, windows: np.ndarray, batch
   data = sharding.batch_sharded(mesh)
   step = jax.jit(lambda p, w, m: next_token_loss(model, p, w, m),
                  in_shardings=(sharding.replicated(mesh), data, data))
-  sums = [step(params, windows[start:start + batch_size], weights[start:start + batch_size])
-          for start in range(0, len(windows), batch_size)]  # no host sync until the end
+  shares = (distributed.process_share((windows[start:start + batch_size],
+                                       weights[start:start + batch_size]))
+            for start in range(0, len(windows), batch_size))
+  sums = [step(params, *distributed.global_batch(share, data))
+          for share in shares]  # no host sync until the end
   total, count = (sum(float(part[i]) for part in sums) for i in (0, 1))
   return float(np.exp(total / count))
 
@@ -276,13 +293,11 @@ def load_windows(config: Config, tokenizer: Any) -> tuple[Any, np.ndarray]:
 
 
 def restore_or_init(checkpoints: ocp.CheckpointManager, init: Any, key: jax.Array,
-                    state_sharding: jax.sharding.Sharding) -> TrainState:
-  """The latest checkpoint restored onto ``state_sharding``, or ``init(key)`` if there is none."""
+                    target: zero.ZeroState) -> zero.ZeroState:
+  """The latest checkpoint restored onto ``target`` (abstract arrays with their shardings, so a
+  checkpoint from another mesh or stage is resharded), or ``init(key)`` if there is none."""
   if checkpoints.latest_step() is None:
     return init(key)
-  target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
-      jax.eval_shape(init, key))
   return checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(target))
 
 
@@ -290,6 +305,7 @@ def main(config: Config) -> dict[str, Any]:
   """Trains (or resumes), evaluates and samples; returns a summary dict."""
   from effjax.data import load_smollm2_tokenizer  # pylint: disable=g-import-not-at-top
 
+  distributed.initialize(config.distributed)
   output_dir = pathlib.Path(config.output_dir).absolute()
   output_dir.mkdir(parents=True, exist_ok=True)
   tokenizer = load_smollm2_tokenizer()
@@ -297,34 +313,37 @@ def main(config: Config) -> dict[str, Any]:
 
   mesh = sharding.data_parallel_mesh()
   sharding.check_batch_divisible(config.batch_size, mesh)
-  replicated, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  model = build_model(config.model, tokenizer.vocab_size)
+  replicated = sharding.replicated(mesh)
+  model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
   optimizer = build_optimizer(config.optim, config.steps)
 
-  def init(key):
-    params = model.init(key, jnp.zeros((1, config.data.seq_len), jnp.int32))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  init_params = jax.jit(lambda key: model.init(key, dummy))
+  key = jax.random.key(config.seed)
+  abstract_params = jax.eval_shape(init_params, key)
+  stage = (zero.choose_stage(abstract_params, optimizer, list(mesh.devices.flat))
+           if config.zero_stage is None else config.zero_stage)
+  trainer = zero.zero_trainer(make_loss(model), optimizer, abstract_params, mesh, stage=stage)
 
   checkpoints = ocp.CheckpointManager(
       output_dir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-  state = restore_or_init(checkpoints, jax.jit(init, out_shardings=replicated),
-                          jax.random.key(config.seed), replicated)
+  state = restore_or_init(checkpoints, lambda key: trainer.init(init_params(key)), key,
+                          trainer.abstract_state)
   start = int(state.step)
-  train_step = jax.jit(make_train_step(model, optimizer), in_shardings=(replicated, data),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
 
   log = MetricsLog(output_dir)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  if start:
+  if start and distributed.is_main_process():
     print(f"resuming from step {start} in {output_dir}")
   stop = config.steps if config.stop_at is None else max(config.stop_at, start)
   progress = tqdm.tqdm(range(start, stop), initial=start, total=config.steps,
                        desc="train", disable=jax.process_index() != 0)
   tick, tokens_since = time.perf_counter(), 0
   for step in progress:
-    batch = jax.device_put(train_windows.batch(step, config.batch_size, config.seed), data)
-    state, metrics = train_step(state, batch)
+    rows = distributed.process_share(train_windows.batch(step, config.batch_size, config.seed))
+    batch = distributed.global_batch(rows, trainer.batch_sharding)
+    state, metrics = trainer.step(state, batch)
     tokens_since += config.batch_size * config.data.seq_len
     done = step + 1
     if done % config.log_every == 0 or done == config.steps:
@@ -340,15 +359,18 @@ def main(config: Config) -> dict[str, Any]:
   if stop < config.steps:
     log.close()
     checkpoints.close()
-    print(f"stopped at step {stop} of {config.steps}; re-run with output_dir={output_dir} to continue")
+    if distributed.is_main_process():
+      print(f"stopped at step {stop} of {config.steps}; re-run with output_dir={output_dir} "
+            "to continue")
     return {"steps": config.steps, "stopped_at": stop}
 
-  perplexity = heldout_perplexity(model, state.params, heldout_windows, config.batch_size, mesh)
-  summary = {"steps": config.steps, "parameters": num_params,
+  params = jax.device_put(state.params, replicated)  # gathered (ZeRO-3 shards them)
+  perplexity = heldout_perplexity(model, params, heldout_windows, config.batch_size, mesh)
+  summary = {"steps": config.steps, "parameters": num_params, "zero_stage": stage,
              "heldout_windows": len(heldout_windows), "heldout_perplexity": perplexity}
   if config.sample_prompt and config.sample_tokens:
     prompt = tokenizer.encode(config.sample_prompt)
-    continuation = greedy_sample(model, state.params, prompt, config.sample_tokens)
+    continuation = greedy_sample(model, params, prompt, config.sample_tokens)
     if tokenizer.eos_id in continuation:
       continuation = continuation[:continuation.index(tokenizer.eos_id)]
     summary["sample"] = config.sample_prompt + tokenizer.decode(continuation)

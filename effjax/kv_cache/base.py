@@ -25,12 +25,58 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  """Raises ValueError naming ``name`` unless ``value`` is a positive int (not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} is {value!r}; expected a positive int")
+
+
+def check_kv(k: jax.Array, v: jax.Array, *, batch: int, kv_heads: int, head_dim: int,
+             max_len: int) -> None:
+  """Validates keys/values written to a cache of that geometry (ValueError naming the argument)."""
+  expected = (batch, kv_heads, head_dim)
+  for name, x in (("k", k), ("v", v)):
+    if x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
+      raise ValueError(
+          f"{name} has shape {x.shape}; expected [batch, seq, kv_heads, head_dim] with "
+          f"[batch, kv_heads, head_dim] = {list(expected)} as in the cache")
+  if k.shape[1] != v.shape[1]:
+    raise ValueError(f"k has {k.shape[1]} tokens and v has {v.shape[1]}; expected the same")
+  if k.shape[1] > max_len:
+    raise ValueError(f"k has {k.shape[1]} tokens; expected at most max_len={max_len}")
+
+
+def check_start(start: Any, batch: int) -> jax.Array:
+  """``start`` as int32 ``[batch]``, or a ValueError naming it."""
+  start = jnp.asarray(start)
+  if start.shape != (batch,) or not jnp.issubdtype(start.dtype, jnp.integer):
+    raise ValueError(f"start has dtype {start.dtype} and shape {start.shape}; expected integer "
+                     f"[batch] = [{batch}]")
+  return start.astype(jnp.int32)
+
+
+def check_room(length: jax.Array, seq: int, max_len: int) -> None:
+  """Raises ValueError if appending ``seq`` tokens overflows (only checkable outside ``jit``)."""
+  if not isinstance(length, jax.core.Tracer) and int(length) + seq > max_len:
+    raise ValueError(f"appending {seq} tokens to a cache holding {int(length)} "
+                     f"exceeds its max_len={max_len}")
+
+
+def check_query(q: jax.Array, *, batch: int, kv_heads: int, head_dim: int) -> None:
+  """Validates the queries given to ``attend`` (ValueError naming ``q``)."""
+  if q.ndim != 4 or q.shape[0] != batch or q.shape[3] != head_dim or q.shape[2] % kv_heads:
+    raise ValueError(
+        f"q has shape {q.shape}; expected [batch={batch}, seq, heads, head_dim={head_dim}] "
+        f"with heads a multiple of kv_heads={kv_heads}")
 
 
 class KVCache(flax.struct.PyTreeNode, abc.ABC):
@@ -78,3 +124,15 @@ class KVCache(flax.struct.PyTreeNode, abc.ABC):
   def nbytes(self) -> int:
     """Bytes of every array in the cache (codes, scales, bookkeeping), per layer."""
     return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(self))
+
+
+class CacheFactory(Protocol):
+  """Anything with KVCache's ``init`` signature, e.g. settings objects like :class:`KIVI`."""
+
+  def init(self, batch: int, max_len: int, *, num_kv_heads: int, head_dim: int,
+           dtype: Any = ...) -> KVCache:
+    ...
+
+
+# What decoding and generation accept as ``cache_type``: a cache class or a (hashable) factory.
+CacheType = type[KVCache] | CacheFactory

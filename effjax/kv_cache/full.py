@@ -11,16 +11,17 @@ from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from effjax.kv_cache.base import KVCache
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} is {value!r}; expected a positive int")
+from effjax.kv_cache.base import (
+    KVCache,
+    check_kv,
+    check_positive_int,
+    check_query,
+    check_room,
+    check_start,
+)
 
 
 class FullKVCache(KVCache):
@@ -43,7 +44,7 @@ class FullKVCache(KVCache):
            dtype: Any = jnp.float32) -> Self:
     for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
-      _check_positive_int(name, value)
+      check_positive_int(name, value)
     zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
     return cls(k=zeros, v=zeros, start=jnp.zeros((batch,), jnp.int32),
                length=jnp.zeros((), jnp.int32))
@@ -53,38 +54,25 @@ class FullKVCache(KVCache):
     return self.k.shape[1]
 
   def _check_kv(self, k: jax.Array, v: jax.Array) -> None:
-    expected = (self.k.shape[0], self.k.shape[2], self.k.shape[3])
-    for name, x in (("k", k), ("v", v)):
-      if x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
-        raise ValueError(
-            f"{name} has shape {x.shape}; expected [batch, seq, kv_heads, head_dim] with "
-            f"[batch, kv_heads, head_dim] = {list(expected)} as in the cache")
-    if k.shape[1] != v.shape[1]:
-      raise ValueError(f"k has {k.shape[1]} tokens and v has {v.shape[1]}; expected the same")
-    if k.shape[1] > self.max_len:
-      raise ValueError(f"k has {k.shape[1]} tokens; expected at most max_len={self.max_len}")
+    batch, max_len, kv_heads, head_dim = self.k.shape
+    check_kv(k, v, batch=batch, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
 
   def prefill(self, k: Float[Array, "batch seq kv_heads head_dim"],
               v: Float[Array, "batch seq kv_heads head_dim"],
               start: Int[Array, "batch"]) -> Self:
     self._check_kv(k, v)
-    start = jnp.asarray(start)
-    if start.shape != (self.k.shape[0],) or not jnp.issubdtype(start.dtype, jnp.integer):
-      raise ValueError(f"start has dtype {start.dtype} and shape {start.shape}; expected integer "
-                       f"[batch] = [{self.k.shape[0]}]")
+    start = check_start(start, self.k.shape[0])
     return self.replace(
         k=lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, 0, 0, 0)),
         v=lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, 0, 0, 0)),
-        start=start.astype(jnp.int32),
+        start=start,
         length=jnp.asarray(k.shape[1], jnp.int32))
 
   def append(self, k: Float[Array, "batch seq kv_heads head_dim"],
              v: Float[Array, "batch seq kv_heads head_dim"]) -> Self:
     self._check_kv(k, v)
+    check_room(self.length, k.shape[1], self.max_len)
     new_length = self.length + k.shape[1]
-    if not isinstance(new_length, jax.core.Tracer) and int(new_length) > self.max_len:
-      raise ValueError(f"appending {k.shape[1]} tokens to a cache holding {int(self.length)} "
-                       f"exceeds its max_len={self.max_len}")
     index = (0, self.length, 0, 0)
     return self.replace(
         k=lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), index),
@@ -94,11 +82,7 @@ class FullKVCache(KVCache):
   def attend(self, q: Float[Array, "batch seq heads head_dim"], *,
              scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
     cache_batch, max_len, kv_heads, cache_head_dim = self.k.shape
-    if (q.ndim != 4 or q.shape[0] != cache_batch or q.shape[3] != cache_head_dim
-        or q.shape[2] % kv_heads):
-      raise ValueError(
-          f"q has shape {q.shape}; expected [batch={cache_batch}, seq, heads, "
-          f"head_dim={cache_head_dim}] with heads a multiple of kv_heads={kv_heads}")
+    check_query(q, batch=cache_batch, kv_heads=kv_heads, head_dim=cache_head_dim)
     batch, seq, heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     grouped = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)

@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from effjax.kv_cache import FullKVCache, KVCache
+from effjax.kv_cache import CacheType, FullKVCache, KVCache
 from effjax.nn import DecoderLM
 
 Caches = tuple[KVCache, ...]
 
 
 def init_caches(model: DecoderLM, batch: int, max_len: int, *,
-                cache_type: type[KVCache] = FullKVCache, dtype: Any = None) -> Caches:
+                cache_type: CacheType = FullKVCache, dtype: Any = None) -> Caches:
   """One empty cache per layer of ``model``, ``max_len`` slots each (``dtype``: model's)."""
   config = model.config
   return tuple(

@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from effjax.kv_cache import FullKVCache, KVCache
+from effjax.kv_cache import CacheType, FullKVCache
 from effjax.models import decoding
 from effjax.nn import DecoderLM
 
@@ -89,7 +89,7 @@ def sample_tokens(logits: Float[Array, "batch vocab"], key: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "cache_type"))
 def _prefill(model: DecoderLM, params: Any, tokens: jax.Array, start: jax.Array, *, max_len: int,
-             cache_type: type[KVCache]) -> tuple[jax.Array, decoding.Caches]:
+             cache_type: CacheType) -> tuple[jax.Array, decoding.Caches]:
   caches = decoding.init_caches(model, tokens.shape[0], max_len, cache_type=cache_type)
   logits, caches = decoding.prefill(model, params, tokens, start, caches)
   return logits[:, -1], caches
@@ -148,7 +148,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
 def generate(model: DecoderLM, params: Any, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, pad_id: int, eos_id: int | None = None,
              sampling: Sampling = Sampling(), key: jax.Array | None = None,
-             max_len: int | None = None, cache_type: type[KVCache] = FullKVCache
+             max_len: int | None = None, cache_type: CacheType = FullKVCache
              ) -> list[list[int]]:
   """Continues each prompt by up to ``max_new_tokens`` tokens.
 
@@ -162,7 +162,8 @@ def generate(model: DecoderLM, params: Any, prompts: Sequence[Sequence[int]], *,
     key: PRNG key; required when ``sampling.temperature > 0``.
     max_len: cache slots; at least longest prompt + max_new_tokens. Default: that, rounded up to
       a multiple of CACHE_LEN_MULTIPLE (so the decode loop is reused across prompt lengths).
-    cache_type: the KVCache implementation.
+    cache_type: the KVCache class, or settings with an ``init`` like it (e.g.
+      ``effjax.kv_cache.KIVI(bits=2)``; hashable, it is a static argument of the jitted prefill).
 
   Returns:
     The generated ids of each prompt (prompt excluded): up to and including ``eos_id``, at most

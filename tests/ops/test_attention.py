@@ -64,6 +64,7 @@ class TestReference:
 def test_default_order_serves_the_call_on_cpu():
   assert dispatch.default_order("flash_attention", "cpu") == ("xla",)
   assert dispatch.default_order("flash_attention", "gpu") == ("pallas_gpu", "xla")
+  assert dispatch.default_order("flash_attention", "tpu") == ("pallas_tpu", "xla")
   for platform in dispatch.PLATFORMS:
     assert dispatch.default_order("flash_attention", platform)[-1] == "xla"  # the fallback
   q, k, v, options = Case(20, 30, causal=True).inputs()

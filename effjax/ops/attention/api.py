@@ -7,6 +7,9 @@ Implementations (see ``effjax.dispatch.DEFAULT_ORDER`` for the order tried per p
   ``custom_vjp``; O(N) memory in forward and backward. The default on CPU, the fallback elsewhere.
 * ``"pallas_gpu"``: Pallas kernels with Triton lowering (``pallas_kernels.flash_attention.gpu``):
   forward, dq and dk/dv kernels, GQA by index mapping, causal/window/segment block skipping.
+* ``"pallas_tpu"``: Pallas kernels with Mosaic TPU lowering
+  (``pallas_kernels.flash_attention.tpu``): the same three kernels and features; skipped blocks
+  start no compute and no DMA.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(j
 register(OP, "reference", "effjax.ops.attention.reference:attention")
 register(OP, "xla", "effjax.ops.attention.xla:attention")
 register(OP, "pallas_gpu", "pallas_kernels.flash_attention.gpu:attention")
+register(OP, "pallas_tpu", "pallas_kernels.flash_attention.tpu:attention")
 
 Window = tuple[int | None, int | None]
 

@@ -1,0 +1,75 @@
+"""Decode-step cost of quantized KV caches against the full-precision cache, per layer.
+
+One decoding step of one attention layer with SmolLM2-135M's geometry (9 query heads, 3 kv heads,
+head_dim 64, batch 1, float32 K/V): ``cache.append`` of one token then ``cache.attend`` of its
+query, on a cache already holding ``context - 1`` tokens (filled by ``prefill``, so KIVI's codes
+are real). Reported per context: the cache's exact ``nbytes()``, the compiled step's temp
+(scratch) bytes from ``memory_analysis()`` (the quantized path dequantizes one block at a time, so
+its scratch must not grow like a float32 copy of the cache), and the median step time as a ratio
+to the full cache measured in the same run. CPU times are ratios only; no fused kernel yet.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from effjax import benchmarking
+from effjax.kv_cache import KIVI, FullKVCache
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+CACHES = {"fp": FullKVCache, "KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2)}
+BASELINE = "fp"
+
+
+def _step(cache, k, v, q):
+  cache = cache.append(k, v)
+  return cache, cache.attend(q)
+
+
+def measure(contexts, repeats: int) -> list[dict]:
+  rows = []
+  for context in contexts:
+    k, v = benchmarking.random_inputs([jax.ShapeDtypeStruct((1, context, KV_HEADS, HEAD_DIM),
+                                                            jnp.float32)] * 2)
+    q = benchmarking.random_inputs([jax.ShapeDtypeStruct((1, 1, HEADS, HEAD_DIM), jnp.float32)])[0]
+    baseline = None
+    for name, cache_type in CACHES.items():
+      cache = cache_type.init(1, context, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+      cache = jax.jit(lambda c, k, v: c.prefill(k, v, jnp.zeros((1,), jnp.int32)))(
+          cache, k[:, :-1], v[:, :-1])
+      args = (cache, k[:, -1:], v[:, -1:], q)
+      memory = benchmarking.compiled_memory(_step, *args, donate_argnums=0)  # cache in place
+      timing = benchmarking.time_call(jax.jit(_step), *args, repeats=repeats)
+      baseline = timing.median_s if name == BASELINE else baseline
+      rows.append({"cache": name, "context": context, "cache_bytes": cache.nbytes(),
+                   "temp_bytes": memory.temp_bytes, "median_ms": timing.median_s * 1e3,
+                   "time_vs_fp": timing.median_s / baseline})
+  return rows
+
+
+def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  contexts = (256, 512) if quick else (1024, 2048, 4096, 8192)
+  rows = measure(contexts, repeats=3 if quick else 15)
+  notes = ("One attention layer, SmolLM2-135M geometry (9 heads, 3 kv heads, head_dim 64), "
+           "batch 1, float32 K/V (KIVI scales float16, G=32, R=128); one step = append 1 token "
+           "+ attend its query over `context` slots. cache_bytes = exact nbytes(); temp = "
+           "scratch bytes of the compiled step (cache argument donated; the fp cache's append "
+           "still gets a scratch copy of its K/V on CPU); time = median of repeats as a ratio "
+           "to the fp cache in the same run (CPU: XLA path, no fused kernel).")
+  json_path, md_path = benchmarking.write_results(
+      "kvcache_decode", rows, title="KV cache decode step: bytes, scratch and time per layer",
+      columns=["cache", "context", "cache_bytes", "temp_bytes", "median_ms", "time_vs_fp"],
+      directory=out_dir, notes=notes,
+      formatters={"cache_bytes": benchmarking.format_bytes,
+                  "temp_bytes": benchmarking.format_bytes, "median_ms": "{:.3f}".format,
+                  "time_vs_fp": "{:.2f}x".format})
+  plot = benchmarking.plot_lines(
+      out_dir / "kvcache_decode.png",
+      {name: (contexts, [row["median_ms"] for row in rows if row["cache"] == name])
+       for name in CACHES},
+      title="Decode step per layer (append + attend), CPU", xlabel="context (tokens)",
+      ylabel="median ms")
+  return [json_path, md_path, plot]

@@ -1,0 +1,1 @@
+"""Fused FFT convolution kernels (Monarch DFT as matmuls, spectrum product, inverse)."""
