@@ -12,9 +12,9 @@ mkdir -p "$OUT"
 SUITE_DIR=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
-GPU_SUITES=(attention_gpu long_conv)
+GPU_SUITES=(attention_gpu long_conv kvcache_decode)
 [ -n "${SUITES:-}" ] && read -ra GPU_SUITES <<< "$SUITES"  # e.g. SUITES="attention_gpu"
-TESTS=${TESTS:-tests/ops}
+TESTS=${TESTS:-tests/ops tests/kv_cache/test_decode_kernels.py}
 
 summary="$OUT/gpu_check.md"
 log="$OUT/gpu_check.log"
@@ -39,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...
   tail -3 "$log"
 }
 
-# Only the op tests: the experiment tests need packages (draccus, gguf) a bare GPU image lacks.
+# Only the kernel tests: the experiment tests need packages (draccus, gguf) a bare GPU image lacks.
 # Compiling the kernels is CPU-bound: spread the tests over 8 processes sharing the GPU. -v puts
 # each test's result in the log as it finishes, so a step cut by its time limit still names its
 # failures.

@@ -37,6 +37,7 @@ DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "flash_attention": {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"),
                         "tpu": ("pallas_tpu", "xla")},
     "long_conv": {"cpu": ("xla_fft",), "gpu": ("xla_fft",), "tpu": ("butterfly", "xla_fft")},
+    "kivi_decode": {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
 }
 
 Implementation = str | Sequence[str] | None

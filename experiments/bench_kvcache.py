@@ -6,11 +6,16 @@ query, on a cache already holding ``context - 1`` tokens (filled by ``prefill``,
 are real). Reported per context: the cache's exact ``nbytes()``, the compiled step's temp
 (scratch) bytes from ``memory_analysis()`` (the quantized path dequantizes one block at a time, so
 its scratch must not grow like a float32 copy of the cache), and the median step time as a ratio
-to the full cache measured in the same run. CPU times are ratios only; no fused kernel yet.
+to the full cache measured in the same run. CPU times are ratios only.
+
+On a GPU, ``kvcache_decode_gpu`` also times ``attend`` alone with the fused Pallas (Triton) decode
+kernel (``implementation="pallas_gpu"``) against the XLA path at contexts 4k..32k, batch 8,
+bfloat16 queries and residual; on other backends that part is skipped.
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 
 from effjax import benchmarking
 from effjax.kv_cache import KIVI, FullKVCache
+from effjax.kv_cache.attention import kivi_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 CACHES = {"fp": FullKVCache, "KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2)}
@@ -50,7 +56,39 @@ def measure(contexts, repeats: int) -> list[dict]:
   return rows
 
 
+def measure_kernel(contexts, repeats: int, batch: int = 8) -> list[dict]:
+  """Median ``attend`` time of the Pallas GPU decode kernel vs the XLA path, per KIVI width."""
+  rows = []
+  for context in contexts:
+    k, v = benchmarking.random_inputs([jax.ShapeDtypeStruct(
+        (batch, context, KV_HEADS, HEAD_DIM), jnp.bfloat16)] * 2)
+    q = benchmarking.random_inputs([jax.ShapeDtypeStruct((batch, 1, HEADS, HEAD_DIM),
+                                                         jnp.bfloat16)])[0]
+    for name in ("KIVI-4", "KIVI-2"):
+      cache = CACHES[name].init(batch, context, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                                dtype=jnp.bfloat16)
+      cache = jax.jit(lambda c, k, v: c.prefill(k, v, jnp.zeros((batch,), jnp.int32)))(cache, k, v)
+      times = {impl: benchmarking.time_call(jax.jit(functools.partial(
+          kivi_decode_attention, implementation=impl)), cache, q, repeats=repeats).median_s
+               for impl in ("xla", "pallas_gpu")}
+      rows.append({"cache": name, "context": context, "xla_ms": times["xla"] * 1e3,
+                   "pallas_gpu_ms": times["pallas_gpu"] * 1e3,
+                   "speedup": times["xla"] / times["pallas_gpu"]})
+  return rows
+
+
 def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  written = []
+  if jax.default_backend() == "gpu":
+    rows = measure_kernel((4096,) if quick else (4096, 8192, 16384, 32768),
+                          repeats=3 if quick else 20)
+    written += benchmarking.write_results(
+        "kvcache_decode_gpu", rows, title="KIVI decode attention on GPU: Pallas kernel vs XLA",
+        columns=["cache", "context", "xla_ms", "pallas_gpu_ms", "speedup"], directory=out_dir,
+        notes=("attend only (one layer, SmolLM2 geometry, batch 8, bf16, G=32, R=128), median "
+               "of repeats; default split heuristic."),
+        formatters={"xla_ms": "{:.3f}".format, "pallas_gpu_ms": "{:.3f}".format,
+                    "speedup": "{:.2f}x".format})
   contexts = (256, 512) if quick else (1024, 2048, 4096, 8192)
   rows = measure(contexts, repeats=3 if quick else 15)
   notes = ("One attention layer, SmolLM2-135M geometry (9 heads, 3 kv heads, head_dim 64), "
@@ -72,4 +110,4 @@ def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
        for name in CACHES},
       title="Decode step per layer (append + attend), CPU", xlabel="context (tokens)",
       ylabel="median ms")
-  return [json_path, md_path, plot]
+  return [*written, json_path, md_path, plot]

@@ -10,16 +10,24 @@ the tail (FlashAttention's running max / sum / output, combined in float32), GQA
 Memory: one dequantized block (``2 * batch * block_size * kv_heads * head_dim`` float32), its
 logits (``batch * heads * seq * block_size`` float32) and the tail; never O(cache) in float32.
 Work: the number of blocks is a traced count (a ``while`` loop), so only filled blocks are read.
+
+:func:`kivi_decode_attention` chooses between that path and the fused Pallas decode kernels
+(``pallas_kernels.kv_decode``) for a KIVI cache, through ``effjax.dispatch`` (op ``"kivi_decode"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
+
+from effjax.dispatch import Implementation, dispatch, register
+from effjax.kv_cache.base import check_query
+from pallas_kernels.kv_decode import common as kv_common
 
 _Carry = tuple[jax.Array, jax.Array, jax.Array]  # running max, sum, output (unnormalized)
 
@@ -95,3 +103,98 @@ def blockwise_decode_attention(
                       _visible(tail_slots, start, last_visible))
   out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [batch, kv_heads, group, seq, head_dim]
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# KIVI decode attention with a choice of implementation (the Pallas kernels read packed codes)
+
+KIVI_DECODE = "kivi_decode"
+
+
+def kivi_decode_attention(cache: Any, q: Float[Array, "batch seq heads head_dim"], *,
+                          scale: float | None = None, implementation: Implementation = None,
+                          num_splits: int | None = None
+                          ) -> Float[Array, "batch seq heads head_dim"]:
+  """``cache.attend(q, scale=scale)`` of a :class:`effjax.kv_cache.KIVICache`, by implementation.
+
+  Implementations (default order per platform: ``effjax.dispatch.DEFAULT_ORDER["kivi_decode"]``):
+
+  * ``"xla"``: :meth:`KIVICache.attend`, which dequantizes block by block
+    (:func:`blockwise_decode_attention`). Serves every call.
+  * ``"pallas_gpu"`` / ``"pallas_tpu"``: the flash-decoding kernels of
+    ``pallas_kernels.kv_decode`` over the quantized prefix (packed codes dequantized in
+    registers/VMEM, GQA groups together, ``num_splits`` partial results per kv head), plus the
+    full-precision residual window (R + 1 slots) as one more partial computed here, all combined
+    by log-sum-exp. They serve quantized caches (not 16 bits) and ``seq <= R + 1`` queries (so
+    every query sees the whole quantized prefix); otherwise NotImplementedError and the next
+    implementation is tried.
+
+  Memory of the kernels: the cache is read in place (no float32 copy); extra HBM is the
+  ``num_splits + 1`` partials, ``batch * (num_splits + 1) * seq * heads * (head_dim + 1)``
+  float32.
+
+  Args:
+    cache: a KIVICache holding at least one token.
+    q: queries of the last ``seq`` stored tokens.
+    scale: logit scale (default ``head_dim ** -0.5``).
+    implementation: None (platform default), a name or a sequence of names.
+    num_splits: the kernels' splits per kv head (default: their heuristic); ignored by xla.
+  """
+  return dispatch(KIVI_DECODE, implementation, cache, q, scale=scale, num_splits=num_splits)
+
+
+def _kivi_xla(cache: Any, q: jax.Array, *, scale: float | None, num_splits: int | None):
+  del num_splits
+  return cache.attend(q, scale=scale)
+
+
+def _kivi_pallas(kernel: Callable[..., Any], cache: Any, q: jax.Array, *, scale: float | None,
+                 num_splits: int | None) -> jax.Array:
+  """The kernels' partials over slots ``[start, length - R - 1)`` + the residual window's."""
+  check_query(q, batch=cache.k_residual.shape[0], kv_heads=cache.k_residual.shape[2],
+              head_dim=cache.k_residual.shape[3])
+  batch, seq, heads, head_dim = q.shape
+  if 16 in (cache.key_bits, cache.value_bits) or seq > cache.residual + 1:
+    raise NotImplementedError("the decode kernels need quantized keys and values and at most "
+                              f"R + 1 = {cache.residual + 1} queries, got bits "
+                              f"{(cache.key_bits, cache.value_bits)} and {seq} queries")
+  scale = head_dim**-0.5 if scale is None else scale
+  prefix_end = jnp.maximum(cache.length - cache.residual - 1, 0)
+  out, lse = kernel(q, cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale,
+                    cache.v_zero, cache.start, prefix_end, key_bits=cache.key_bits,
+                    value_bits=cache.value_bits, group_size=cache.group_size, scale=scale,
+                    num_splits=num_splits)
+  tail_slots = prefix_end + jnp.arange(cache.residual + 1)
+  kv_heads = cache.k_residual.shape[2]
+  grouped = (q.astype(jnp.float32) * scale).reshape(batch, seq, kv_heads, heads // kv_heads,
+                                                    head_dim)
+  shape = (batch, kv_heads, heads // kv_heads, seq)
+  last_visible = cache.length - seq + jnp.arange(seq)
+  m, l, acc = _update((jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, head_dim))),
+                      grouped, cache._keys_at(tail_slots), cache._values_at(tail_slots),
+                      _visible(tail_slots, cache.start, last_visible))
+  seen = l > 0
+  tail_out = (acc / jnp.where(seen, l, 1.0)[..., None]).transpose(0, 3, 1, 2, 4)
+  tail_lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf).transpose(0, 3, 1, 2)
+  parts_out = jnp.concatenate([out.transpose(0, 2, 3, 1, 4),
+                               tail_out.reshape(batch, seq, heads, 1, head_dim)], axis=3)
+  parts_lse = jnp.concatenate([lse.transpose(0, 2, 3, 1), tail_lse.reshape(batch, seq, heads, 1)],
+                              axis=3)
+  out = kv_common.combine(parts_out, parts_lse)
+  out = jnp.where(cache.length <= cache.max_len, out, jnp.nan)
+  return out.astype(q.dtype)
+
+
+def _kivi_pallas_gpu(cache: Any, q: jax.Array, **options: Any) -> jax.Array:
+  from pallas_kernels.kv_decode import gpu  # pylint: disable=g-import-not-at-top (Triton backend)
+  return _kivi_pallas(gpu.decode_partials, cache, q, **options)
+
+
+def _kivi_pallas_tpu(cache: Any, q: jax.Array, **options: Any) -> jax.Array:
+  from pallas_kernels.kv_decode import tpu  # pylint: disable=g-import-not-at-top (Mosaic backend)
+  return _kivi_pallas(tpu.decode_partials, cache, q, **options)
+
+
+register(KIVI_DECODE, "xla", _kivi_xla)
+register(KIVI_DECODE, "pallas_gpu", _kivi_pallas_gpu)
+register(KIVI_DECODE, "pallas_tpu", _kivi_pallas_tpu)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Protocol, Self
+from typing import Any, NamedTuple, Protocol, Self
 
 import flax.struct
 import jax
@@ -124,6 +124,64 @@ class KVCache(flax.struct.PyTreeNode, abc.ABC):
   def nbytes(self) -> int:
     """Bytes of every array in the cache (codes, scales, bookkeeping), per layer."""
     return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(self))
+
+
+class LayerInputs(NamedTuple):
+  """What the decoding router hands a :class:`LayerInputCache` for one layer, instead of K/V.
+
+  Attributes:
+    x: the attention's input (post-norm), ``[batch, seq, d_model]``: what W_k and W_v consume.
+    residual: the residual stream before the attention norm, ``[batch, seq, d_model]``.
+    key_kernel, value_kernel: ``[d_model, kv_heads, head_dim]``, ``k = x @ key_kernel`` (then
+      RoPE), ``v = x @ value_kernel``.
+    norm_scale: ``[d_model]``, the attention RMSNorm's scale: ``x = rmsnorm(residual) * scale``.
+    norm_eps: that norm's epsilon.
+    rope_theta: RoPE base of the keys.
+  """
+  x: jax.Array
+  residual: jax.Array
+  key_kernel: jax.Array
+  value_kernel: jax.Array
+  norm_scale: jax.Array
+  norm_eps: float
+  rope_theta: float
+
+
+class LayerInputCache(KVCache):
+  """A cache that stores (a function of) the layer input and rematerializes K/V from it (XQuant).
+
+  :mod:`effjax.models.decoding` routes such caches through the three ``*_inputs`` methods below
+  (it reads :class:`LayerInputs` from the model), in layer order, threading a ``stream`` from one
+  layer to the next (cross-layer caches store deltas against the previous layer's stream). The
+  K/V methods of :class:`KVCache` raise TypeError.
+  """
+
+  @abc.abstractmethod
+  def prefill_inputs(self, inputs: LayerInputs, start: Int[Array, "batch"],
+                     previous: jax.Array | None) -> Self:
+    """Stores a left-padded prompt's inputs in slots ``[0, seq)`` (see :meth:`KVCache.prefill`);
+    ``previous`` is the previous layer's :meth:`stream` (None for the first layer)."""
+
+  @abc.abstractmethod
+  def append_inputs(self, inputs: LayerInputs, previous: jax.Array | None) -> Self:
+    """Stores ``seq`` new tokens' inputs in the next slots (see :meth:`KVCache.append`)."""
+
+  @abc.abstractmethod
+  def stream(self, previous: jax.Array | None) -> Float[Array, "batch max_len width"]:
+    """float32 stored stream of every slot as attend sees it (passed on to the next layer)."""
+
+  @abc.abstractmethod
+  def attend_inputs(self, q: Float[Array, "batch seq heads head_dim"], inputs: LayerInputs,
+                    stream: jax.Array, *, scale: float | None = None
+                    ) -> Float[Array, "batch seq heads head_dim"]:
+    """:meth:`KVCache.attend`, with K/V rematerialized from ``stream`` (this cache's
+    :meth:`stream`) and the layer's weights in ``inputs``."""
+
+  def _needs_inputs(self, *_, **__):
+    raise TypeError(f"{type(self).__name__} stores layer inputs, not keys/values; use it through "
+                    "effjax.models.decoding (prefill/extend), which calls *_inputs")
+
+  prefill = append = attend = _needs_inputs
 
 
 class CacheFactory(Protocol):

@@ -15,6 +15,14 @@ are stored in ``scale_dtype`` (float16, as KIVI). To keep the paper's guarantee
 ``scale_dtype`` (so the stored grid still covers ``[min, max]``) and the codes are computed from
 the stored ``s`` and ``z``. A constant group has ``s = 0`` and decodes exactly to ``z`` when ``z``
 is representable.
+
+Symmetric mean-|x| group quantizers (VidKV, Tao et al. 2025; BitNet's absmean): one scale
+``a = mean |x|`` per group, no zero point. 1-bit (:func:`quantize_sign_groups`): code
+``q = [x >= 0]``, ``x_hat = (2q - 1) * a`` = ``+-a`` (``a`` is the L2-optimal scale for sign codes,
+so a group's squared error is ``sum x**2 - G a**2``, below its energy). Ternary / 1.58-bit
+(:func:`quantize_ternary_groups`): ``t = clip(round(x / a), -1, 1)``, code ``q = t + 1`` in
+{0, 1, 2}, ``x_hat = t * a``, so ``|x - x_hat| <= max(a / 2, |x| - a)``. Codes are computed from
+the stored (``scale_dtype``-rounded) scale, so the bounds hold for the stored ``a``.
 """
 
 from __future__ import annotations
@@ -151,3 +159,57 @@ def dequantize_groups(codes: UInt32[Array, "..."], scale: Float[Array, "..."],
   out = (grouped * jnp.expand_dims(scale.astype(jnp.float32), axis + 1)
          + jnp.expand_dims(zero.astype(jnp.float32), axis + 1))
   return out.reshape(codes.shape)
+
+
+def _mean_abs(x: jax.Array, axis: int, group_size: int, mask: jax.Array | None,
+              scale_dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """(grouped float32 ``x``, stored ``mean |x|`` of each group's masked-in elements; 0 if none)."""
+  axis = axis % x.ndim
+  x32 = _grouped(x.astype(jnp.float32), axis, group_size)
+  inside = _grouped(jnp.broadcast_to(True if mask is None else mask, x.shape), axis, group_size)
+  total = jnp.sum(jnp.where(inside, jnp.abs(x32), 0.0), axis=axis + 1)
+  count = jnp.sum(inside, axis=axis + 1)
+  return x32, (total / jnp.maximum(count, 1).astype(jnp.float32)).astype(scale_dtype)
+
+
+def quantize_sign_groups(x: Float[Array, "..."], *, axis: int, group_size: int,
+                         mask: Bool[Array, "..."] | None = None, scale_dtype: Any = jnp.float16
+                         ) -> tuple[UInt32[Array, "..."], Float[Array, "..."]]:
+  """1-bit codes ``[x >= 0]`` and per-group scales ``mean |x|`` (see the module docstring).
+
+  Args and shapes as :func:`quantize_groups` (codes shaped like ``x``, scales with ``axis``
+  divided by ``group_size``); decode with :func:`dequantize_sign_groups`.
+  """
+  _, scale = _mean_abs(x, axis, group_size, mask, scale_dtype)
+  return (x >= 0).astype(jnp.uint32), scale
+
+
+def dequantize_sign_groups(codes: UInt32[Array, "..."], scale: Float[Array, "..."], *, axis: int,
+                           group_size: int) -> Float[Array, "..."]:
+  """float32 ``(2 codes - 1) * scale``: every element decodes to ``+scale`` or ``-scale``."""
+  scale = scale.astype(jnp.float32)
+  return dequantize_groups(codes, 2 * scale, -scale, axis=axis, group_size=group_size)
+
+
+def quantize_ternary_groups(x: Float[Array, "..."], *, axis: int, group_size: int,
+                            mask: Bool[Array, "..."] | None = None,
+                            scale_dtype: Any = jnp.float16
+                            ) -> tuple[UInt32[Array, "..."], Float[Array, "..."]]:
+  """Ternary codes ``clip(round(x / a), -1, 1) + 1`` in {0, 1, 2} and scales ``a = mean |x|``.
+
+  Args and shapes as :func:`quantize_groups`; pack with :func:`pack_ternary`, decode with
+  :func:`dequantize_ternary_groups`. A group of zeros has ``a = 0`` and codes 1 (decodes to 0).
+  """
+  axis = axis % x.ndim
+  x32, scale = _mean_abs(x, axis, group_size, mask, scale_dtype)
+  scale32 = jnp.expand_dims(scale.astype(jnp.float32), axis + 1)
+  steps = x32 / jnp.where(scale32 > 0, scale32, 1.0)
+  codes = jnp.clip(jnp.round(jnp.where(scale32 > 0, steps, 0.0)), -1, 1) + 1
+  return codes.astype(jnp.uint32).reshape(x.shape), scale
+
+
+def dequantize_ternary_groups(codes: UInt32[Array, "..."], scale: Float[Array, "..."], *,
+                              axis: int, group_size: int) -> Float[Array, "..."]:
+  """float32 ``(codes - 1) * scale``: each element decodes to ``-scale``, 0 or ``+scale``."""
+  scale = scale.astype(jnp.float32)
+  return dequantize_groups(codes, scale, -scale, axis=axis, group_size=group_size)

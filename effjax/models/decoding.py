@@ -10,6 +10,13 @@ each layer's post-RoPE keys and values through that layer's :class:`effjax.kv_ca
 * :func:`extend` stores the new tokens' K/V with ``cache.append`` and attends with
   ``cache.attend`` (one token per decoding step, GQA without repeating K/V).
 
+Caches that store the layer input instead of K/V (:class:`effjax.kv_cache.LayerInputCache`,
+XQuant) get it as :class:`effjax.kv_cache.LayerInputs`: the router intercepts each
+``DecoderBlock``/``MultiHeadAttention`` call (``flax.linen.intercept_methods``) to read the
+residual stream, the attention's input and the layer's weights, and threads each cache's
+``stream`` to the next layer's cache. A cache type with a ``for_layer(layer, config)`` method gets
+per-layer settings from it (e.g. XQuant-CL's wider first layers).
+
 Both are pure functions of arrays and caches; jit them (``model`` static). The routing relies on
 DecoderLM calling ``attention_fn`` once per layer, in layer order, inside one trace; this is
 checked.
@@ -20,12 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache import CacheType, FullKVCache, KVCache
-from effjax.nn import DecoderLM
+from effjax.kv_cache.base import LayerInputCache, LayerInputs
+from effjax.nn import DecoderBlock, DecoderLM, MultiHeadAttention
 
 Caches = tuple[KVCache, ...]
 
@@ -34,35 +43,71 @@ def init_caches(model: DecoderLM, batch: int, max_len: int, *,
                 cache_type: CacheType = FullKVCache, dtype: Any = None) -> Caches:
   """One empty cache per layer of ``model``, ``max_len`` slots each (``dtype``: model's)."""
   config = model.config
+  for_layer = getattr(cache_type, "for_layer", None)
   return tuple(
-      cache_type.init(batch, max_len, num_kv_heads=config.num_kv_heads,
-                      head_dim=config.resolved_head_dim,
-                      dtype=model.dtype if dtype is None else dtype)
-      for _ in range(config.num_layers))
+      (cache_type if for_layer is None else for_layer(layer, config)).init(
+          batch, max_len, num_kv_heads=config.num_kv_heads, head_dim=config.resolved_head_dim,
+          dtype=model.dtype if dtype is None else dtype)
+      for layer in range(config.num_layers))
 
 
 class _CacheRouter:
-  """An ``attention_fn`` that sends layer ``i``'s K/V through ``caches[i]`` (see module doc)."""
+  """An ``attention_fn`` that sends layer ``i``'s K/V through ``caches[i]`` (see module doc).
+
+  ``write_inputs(cache, inputs, previous)`` and ``attend_inputs(cache, q, k, v, inputs, stream,
+  **kw)`` serve :class:`LayerInputCache` layers instead of ``write`` / ``attend``.
+  """
 
   def __init__(self, caches: Sequence[KVCache],
                write: Callable[[KVCache, jax.Array, jax.Array], KVCache],
-               attend: Callable[..., jax.Array]):
+               attend: Callable[..., jax.Array],
+               write_inputs: Callable[..., LayerInputCache] | None = None,
+               attend_inputs: Callable[..., jax.Array] | None = None):
     self.caches = tuple(caches)
     self.write = write
     self.attend = attend
+    self.write_inputs = write_inputs
+    self.attend_inputs = attend_inputs
     self.updated: list[KVCache] = []
+    self.stream: jax.Array | None = None  # the last LayerInputCache's stream
+    self.inputs: dict[str, Any] = {}  # read from the current block by _intercept
+
+  def _intercept(self, next_fun, args, kwargs, context):
+    """Records the residual stream, the attention input and weights of the block being run."""
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, DecoderBlock):
+      norm = module.variables["params"]["attention_norm"]["scale"]
+      self.inputs = {"residual": args[0], "norm_scale": norm,
+                     "norm_eps": module.config.norm_eps}
+    elif context.method_name == "__call__" and isinstance(module, MultiHeadAttention):
+      if module.qk_norm:
+        raise ValueError("the model uses qk_norm; caches of layer inputs (XQuant) do not "
+                         "rematerialize normalized keys")
+      weights = module.variables["params"]
+      self.inputs |= {"x": args[0], "key_kernel": weights["key"]["kernel"],
+                      "value_kernel": weights["value"]["kernel"],
+                      "rope_theta": module.rope_theta}
+    return next_fun(*args, **kwargs)
 
   def __call__(self, q, k, v, *, causal, q_segment_ids=None, kv_segment_ids=None):
     layer = len(self.updated)
     if layer >= len(self.caches):
       raise ValueError(f"the model has more attention layers than the {len(self.caches)} caches")
-    cache = self.write(self.caches[layer], k, v)
+    kw = {"causal": causal, "q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids}
+    cache = self.caches[layer]
+    if isinstance(cache, LayerInputCache):
+      inputs = LayerInputs(**self.inputs)
+      cache = self.write_inputs(cache, inputs, self.stream)
+      self.stream = cache.stream(self.stream)
+      self.updated.append(cache)
+      return self.attend_inputs(cache, q, k, v, inputs, self.stream, **kw)
+    cache = self.write(cache, k, v)
     self.updated.append(cache)
-    return self.attend(cache, q, k, v, causal=causal, q_segment_ids=q_segment_ids,
-                       kv_segment_ids=kv_segment_ids)
+    return self.attend(cache, q, k, v, **kw)
 
   def run(self, model: DecoderLM, params: Any, *args: Any) -> tuple[jax.Array, Caches]:
-    logits = model.clone(attention_fn=self).apply(params, *args)
+    with nn.intercept_methods(self._intercept):
+      logits = model.clone(attention_fn=self).apply(params, *args)
     if len(self.updated) != len(self.caches):
       raise ValueError(f"the model ran {len(self.updated)} attention layers for "
                        f"{len(self.caches)} caches; expected one cache per layer")
@@ -99,8 +144,10 @@ def prefill(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
     Memory: the model's forward pass on ``[batch, seq]`` plus the caches.
   """
   positions, segment_ids = prompt_layout(start, tokens.shape[1])
-  router = _CacheRouter(caches, lambda cache, k, v: cache.prefill(k, v, start),
-                        lambda cache, q, k, v, **kw: model.attention_fn(q, k, v, **kw))
+  attend = lambda cache, q, k, v, *_, **kw: model.attention_fn(q, k, v, **kw)
+  router = _CacheRouter(
+      caches, lambda cache, k, v: cache.prefill(k, v, start), attend,
+      lambda cache, inputs, previous: cache.prefill_inputs(inputs, start, previous), attend)
   return router.run(model, params, tokens, positions, segment_ids)
 
 
@@ -120,6 +167,8 @@ def extend(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
     float32 logits of the new tokens and the updated caches.
     Memory: the caches' ``attend`` (FullKVCache: ``batch * heads * seq * max_len`` floats).
   """
-  router = _CacheRouter(caches, lambda cache, k, v: cache.append(k, v),
-                        lambda cache, q, k, v, **kw: cache.attend(q))
+  router = _CacheRouter(
+      caches, lambda cache, k, v: cache.append(k, v), lambda cache, q, k, v, **kw: cache.attend(q),
+      lambda cache, inputs, previous: cache.append_inputs(inputs, previous),
+      lambda cache, q, k, v, inputs, stream, **kw: cache.attend_inputs(q, inputs, stream))
   return router.run(model, params, tokens, positions)

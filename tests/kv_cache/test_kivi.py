@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cache_test_utils import decode_logits, outlier_normal, tiny_model
 
-from effjax import nn, testing
+from effjax import testing
 from effjax.kv_cache import KIVI, FullKVCache, KIVICache, KVCache, kivi
-from effjax.models import extend, init_caches, prefill
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 6, 2, 16
 G, R = 4, 8
@@ -23,12 +23,6 @@ _dequantize = jax.jit(lambda cache: cache.dequantize())
 def small_decode_blocks(monkeypatch):
   # Blocks of 8 slots, so the blockwise loop of attend runs several iterations at test sizes.
   monkeypatch.setattr(kivi, "DECODE_BLOCK_TOKENS", 8)
-
-
-def _normal(seed, *shape):
-  x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-  x[..., 1] = x[..., 1] * 10 + 5  # an outlier channel, as real keys have
-  return jnp.asarray(x)
 
 
 def _paper_counts(prompt_len, steps, residual):
@@ -51,8 +45,7 @@ def _paper_counts(prompt_len, steps, residual):
 
 def _run(bits, prompt_len, steps, *, start=(0, 3), max_len=MAX_LEN, seed=0, value_bits=None):
   total = prompt_len + steps
-  k, v = _normal(seed, BATCH, total, KV_HEADS, HEAD_DIM), _normal(seed + 1, BATCH, total,
-                                                                  KV_HEADS, HEAD_DIM)
+  k, v = (outlier_normal(s, BATCH, total, KV_HEADS, HEAD_DIM) for s in (seed, seed + 1))
   cache = KIVI(bits, G, R, value_bits).init(BATCH, max_len, num_kv_heads=KV_HEADS,
                                             head_dim=HEAD_DIM)
   cache = cache.prefill(k[:, :prompt_len], v[:, :prompt_len], jnp.asarray(start, jnp.int32))
@@ -120,8 +113,8 @@ def _dense_attention(q, k, v, start, length):
 def test_attend_equals_attention_over_the_dequantized_cache(bits, value_bits, seq, prompt_len,
                                                             steps):
   cache, _, _, _ = _run(bits, prompt_len, steps, value_bits=value_bits)
-  cache = _append(cache, *(_normal(9, BATCH, seq, KV_HEADS, HEAD_DIM),) * 2)
-  q = _normal(7, BATCH, seq, HEADS, HEAD_DIM)
+  cache = _append(cache, *(outlier_normal(9, BATCH, seq, KV_HEADS, HEAD_DIM),) * 2)
+  q = outlier_normal(7, BATCH, seq, HEADS, HEAD_DIM)
   k_hat, v_hat = _dequantize(cache)
   testing.assert_close(_attend(cache, q),
                        _dense_attention(q, k_hat, v_hat, cache.start, cache.length))
@@ -129,7 +122,7 @@ def test_attend_equals_attention_over_the_dequantized_cache(bits, value_bits, se
 
 def test_padding_and_stale_slots_are_never_read():
   cache, _, _, _ = _run(2, 13, 20)
-  q = _normal(7, BATCH, 1, HEADS, HEAD_DIM)
+  q = outlier_normal(7, BATCH, 1, HEADS, HEAD_DIM)
   slot = jnp.arange(cache.k_codes.shape[1])[None, :, None, None]
   unread = (slot >= 33) | ((slot < 3) & (jnp.arange(BATCH) == 1)[:, None, None, None])
   garbage = jnp.uint32(0xFFFFFFFF)  # every code at its maximum
@@ -140,35 +133,15 @@ def test_padding_and_stale_slots_are_never_read():
   testing.assert_close(_attend(poisoned, q), _attend(cache, q))
 
 
-def _tiny_model():
-  config = nn.TransformerConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4,
-                                num_kv_heads=2, d_ff=64, head_dim=16)
-  model = nn.DecoderLM(config)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  return model, params
-
-
-def _decode_logits(model, params, tokens, start, prompt_len, cache_type):
-  caches = init_caches(model, tokens.shape[0], tokens.shape[1], cache_type=cache_type)
-  logits, caches = jax.jit(prefill, static_argnums=0)(model, params, tokens[:, :prompt_len],
-                                                      start, caches)
-  step = jax.jit(extend, static_argnums=0)
-  out = [logits[:, -1]]
-  for t in range(prompt_len, tokens.shape[1]):
-    logits, caches = step(model, params, tokens[:, t:t + 1], t - start[:, None], caches)
-    out.append(logits[:, 0])
-  return jnp.stack(out, axis=1)
-
-
 def test_unquantized_kivi_reproduces_the_full_caches_logits():
-  model, params = _tiny_model()
+  model, params = tiny_model()
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 30)), jnp.int32)
   start = jnp.asarray([0, 5], jnp.int32)
-  expected = _decode_logits(model, params, tokens, start, 11, FullKVCache)
-  testing.assert_close(_decode_logits(model, params, tokens, start, 11, KIVI(16, G, R)),
+  expected = decode_logits(model, params, tokens, start, 11, FullKVCache)
+  testing.assert_close(decode_logits(model, params, tokens, start, 11, KIVI(16, G, R)),
                        expected, atol=1e-4, rtol=1e-4)  # blockwise vs one-shot softmax sums
   # The same run quantized really differs (the test can fail).
-  assert not np.allclose(_decode_logits(model, params, tokens, start, 11, KIVI(2, G, R)),
+  assert not np.allclose(decode_logits(model, params, tokens, start, 11, KIVI(2, G, R)),
                          expected, atol=1e-2)
 
 
@@ -191,7 +164,7 @@ def test_append_past_max_len_is_an_error_or_nan_under_jit():
                      f"max_len={MAX_LEN}"):
     cache.append(k[:, :3], v[:, :3])
   overflowed = _append(cache, k[:, :3], v[:, :3])
-  assert np.isnan(_attend(overflowed, _normal(1, BATCH, 3, HEADS, HEAD_DIM))).all()
+  assert np.isnan(_attend(overflowed, outlier_normal(1, BATCH, 3, HEADS, HEAD_DIM))).all()
 
 
 @pytest.mark.parametrize("make, match", [

@@ -1,0 +1,201 @@
+"""Flash-decoding over KIVI's packed quantized cache as a Pallas kernel with Triton lowering.
+
+One program per (batch row, kv head, split): it holds all ``seq * group`` query rows of its kv
+head (GQA: K/V are read once per kv head, never repeated), walks its share of the filled
+quantized prefix one key group (G slots) at a time and keeps float32 online-softmax statistics.
+Per group it loads the packed uint32 key and value codes, the group's per-channel key scale/zero
+row and the G slots' per-token value scales/zeros, and dequantizes in registers: the word holding
+channel ``c`` is selected per lane, shifted by ``bits * (c % (32 // bits))`` and masked. Slots
+outside ``[start, end)`` are masked. Each split writes its normalized output and natural-log LSE
+(flash-decoding, Dao et al. 2023); the caller combines the splits (and the full-precision
+residual) with :func:`pallas_kernels.kv_decode.common.combine`.
+
+Split-K: the ``num_splits`` programs of a (row, kv head) share the traced filled range
+``[start // G, ceil(end / G))`` of groups equally, so an empty or short cache does no work past
+its length and a long one uses ``batch * kv_heads * num_splits`` programs.
+
+Memory: HBM traffic is the packed codes plus scales of the filled slots (2-bit, G = 32,
+head_dim 64: 48 bytes per slot and kv head, vs 256 for float16 K/V); the results are
+``batch * kv_heads * num_splits * rows * (head_dim + 1)`` float32. No full-precision copy of the
+cache exists. Registers hold one ``[G, head_dim]`` float32 key and value tile.
+
+Limits: Triton tiles need powers of two, so ``head_dim`` and G must be powers of two >= 16 (else
+NotImplementedError, and dispatch falls back to XLA). Float32 dots use IEEE precision.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float, Int, UInt32
+
+from pallas_kernels.interpret import gpu_interpret
+from pallas_kernels.kv_decode import common
+
+_MIN_TILE = 16
+_TARGET_PROGRAMS = 264  # 2 per SM of an H100/H200
+_MIN_GROUPS_PER_SPLIT = 8
+
+
+def default_num_splits(batch: int, kv_heads: int, slots: int, group_size: int) -> int:
+  """Splits per (row, kv head): enough programs to fill the GPU (about :data:`_TARGET_PROGRAMS`),
+  each over at least :data:`_MIN_GROUPS_PER_SPLIT` key groups of a full cache."""
+  wanted = -(-_TARGET_PROGRAMS // (batch * kv_heads))
+  return max(1, min(wanted, slots // group_size // _MIN_GROUPS_PER_SPLIT))
+
+
+def decode_partials(
+    q: Float[Array, "batch seq heads head_dim"],
+    k_codes: UInt32[Array, "batch slots kv_heads key_words"],
+    k_scale: Float[Array, "batch key_groups kv_heads head_dim"],
+    k_zero: Float[Array, "batch key_groups kv_heads head_dim"],
+    v_codes: UInt32[Array, "batch slots kv_heads value_words"],
+    v_scale: Float[Array, "batch slots kv_heads value_groups"],
+    v_zero: Float[Array, "batch slots kv_heads value_groups"],
+    start: Int[Array, "batch"],
+    end: Int[Array, ""],
+    *,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    scale: float,
+    num_splits: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[Float[Array, "batch splits seq heads head_dim"], Float[Array, "batch splits seq heads"]]:
+  """Per-split attention of ``q`` over the quantized slots ``[start[b], end)`` (layout:
+  :mod:`pallas_kernels.kv_decode.common`). Every query sees every one of those slots (the
+  caller's causal bound lies past ``end``).
+
+  Args:
+    num_splits: default :func:`default_num_splits`.
+    interpret: run in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
+
+  Returns:
+    Each split's float32 normalized output and natural-log LSE (-inf, output 0: saw nothing).
+
+  Raises:
+    NotImplementedError: off a GPU and not interpreting, or ``head_dim``/G not a power of two
+      >= 16.
+    ValueError: the arrays do not have KIVI's layout.
+  """
+  interpret = gpu_interpret(interpret)
+  batch, seq, heads, head_dim = q.shape
+  slots, kv_heads = k_codes.shape[1:3]
+  if num_splits is None:
+    num_splits = default_num_splits(batch, kv_heads, slots, group_size)
+  common.check(q, k_codes, k_scale, v_codes, v_scale, key_bits=key_bits, value_bits=value_bits,
+               group_size=group_size, num_splits=num_splits)
+  for name, value in (("head_dim", head_dim), ("group_size", group_size)):
+    if value < _MIN_TILE or value & (value - 1):
+      raise NotImplementedError(f"Triton decode kernel needs {name} a power of two >= "
+                                f"{_MIN_TILE}, got {value}")
+  settings = common.Settings(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                             head_dim=head_dim, group=heads // kv_heads, seq=seq,
+                             num_splits=num_splits, scale=float(scale))
+  return _decode_jit(settings, interpret, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                     start, end)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode_jit(settings: common.Settings, interpret: bool, q, k_codes, k_scale, k_zero, v_codes,
+                v_scale, v_zero, start, end):
+  batch, slots, kv_heads = k_codes.shape[:3]
+  rows = max(_MIN_TILE, 1 << (settings.rows - 1).bit_length())
+  queries = common.group_queries(q, kv_heads, settings.scale, rows)
+  bounds = jnp.stack([start.astype(jnp.int32),
+                      jnp.broadcast_to(end.astype(jnp.int32), (batch,))], axis=1)
+
+  def cache_spec(array):
+    return pl.BlockSpec((None, array.shape[1], None, array.shape[3]),
+                        lambda b, h, s: (b, 0, h, 0))
+
+  cache = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+  out, lse = pl.pallas_call(
+      functools.partial(_kernel, settings),
+      grid=(batch, kv_heads, settings.num_splits),
+      in_specs=[pl.BlockSpec((None, None, rows, settings.head_dim), lambda b, h, s: (b, h, 0, 0)),
+                *(cache_spec(x) for x in cache),
+                pl.BlockSpec((None, 2), lambda b, h, s: (b, 0))],
+      out_specs=[pl.BlockSpec((None, None, None, rows, settings.head_dim),
+                              lambda b, h, s: (b, h, s, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))],
+      out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, settings.num_splits, rows,
+                                       settings.head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, kv_heads, settings.num_splits, rows), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="kivi_decode",
+  )(queries, *cache, bounds)
+  return common.ungroup(settings, out, lse)
+
+
+def _kernel(settings: common.Settings, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,
+            bounds_ref, o_ref, lse_ref):
+  """One (row, kv head, split): online softmax over its share of the filled key groups."""
+  size, splits = settings.group_size, settings.num_splits
+  first, end = bounds_ref[0], bounds_ref[1]
+  lo = first // size
+  hi = jnp.maximum((end + size - 1) // size, lo)
+  per_split = (hi - lo + splits - 1) // splits
+  begin = lo + pl.program_id(2) * per_split
+  stop = jnp.minimum(begin + per_split, hi)
+  q = q_ref[...]
+  lane = lax.broadcasted_iota(jnp.int32, (1, settings.head_dim), 1)
+  group_of_lane = lane // size  # value scales: one per G channels
+
+  def step(j, carry):
+    m, l, acc = carry
+    slots = pl.ds(j * size, size)
+    k = (_unpack(kc_ref, slots, lane, settings.key_bits).astype(jnp.float32)
+         * ks_ref[j, :].astype(jnp.float32)[None, :] + kz_ref[j, :].astype(jnp.float32)[None, :])
+    slot = j * size + lax.broadcasted_iota(jnp.int32, (size,), 0)
+    visible = (slot >= first) & (slot < end)
+    logits = jnp.where(visible[None, :], _dot(q, k, trans_b=True), -jnp.inf)
+    m_new = jnp.maximum(m, logits.max(axis=1))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing stay at 0
+    p = jnp.exp(logits - shift[:, None])
+    rescale = jnp.exp(m - shift)
+    v = (_unpack(vc_ref, slots, lane, settings.value_bits).astype(jnp.float32)
+         * _columns(vs_ref, slots, group_of_lane).astype(jnp.float32)
+         + _columns(vz_ref, slots, group_of_lane).astype(jnp.float32))
+    v = jnp.where(visible[:, None], v, 0.0)  # 0 * garbage stays 0
+    return m_new, rescale * l + p.sum(axis=1), rescale[:, None] * acc + _dot(p, v)
+
+  rows = q.shape[0]
+  init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+          jnp.zeros((rows, settings.head_dim), jnp.float32))
+  m, l, acc = lax.fori_loop(begin, stop, step, init)
+  seen = l > 0
+  l = jnp.where(seen, l, 1.0)
+  o_ref[...] = acc / l[:, None]
+  lse_ref[...] = jnp.where(seen, m + jnp.log(l), -jnp.inf)
+
+
+def _columns(ref, slots: pl.Slice, column_of_lane):
+  """``[G, head_dim]``: lane ``c`` of slot row ``t`` is ``ref[t, column_of_lane[c]]``, one
+  column load and select per column of ``ref`` (Triton has no lane gather)."""
+  shape = (slots.size, column_of_lane.shape[1])
+  out = None
+  for column in range(ref.shape[1]):
+    values = jnp.broadcast_to(ref[slots, column][:, None], shape)
+    out = values if out is None else jnp.where(column_of_lane == column, values, out)
+  return out
+
+
+def _unpack(ref, slots, lane, bits: int):
+  """int32 ``[G, head_dim]`` codes of the slots from their packed uint32 words."""
+  per_word = 32 // bits
+  words = _columns(ref, slots, lane // per_word)
+  shift = ((lane % per_word) * bits).astype(jnp.uint32)
+  return ((words >> shift) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
+
+
+def _dot(a, b, *, trans_b: bool = False):
+  """2-D float32 matmul at IEEE precision (not TF32)."""
+  return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)

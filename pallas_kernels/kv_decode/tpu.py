@@ -1,0 +1,257 @@
+"""Flash-decoding over KIVI's packed quantized cache as a Pallas kernel for TPU (Mosaic lowering).
+
+Grid ``(batch, split, step)``: each (row, split) walks its share of the filled quantized prefix
+one block of ``block`` slots per step (the "arbitrary" axis), keeping float32 online-softmax
+statistics per kv head in VMEM scratch; the last step writes the split's normalized output and
+natural-log LSE, which the caller combines with
+:func:`pallas_kernels.kv_decode.common.combine`. A block carries every kv head (the cache is
+slot-major, ``[batch, slots, kv_heads, ...]``: merging its two minor dims is a free reshape, and
+the merged minor dim is whole, as Mosaic's (8, 128) tiling asks), and each kv head attends with all
+its GQA query rows at once.
+
+Dequantization in VMEM without lane gathers: the packed words of kv head ``h`` are moved to their
+channels by one-hot matmuls (``[block, kv_heads * words] @ [kv_heads * words, head_dim]``, on the
+16-bit halves of each word so float32 is exact), then shifted and masked per channel; the
+per-group key scales/zeros and per-token value scales/zeros are broadcast to ``[block,
+head_dim]`` by one-hot matmuls too (exact at ``precision=HIGHEST``).
+
+Split-K: the filled range of blocks ``[start // block, ceil(end / block))`` is traced; the
+``num_splits`` splits share it equally and a step past its split's share does no compute, and no
+DMA: its BlockSpec index is clamped to the split's last block (already resident).
+
+Memory: HBM reads are the packed codes and scales of the filled blocks (no full-precision copy
+of the cache); results ``batch * num_splits * kv_heads * rows * (head_dim + 128)`` float32 (the
+LSE lane-broadcast). VMEM: the double-buffered code/scale blocks, a few ``[block, head_dim]``
+float32 tiles and the accumulators.
+
+Limits: checked in the TPU interpreter and by lowering to Mosaic for TPU (``jax.export``), not
+compiled or timed on a TPU; the one-hot dequantization spends MXU work (about 10 small matmuls
+per kv head and block) that a lane-shuffle version could save.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jaxtyping import Array, Float, Int, UInt32
+
+from pallas_kernels.interpret import require_tpu_or_interpret
+from pallas_kernels.kv_decode import common
+
+_LANES = 128
+_SUBLANES = 8
+_TARGET_BLOCK = 512  # slots per grid step
+_MIN_BLOCKS_PER_SPLIT = 4
+_TARGET_SPLITS = 8
+
+
+def default_num_splits(slots: int, block: int) -> int:
+  """Splits per row: up to :data:`_TARGET_SPLITS` (a "parallel" grid axis, so a chip's cores
+  share the work even at batch 1), each of at least :data:`_MIN_BLOCKS_PER_SPLIT` blocks of a
+  full cache. A guess: not tuned on a TPU."""
+  return max(1, min(_TARGET_SPLITS, slots // block // _MIN_BLOCKS_PER_SPLIT))
+
+
+def block_slots(slots: int, group_size: int) -> int:
+  """Slots per grid step: ``8 * k`` key groups (a whole number of (8, 128) tiles of the key
+  scales) dividing ``slots``, up to :data:`_TARGET_BLOCK` slots, else all ``slots``."""
+  groups = slots // group_size
+  best = groups
+  for count in range(_SUBLANES, groups, _SUBLANES):
+    if groups % count == 0 and count * group_size <= max(_TARGET_BLOCK, _SUBLANES * group_size):
+      best = count
+  return best * group_size
+
+
+def decode_partials(
+    q: Float[Array, "batch seq heads head_dim"],
+    k_codes: UInt32[Array, "batch slots kv_heads key_words"],
+    k_scale: Float[Array, "batch key_groups kv_heads head_dim"],
+    k_zero: Float[Array, "batch key_groups kv_heads head_dim"],
+    v_codes: UInt32[Array, "batch slots kv_heads value_words"],
+    v_scale: Float[Array, "batch slots kv_heads value_groups"],
+    v_zero: Float[Array, "batch slots kv_heads value_groups"],
+    start: Int[Array, "batch"],
+    end: Int[Array, ""],
+    *,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    scale: float,
+    num_splits: int | None = None,
+) -> tuple[Float[Array, "batch splits seq heads head_dim"], Float[Array, "batch splits seq heads"]]:
+  """Per-split attention of ``q`` over the quantized slots ``[start[b], end)``; arguments and
+  results as :func:`pallas_kernels.kv_decode.gpu.decode_partials` (layout:
+  :mod:`pallas_kernels.kv_decode.common`).
+
+  Raises:
+    NotImplementedError: not on a TPU and not inside ``pallas_kernels.interpret.interpret_mode``.
+    ValueError: the arrays do not have KIVI's layout.
+  """
+  interpret = require_tpu_or_interpret()
+  batch, seq, heads, head_dim = q.shape
+  slots, kv_heads = k_codes.shape[1:3]
+  block = block_slots(slots, group_size)
+  if num_splits is None:
+    num_splits = default_num_splits(slots, block)
+  common.check(q, k_codes, k_scale, v_codes, v_scale, key_bits=key_bits, value_bits=value_bits,
+               group_size=group_size, num_splits=num_splits)
+  settings = common.Settings(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                             head_dim=head_dim, group=heads // kv_heads, seq=seq,
+                             num_splits=num_splits, scale=float(scale))
+  return _decode_jit(settings, block, interpret, q, k_codes, k_scale, k_zero, v_codes, v_scale,
+                     v_zero, start, end)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode_jit(settings: common.Settings, block: int, interpret, q, k_codes, k_scale, k_zero,
+                v_codes, v_scale, v_zero, start, end):
+  batch, slots, kv_heads = k_codes.shape[:3]
+  rows = -(-settings.rows // _SUBLANES) * _SUBLANES
+  head_dim, splits = settings.head_dim, settings.num_splits
+  queries = common.group_queries(q, kv_heads, settings.scale, rows)
+  bounds = jnp.stack([start.astype(jnp.int32), jnp.broadcast_to(end.astype(jnp.int32), (batch,))],
+                     axis=1).reshape(-1)
+  blocks = slots // block
+  steps = -(-blocks // splits)
+  merged = [x.reshape(*x.shape[:2], -1) for x in (k_codes, k_scale, k_zero, v_codes, v_scale,
+                                                   v_zero)]  # free: the minor dims are contiguous
+
+  def block_index(b, s, t, bounds_ref):
+    first, stop, per_split = _split_range(bounds_ref, b, s, block, splits)
+    return jnp.clip(first + t, 0, jnp.maximum(jnp.minimum(first + per_split, stop) - 1, 0))
+
+  def spec(array, rows_per_block):
+    return pl.BlockSpec((None, rows_per_block, array.shape[2]),
+                        lambda b, s, t, bounds_ref: (b, block_index(b, s, t, bounds_ref), 0))
+
+  group_rows = block // settings.group_size
+  out, lse = pl.pallas_call(
+      functools.partial(_kernel, settings, block),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(batch, splits, steps),
+          in_specs=[pl.BlockSpec((None, kv_heads, rows, head_dim), lambda b, s, t, _: (b, 0, 0, 0)),
+                    spec(merged[0], block), spec(merged[1], group_rows),
+                    spec(merged[2], group_rows), spec(merged[3], block), spec(merged[4], block),
+                    spec(merged[5], block)],
+          out_specs=[pl.BlockSpec((None, None, kv_heads, rows, head_dim),
+                                  lambda b, s, t, _: (b, s, 0, 0, 0)),
+                     pl.BlockSpec((None, None, kv_heads, rows, _LANES),
+                                  lambda b, s, t, _: (b, s, 0, 0, 0))],
+          scratch_shapes=[pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
+                          pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
+                          pltpu.VMEM((kv_heads, rows, head_dim), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((batch, splits, kv_heads, rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, splits, kv_heads, rows, _LANES), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)),
+      interpret=interpret,
+      name="kivi_decode",
+  )(bounds, queries, *merged)
+  return common.ungroup(settings, out.transpose(0, 2, 1, 3, 4), lse[..., 0].transpose(0, 2, 1, 3))
+
+
+def _split_range(bounds_ref, b, s, block: int, splits: int):
+  """``(first block of split s, end of the filled blocks, blocks per split)`` of row ``b``."""
+  start, end = bounds_ref[2 * b], bounds_ref[2 * b + 1]
+  lo = lax.div(start, block)  # lax.div/rem: non-negative operands; jnp's // lowers via sign
+  hi = jnp.maximum(lax.div(end + block - 1, block), lo)
+  per_split = lax.div(hi - lo + splits - 1, splits)
+  return lo + s * per_split, hi, per_split
+
+
+def _kernel(settings: common.Settings, block: int, bounds_ref, q_ref, kc_ref, ks_ref, kz_ref,
+            vc_ref, vs_ref, vz_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref):
+  """One block of one split: every kv head's online-softmax update; the last step writes."""
+  b, s, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  first, stop, per_split = _split_range(bounds_ref, b, s, block, settings.num_splits)
+  index = first + t
+  kv_heads, rows, head_dim = q_ref.shape
+  size = settings.group_size
+
+  @pl.when(t == 0)
+  def _():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when((t < per_split) & (index < stop))
+  def _():
+    start, end = bounds_ref[2 * b], bounds_ref[2 * b + 1]
+    slot = index * block + lax.broadcasted_iota(jnp.int32, (rows, block), 1)
+    visible = (slot >= start) & (slot < end)
+    value_slot = index * block + lax.broadcasted_iota(jnp.int32, (block, head_dim), 0)
+    value_visible = (value_slot >= start) & (value_slot < end)
+    # [block, groups]: slot t's key group.
+    slot_to_group = _one_hot(block, block // size, lambda r, c: lax.div(r, size) == c)
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (
+        ref[...] for ref in (kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref))
+    for h in range(kv_heads):
+      k = (_unpack(k_codes, settings.key_bits, h, head_dim).astype(jnp.float32)
+           * _dot(slot_to_group, _head_lanes(k_scale, h, head_dim, 1))
+           + _dot(slot_to_group, _head_lanes(k_zero, h, head_dim, 1)))
+      v = (_unpack(v_codes, settings.value_bits, h, head_dim).astype(jnp.float32)
+           * _head_lanes(v_scale, h, head_dim, size)
+           + _head_lanes(v_zero, h, head_dim, size))
+      v = jnp.where(value_visible, v, 0.0)  # 0 * garbage stays 0
+      logits = jnp.where(visible, _dot(q_ref[h], k, trans_b=True), -jnp.inf)
+      m_prev, l_prev = m_ref[h], l_ref[h]  # lane-broadcast [rows, 128]
+      m_new = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
+      shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing stay at 0
+      p = jnp.exp(logits - _lanes(shift, block))
+      rescale = jnp.exp(m_prev - shift)
+      m_ref[h] = m_new
+      l_ref[h] = rescale * l_prev + p.sum(axis=1, keepdims=True)
+      acc_ref[h] = _lanes(rescale, head_dim) * acc_ref[h] + _dot(p, v)
+
+  @pl.when(t == pl.num_programs(2) - 1)
+  def _():
+    l = l_ref[...]
+    seen = l > 0
+    l = jnp.where(seen, l, 1.0)
+    for h in range(kv_heads):
+      o_ref[h] = acc_ref[h] / _lanes(l[h], head_dim)
+    lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l), -jnp.inf)
+
+
+def _one_hot(rows: int, columns: int, predicate) -> jax.Array:
+  """float32 ``[rows, columns]``: 1 where ``predicate(row, column)``."""
+  r = lax.broadcasted_iota(jnp.int32, (rows, columns), 0)
+  c = lax.broadcasted_iota(jnp.int32, (rows, columns), 1)
+  return jnp.where(predicate(r, c), 1.0, 0.0).astype(jnp.float32)
+
+
+def _head_lanes(x, h: int, head_dim: int, per_column: int):
+  """float32 ``[n, head_dim]``: lane ``c`` is column ``h * head_dim / per_column + c //
+  per_column`` of ``x [n, kv_heads * head_dim / per_column]`` (a one-hot matmul: exact)."""
+  width = head_dim // per_column
+  select = _one_hot(x.shape[1], head_dim, lambda r, c: r == h * width + lax.div(c, per_column))
+  return _dot(x.astype(jnp.float32), select)
+
+
+def _unpack(words, bits: int, h: int, head_dim: int):
+  """int32 ``[block, head_dim]`` codes of kv head ``h`` from ``[block, kv_heads * words]``."""
+  per_word = 32 // bits
+  halves = [(words >> shift) & jnp.uint32(0xFFFF) for shift in (0, 16)]
+  lo, hi = (_head_lanes(half.astype(jnp.int32), h, head_dim, per_word).astype(jnp.int32)
+            for half in halves)
+  lane = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+  word = lo | (hi << 16)
+  return lax.shift_right_logical(word, lax.rem(lane, per_word) * bits) & ((1 << bits) - 1)
+
+
+def _lanes(x, width: int):
+  """A lane-broadcast ``[rows, 128]`` array as ``[rows, width]`` (tiled, then cut)."""
+  return jnp.tile(x, (1, -(-width // _LANES)))[:, :width]
+
+
+def _dot(a, b, *, trans_b: bool = False):
+  """2-D float32 matmul at full precision (one-hot products are exact)."""
+  return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
