@@ -126,6 +126,45 @@ class KVCache(flax.struct.PyTreeNode, abc.ABC):
     return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(self))
 
 
+def check_group_and_residual(group_size: Any, residual: Any) -> None:
+  """Validates a quantized cache's group size G and full-precision residual R (R % G == 0)."""
+  check_positive_int("group_size", group_size)
+  check_positive_int("residual", residual)
+  if residual % group_size:
+    raise ValueError(f"residual is {residual}; expected a multiple of group_size={group_size} "
+                     "(a flushed residual block is a whole number of groups)")
+
+
+class StreamingQuantizedCache(KVCache):
+  """Shared by caches that keep a full-precision residual of recent tokens and quantize it in
+  blocks as it fills (KIVI, VidKV): subclasses define the static field ``capacity`` (= max_len),
+  the arrays ``k_residual [batch, R, kv_heads, head_dim]``, and ``_append_one(k, v)`` (one token,
+  ``[batch, kv_heads, head_dim]``, with their streaming rules)."""
+
+  @property
+  def max_len(self) -> int:
+    return self.capacity
+
+  @property
+  def _geometry(self) -> dict[str, int]:
+    batch, _, kv_heads, head_dim = self.k_residual.shape
+    return {"batch": batch, "kv_heads": kv_heads, "head_dim": head_dim}
+
+  def append(self, k: Float[Array, "batch seq kv_heads head_dim"],
+             v: Float[Array, "batch seq kv_heads head_dim"]) -> Self:
+    """Appends ``seq`` tokens one at a time through ``_append_one`` (the streaming rules)."""
+    check_kv(k, v, **self._geometry, max_len=self.max_len)
+    check_room(self.length, k.shape[1], self.max_len)
+    cache = self
+    for i in range(k.shape[1]):
+      cache = cache._append_one(k[:, i], v[:, i])
+    return cache
+
+  @abc.abstractmethod
+  def _append_one(self, k: jax.Array, v: jax.Array) -> Self:
+    """Appends one token per row."""
+
+
 class LayerInputs(NamedTuple):
   """What the decoding router hands a :class:`LayerInputCache` for one layer, instead of K/V.
 

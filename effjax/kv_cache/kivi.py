@@ -51,11 +51,11 @@ from jaxtyping import Array, Float, Int
 from effjax.kv_cache import quant
 from effjax.kv_cache.attention import blockwise_decode_attention
 from effjax.kv_cache.base import (
-    KVCache,
+    StreamingQuantizedCache,
+    check_group_and_residual,
     check_kv,
     check_positive_int,
     check_query,
-    check_room,
     check_start,
 )
 
@@ -69,11 +69,7 @@ def _check_settings(bits: Any, group_size: Any, residual: Any, value_bits: Any) 
     if isinstance(value, bool) or value not in SUPPORTED_BITS:
       raise ValueError(f"{name} is {value!r}; expected one of {SUPPORTED_BITS} "
                        "(16: no quantization)")
-  check_positive_int("group_size", group_size)
-  check_positive_int("residual", residual)
-  if residual % group_size:
-    raise ValueError(f"residual is {residual}; expected a multiple of group_size={group_size} "
-                     "(a flushed residual block is a whole number of key groups)")
+  check_group_and_residual(group_size, residual)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +99,7 @@ class KIVI:
                           residual=self.residual, value_bits=self.value_bits)
 
 
-class KIVICache(KVCache):
+class KIVICache(StreamingQuantizedCache):
   """KIVI's quantized keys/values plus full-precision residual (see the module docstring).
 
   Attributes:
@@ -185,15 +181,6 @@ class KIVICache(KVCache):
   def _block_size(group_size: int, max_len: int) -> int:
     """Slots per dequantized block in attend: a multiple of G, at most ~DECODE_BLOCK_TOKENS."""
     return -(-min(DECODE_BLOCK_TOKENS, max_len) // group_size) * group_size
-
-  @property
-  def max_len(self) -> int:
-    return self.capacity
-
-  @property
-  def _geometry(self) -> dict[str, int]:
-    batch, _, kv_heads, head_dim = self.k_residual.shape
-    return {"batch": batch, "kv_heads": kv_heads, "head_dim": head_dim}
 
   # Encoding and decoding. Keys: groups of G slots per channel; values: G channels per slot.
 
@@ -294,16 +281,6 @@ class KIVICache(KVCache):
             v[:, v_quantized:].astype(self.v_window.dtype)),
         length=jnp.asarray(seq, jnp.int32), k_quantized=jnp.asarray(k_quantized, jnp.int32),
         v_quantized=jnp.asarray(v_quantized, jnp.int32), **updates)
-
-  def append(self, k: Float[Array, "batch seq kv_heads head_dim"],
-             v: Float[Array, "batch seq kv_heads head_dim"]) -> Self:
-    """Appends ``seq`` tokens one at a time, with KIVI's streaming rules (module docstring)."""
-    check_kv(k, v, **self._geometry, max_len=self.max_len)
-    check_room(self.length, k.shape[1], self.max_len)
-    cache = self
-    for i in range(k.shape[1]):
-      cache = cache._append_one(k[:, i], v[:, i])
-    return cache
 
   def _flush_keys(self) -> Self:
     """Quantizes the R residual keys into the slots ``[k_quantized, k_quantized + R)``."""

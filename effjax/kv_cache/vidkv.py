@@ -75,11 +75,11 @@ from jaxtyping import Array, Float, Int
 from effjax.kv_cache import quant
 from effjax.kv_cache.attention import blockwise_decode_attention
 from effjax.kv_cache.base import (
-    KVCache,
+    StreamingQuantizedCache,
+    check_group_and_residual,
     check_kv,
     check_positive_int,
     check_query,
-    check_room,
     check_start,
 )
 from effjax.kv_cache.kivi import SCALE_DTYPE, KIVICache
@@ -114,11 +114,7 @@ def _check_settings(key_bits: Any, group_size: Any, residual: Any) -> None:
       or not 1 <= key_bits <= 2):
     raise ValueError(f"key_bits is {key_bits!r}; expected a number in [1, 2] (the paper's 1.5: "
                      "half the channels at 2 bits, half at 1 bit)")
-  check_positive_int("group_size", group_size)
-  check_positive_int("residual", residual)
-  if residual % group_size:
-    raise ValueError(f"residual is {residual}; expected a multiple of group_size={group_size} "
-                     "(a flushed residual block is a whole number of groups)")
+  check_group_and_residual(group_size, residual)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +143,7 @@ class VidKV:
                            residual=self.residual)
 
 
-class VidKVCache(KVCache):
+class VidKVCache(StreamingQuantizedCache):
   """VidKV's quantized keys/values plus full-precision residual (see the module docstring).
 
   Attributes:
@@ -212,15 +208,6 @@ class VidKVCache(KVCache):
         k_residual=residual_kv, v_residual=residual_kv, start=jnp.zeros((batch,), jnp.int32),
         length=zero, quantized=zero, hot_channels=hot, group_size=group_size, residual=residual,
         capacity=max_len)
-
-  @property
-  def max_len(self) -> int:
-    return self.capacity
-
-  @property
-  def _geometry(self) -> dict[str, int]:
-    batch, _, kv_heads, head_dim = self.k_residual.shape
-    return {"batch": batch, "kv_heads": kv_heads, "head_dim": head_dim}
 
   # Encoding and decoding of whole groups: T (a multiple of G) slots at a time.
 
@@ -335,16 +322,6 @@ class VidKVCache(KVCache):
             v[:, quantized:].astype(self.v_residual.dtype)),
         length=jnp.asarray(seq, jnp.int32), quantized=jnp.asarray(quantized, jnp.int32),
         **updates)
-
-  def append(self, k: Float[Array, "batch seq kv_heads head_dim"],
-             v: Float[Array, "batch seq kv_heads head_dim"]) -> Self:
-    """Appends ``seq`` tokens one at a time; a full residual (R tokens) is quantized first."""
-    check_kv(k, v, **self._geometry, max_len=self.max_len)
-    check_room(self.length, k.shape[1], self.max_len)
-    cache = self
-    for i in range(k.shape[1]):
-      cache = cache._append_one(k[:, i], v[:, i])
-    return cache
 
   def _flush(self) -> Self:
     """Quantizes the R residual tokens into slots ``[quantized, quantized + R)``."""
