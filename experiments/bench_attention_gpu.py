@@ -1,9 +1,11 @@
-"""Attention throughput on a GPU: effjax's Pallas (Triton) kernels against cuDNN and jax's Pallas.
+"""Attention throughput on a GPU: effjax's Pallas kernels against cuDNN and jax's Pallas.
 
 For B=4, H=16, bf16, S in {2k, 4k, 8k, 16k}, D in {64, 128}, causal and not: TFLOP/s of the
 forward and of forward+backward (one ``jax.vjp`` call: forward, then dq/dk/dv) for
 
-* ``effjax pallas_gpu``: ``flash_attention(..., implementation="pallas_gpu")``;
+* ``effjax pallas_gpu``: ``flash_attention(..., implementation="pallas_gpu")`` (Triton);
+* ``effjax mosaic_gpu``: ``implementation="mosaic_gpu"``, the warp-specialized Hopper forward
+  (+ Triton backward); sm_90 only, the row records the error elsewhere;
 * ``cuDNN``: ``jax.nn.dot_product_attention(..., implementation="cudnn")``;
 * ``jax pallas (triton)``: ``jax.experimental.pallas.ops.gpu.attention.mha``.
 
@@ -11,7 +13,7 @@ FLOPs follow FlashAttention's convention: forward ``4 * B * H * S^2 * D`` (halve
 forward+backward 3.5x that. The peak is a bf16 8192^3 ``jnp.dot`` measured in the same run. Each
 figure is the median of repeats after warm-up; each row also records the compiled temp bytes and
 the largest output difference to cuDNN (a sanity check; the tests are the correctness check).
-A short block-size sweep of the effjax kernels at S=8k follows. A wall-clock budget
+A short block-size sweep of the effjax kernels (both) at S=8k follows. A wall-clock budget
 (``EFFJAX_BENCH_BUDGET_S``, default 420 s) stops the suite early, keeping what was measured.
 """
 
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 
 from effjax import benchmarking
 from effjax.ops.attention import flash_attention
-from pallas_kernels.flash_attention import gpu
+from pallas_kernels.flash_attention import gpu, hopper
 
 BATCH, HEADS = 4, 16
 SWEEP = {
@@ -40,6 +42,11 @@ SWEEP = {
     "128x64 / 128x64 dkv, 8 warps bwd": gpu.BlockSizes(block_kv_dkv=128, block_q_dq=128,
                                                         num_warps_bwd=8),
 }
+SWEEP_HOPPER = {
+    "hopper block_kv 128, 2 stages": hopper.HopperConfig(block_kv=128, stages=2),
+    "hopper block_kv 64, 3 stages": hopper.HopperConfig(block_kv=64, stages=3),
+    "hopper block_kv 128, 3 stages": hopper.HopperConfig(block_kv=128, stages=3),
+}
 
 
 def _effjax(q, k, v, *, causal, block_sizes=None):
@@ -47,6 +54,12 @@ def _effjax(q, k, v, *, causal, block_sizes=None):
     return flash_attention(q, k, v, causal=causal, implementation="pallas_gpu")
   return gpu.attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5,
                        block_sizes=block_sizes)
+
+
+def _effjax_hopper(q, k, v, *, causal, config=None):
+  if config is None:
+    return flash_attention(q, k, v, causal=causal, implementation="mosaic_gpu")
+  return hopper.attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5, config=config)
 
 
 def _cudnn(q, k, v, *, causal):
@@ -60,6 +73,7 @@ def _jax_pallas(q, k, v, *, causal):
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "effjax pallas_gpu": _effjax,
+    "effjax mosaic_gpu": _effjax_hopper,
     "cuDNN": _cudnn,
     "jax pallas (triton)": _jax_pallas,
 }
@@ -146,11 +160,14 @@ def sweep(seq_len: int, head_dims, repeats: int, budget: _Budget) -> list[dict]:
     spec = jax.ShapeDtypeStruct((BATCH, seq_len, HEADS, head_dim), jnp.bfloat16)
     inputs = benchmarking.random_inputs([spec] * 4, seed=1)
     reference = _reference_output(inputs, causal=False)
-    for label, sizes in SWEEP.items():
+    variants = [(label, functools.partial(_effjax, block_sizes=sizes))
+                for label, sizes in SWEEP.items()]
+    variants += [(label, functools.partial(_effjax_hopper, config=config))
+                 for label, config in SWEEP_HOPPER.items()]
+    for label, attention in variants:
       if budget.spent():
         return rows
-      rows += _measure_one(f"effjax {label}",
-                           functools.partial(_effjax, causal=False, block_sizes=sizes), inputs,
+      rows += _measure_one(f"effjax {label}", functools.partial(attention, causal=False), inputs,
                            seq_len=seq_len, head_dim=head_dim, causal=False, repeats=repeats,
                            reference=reference)
   return rows
@@ -197,12 +214,13 @@ def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def _summary(rows: list[dict]) -> str:
   """effjax's TFLOP/s as a ratio to cuDNN for each measured configuration."""
-  ours = {(r["seq_len"], r["head_dim"], r["causal"], r["pass"]): r["tflops"] for r in rows
-          if r["implementation"] == "effjax pallas_gpu" and r["tflops"]}
-  lines = ["effjax pallas_gpu TFLOP/s / cuDNN TFLOP/s:", ""]
-  for r in rows:
-    key = (r["seq_len"], r["head_dim"], r["causal"], r["pass"])
-    if r["implementation"] == "cuDNN" and r["tflops"] and key in ours:
-      lines.append(f"- S={key[0]} D={key[1]} causal={key[2]} {key[3]}: "
-                   f"{ours[key] / r['tflops']:.2f}x")
+  key = lambda r: (r["seq_len"], r["head_dim"], r["causal"], r["pass"])
+  cudnn = {key(r): r["tflops"] for r in rows if r["implementation"] == "cuDNN" and r["tflops"]}
+  lines = []
+  for name in ("effjax pallas_gpu", "effjax mosaic_gpu"):
+    ratios = [f"- S={k[0]} D={k[1]} causal={k[2]} {k[3]}: {r['tflops'] / cudnn[k]:.2f}x"
+              for r in rows
+              if r["implementation"] == name and r["tflops"] and (k := key(r)) in cudnn]
+    if ratios:
+      lines += [f"{name} TFLOP/s / cuDNN TFLOP/s:", "", *ratios, ""]
   return "\n".join(lines)

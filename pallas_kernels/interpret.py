@@ -6,7 +6,9 @@ Inside ``with interpret_mode():``
   :func:`gpu_interpret` for their ``interpret`` argument;
 * TPU (Mosaic) kernels run in the TPU interpret mode, which simulates VMEM, DMAs and semaphores
   on the host and can detect races: wrappers pass ``interpret=require_tpu_or_interpret()`` (a
-  ``pltpu.InterpretParams``) to their ``pallas_call``.
+  ``pltpu.InterpretParams``) to their ``pallas_call``;
+* Mosaic GPU (Hopper) kernels run in the Mosaic GPU interpreter, which simulates warpgroups, TMA
+  copies, barriers and ``wgmma``: wrappers pass ``interpret=hopper_interpret(interpret)``.
 
 The switch is per kernel family, never jax's global ``force_tpu_interpret_mode``: that would also
 send GPU (Triton) kernels to the TPU interpreter, which rejects them.
@@ -82,4 +84,26 @@ def require_tpu_or_interpret() -> Any:
     raise NotImplementedError(
         f"Pallas TPU kernel needs a TPU (backend is {jax.default_backend()!r}); "
         "use pallas_kernels.interpret.interpret_mode() to run it in the TPU interpreter on CPU")
+  return False
+
+
+def hopper_interpret(interpret: bool | None) -> Any:
+  """The ``interpret`` argument of a Mosaic GPU (Hopper) kernel.
+
+  Returns the Mosaic GPU interpreter's parameters when asked explicitly or inside
+  :func:`interpret_mode`, False on a GPU of compute capability 9.x; raises NotImplementedError
+  anywhere else (another GPU generation, no GPU), so dispatch moves on.
+  """
+  interpret = interpreting() if interpret is None else interpret
+  if interpret:
+    # Not exported publicly by jax 0.10; the interpreter simulates warpgroups, TMA and barriers.
+    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+    settings = _INTERPRET.get()
+    return params.InterpretGPUParams(detect_races=bool(settings and settings.detect_races))
+  device = jax.devices()[0]
+  capability = str(getattr(device, "compute_capability", ""))
+  if device.platform != "gpu" or not capability.startswith("9."):
+    raise NotImplementedError(
+        f"the Hopper (Mosaic GPU) kernel needs an sm_90 GPU (device: {device.device_kind!r}, "
+        f"compute capability {capability or 'none'}); use interpret_mode() to run it on CPU")
   return False

@@ -135,24 +135,16 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
     ``[b, h, q_len]`` (-inf for queries that see no key); both differentiable.
   """
   interpret = gpu_interpret(interpret)
-  q_len, kv_len = q.shape[1], k.shape[1]
-  if block_sizes is None:
-    block_sizes = default_block_sizes(q_len, kv_len, q.shape[-1])
-  elif not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.gpu.BlockSizes or "
-                    f"None, got {block_sizes!r}")
-  else:
-    block_sizes = block_sizes.fit(q_len, kv_len)
-  config = _Config(
-      mask=masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window),
-      scale=float(scale), softcap=softcap, blocks=block_sizes, heads=q.shape[2],
-      kv_heads=k.shape[2], segments=q_segment_ids is not None, interpret=interpret)
+  config = Call.create(
+      masks.MaskSpec.create(q.shape[1], k.shape[1], causal=causal, window=window),
+      scale=scale, softcap=softcap, heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[-1],
+      segments=q_segment_ids is not None, block_sizes=block_sizes, interpret=interpret)
   out, lse = _attention_jit(config, q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class Call:
   """Everything static about one call (hashable: a ``jit`` static argument)."""
   mask: masks.MaskSpec
   scale: float
@@ -163,17 +155,31 @@ class _Config:
   segments: bool
   interpret: bool
 
+  @classmethod
+  def create(cls, mask: masks.MaskSpec, *, scale: float, softcap: float | None, heads: int,
+             kv_heads: int, head_dim: int, segments: bool, block_sizes: BlockSizes | None,
+             interpret: bool) -> Call:
+    """Checks ``block_sizes`` (None: :func:`default_block_sizes`) and fits them to the lengths."""
+    if block_sizes is None:
+      block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim)
+    elif not isinstance(block_sizes, BlockSizes):
+      raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.gpu.BlockSizes or "
+                      f"None, got {block_sizes!r}")
+    return cls(mask=mask, scale=float(scale), softcap=softcap,
+               blocks=block_sizes.fit(mask.q_len, mask.kv_len), heads=heads, kv_heads=kv_heads,
+               segments=segments, interpret=bool(interpret))
+
   @property
   def group(self) -> int:
     return self.heads // self.kv_heads
 
   @property
   def q_pad(self) -> int:
-    return _round_up(self.mask.q_len, self.blocks.q_multiple)
+    return round_up(self.mask.q_len, self.blocks.q_multiple)
 
   @property
   def kv_pad(self) -> int:
-    return _round_up(self.mask.kv_len, self.blocks.kv_multiple)
+    return round_up(self.mask.kv_len, self.blocks.kv_multiple)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,24 +187,24 @@ class _Config:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
+def _attention(config: Call, q, k, v, q_segment_ids, kv_segment_ids):
   return _forward(config, q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _attention_fwd(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
+def _attention_fwd(config: Call, q, k, v, q_segment_ids, kv_segment_ids):
   out, lse = _forward(config, q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse), (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
 
 
-def _attention_bwd(config: _Config, residuals, cotangents):
-  return (*_backward(config, residuals, cotangents), None, None)
+def _attention_bwd(config: Call, residuals, cotangents):
+  return (*backward(config, residuals, cotangents), None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 _attention_jit = jax.jit(_attention, static_argnums=0)
 
 
-def _forward(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
+def _forward(config: Call, q, k, v, q_segment_ids, kv_segment_ids):
   """Pads, runs the forward kernel, unpads: ``([b, q_len, h, dv] in q's dtype, [b, h, q_len])``."""
   blocks = config.blocks
   batch, q_len, heads, v_dim = *q.shape[:3], v.shape[-1]
@@ -225,15 +231,22 @@ def _forward(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
   return out[:, :q_len, :, :v_dim], lse[:, :, :q_len]
 
 
-def _backward(config: _Config, residuals, cotangents):
-  """``(dq, dk, dv)`` in the dtypes of ``(q, k, v)``."""
+def backward(config: Call, residuals, cotangents):
+  """``(dq, dk, dv)`` in the dtypes of ``(q, k, v)``.
+
+  Args:
+    config: the call's static description.
+    residuals: ``(q, k, v, q_segment_ids, kv_segment_ids, out, lse)``, ``lse`` the float32
+      natural-log LSE ``[b, h, q_len]`` of any forward (this module's or the Hopper one's).
+    cotangents: ``(d_out, d_lse)``.
+  """
   q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
   d_out, d_lse = cotangents
   blocks = config.blocks
   batch, heads = q.shape[0], q.shape[2]
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  stats = [_pad_axis(jnp.where(lse == -jnp.inf, 0.0, lse), 2, config.q_pad),  # all-masked rows
-           _pad_axis(delta - d_lse, 2, config.q_pad)]
+  stats = [pad_axis(jnp.where(lse == -jnp.inf, 0.0, lse), 2, config.q_pad),  # all-masked rows
+           pad_axis(delta - d_lse, 2, config.q_pad)]
   qp, dop = _pad_queries(config, q), _pad_queries(config, d_out)
   kp, vp = _pad_keys(config, k), _pad_keys(config, v)
   compiler_params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd,
@@ -297,7 +310,7 @@ def _backward(config: _Config, residuals, cotangents):
 # Kernels
 
 
-def _forward_kernel(config: _Config, q_blocks: int, q_ref, k_ref, v_ref, *refs):
+def _forward_kernel(config: Call, q_blocks: int, q_ref, k_ref, v_ref, *refs):
   """One query block against every key block it can see: writes ``out`` and ``lse``."""
   *segment_refs, o_ref, lse_ref = refs
   block_q, block_kv = config.blocks.block_q, config.blocks.block_kv
@@ -329,7 +342,7 @@ def _forward_kernel(config: _Config, q_blocks: int, q_ref, k_ref, v_ref, *refs):
   lse_ref[...] = jnp.where(seen, m + jnp.log(l), -jnp.inf)
 
 
-def _dq_kernel(config: _Config, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+def _dq_kernel(config: Call, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
   """dq of one query block, looping over the key blocks it can see."""
   *segment_refs, dq_ref = refs
   block_q, block_kv = config.blocks.block_q_dq, config.blocks.block_kv_dq
@@ -348,7 +361,7 @@ def _dq_kernel(config: _Config, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   dq_ref[...] = loop.run(step, jnp.zeros(q.shape, jnp.float32)).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(config: _Config, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+def _dkv_kernel(config: Call, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
   """dk, dv of one key block for one query head, looping over the query blocks that see it."""
   *segment_refs, dk_ref, dv_ref = refs
   block_q, block_kv = config.blocks.block_q_dkv, config.blocks.block_kv_dkv
@@ -379,7 +392,7 @@ class _Loop:
   ``[full_first, full_stop)`` holds the blocks every pair of which the band allows (none with
   segment ids), which run without building a mask.
   """
-  config: _Config
+  config: Call
   transposed: bool  # False: own block = queries, loop over keys; True: the reverse
   own_pos: Any
   other_block: int
@@ -390,11 +403,11 @@ class _Loop:
   other_ids_ref: Any
 
   @classmethod
-  def over_keys(cls, config: _Config, q_start, block_q: int, block_kv: int, segment_refs):
+  def over_keys(cls, config: Call, q_start, block_q: int, block_kv: int, segment_refs):
     return cls._create(config, False, q_start, block_q, block_kv, segment_refs)
 
   @classmethod
-  def over_queries(cls, config: _Config, kv_start, block_kv: int, block_q: int, segment_refs):
+  def over_queries(cls, config: Call, kv_start, block_kv: int, block_q: int, segment_refs):
     return cls._create(config, True, kv_start, block_kv, block_q, segment_refs)
 
   @classmethod
@@ -444,7 +457,7 @@ class _Loop:
 # Pieces shared by the kernels
 
 
-def _mask(config: _Config, q_pos, kv_pos, q_ids, kv_ids):
+def _mask(config: Call, q_pos, kv_pos, q_ids, kv_ids):
   """``[block_q, block_kv]`` True where query ``q_pos[a]`` may attend key ``kv_pos[b]``."""
   mask = config.mask.allowed(q_pos, kv_pos)
   if q_ids is not None:
@@ -457,7 +470,7 @@ def _any(mask, axis: int):
   return jnp.max(mask.astype(jnp.int32), axis=axis) > 0
 
 
-def _logits(config: _Config, q, k, mask):
+def _logits(config: Call, q, k, mask):
   """Scaled, soft-capped float32 logits, -inf where masked (mask None: nothing is); also
   ``tanh`` (softcap) or None."""
   logits = _dot(q, k, trans_b=True) * config.scale
@@ -468,7 +481,7 @@ def _logits(config: _Config, q, k, mask):
   return (logits if mask is None else jnp.where(mask, logits, -jnp.inf)), tanh
 
 
-def _logit_gradient(config: _Config, q, k, v, d_out, lse, delta, mask, *, return_p=False):
+def _logit_gradient(config: Call, q, k, v, d_out, lse, delta, mask, *, return_p=False):
   """``dS * scale`` (w.r.t. the unscaled ``q k^T``) of a block, and ``P`` if asked; 0 if masked."""
   logits, tanh = _logits(config, q, k, mask)
   p = jnp.exp(logits - lse[:, None])  # masked logits are -inf: p is 0 there
@@ -513,14 +526,14 @@ def _reversed(count: int):
   return lambda i: count - 1 - i
 
 
-def _query_spec(config: _Config, rows: int, width: int, block_index=lambda i: i, *, full=False):
+def _query_spec(config: Call, rows: int, width: int, block_index=lambda i: i, *, full=False):
   """``[rows, width]`` tiles of a ``[b, q_pad, h, width]`` array (all rows if ``full``)."""
   if full:
     return pl.BlockSpec((None, rows, None, width), lambda _, b, h: (b, 0, h, 0))
   return pl.BlockSpec((None, rows, None, width), lambda i, b, h: (b, block_index(i), h, 0))
 
 
-def _kv_spec(config: _Config, rows: int, width: int, *, full=False):
+def _kv_spec(config: Call, rows: int, width: int, *, full=False):
   """``[rows, width]`` tiles of a ``[b, kv_pad, kv_h, width]`` array, for query head ``h``."""
   group = config.group
   if full:
@@ -528,7 +541,7 @@ def _kv_spec(config: _Config, rows: int, width: int, *, full=False):
   return pl.BlockSpec((None, rows, None, width), lambda j, b, h: (b, j, h // group, 0))
 
 
-def _partial_spec(config: _Config, rows: int, width: int):
+def _partial_spec(config: Call, rows: int, width: int):
   """dk/dv output tiles: one per query head (GQA partials) or per kv head (group 1)."""
   return pl.BlockSpec((None, rows, None, width), lambda j, b, h: (b, j, h, 0))
 
@@ -540,7 +553,7 @@ def _stats_spec(rows: int, block_index=lambda i: i, *, full=False):
   return pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, block_index(i)))
 
 
-def _segment_inputs(config: _Config, q_segment_ids, kv_segment_ids, block_q: int, block_kv: int,
+def _segment_inputs(config: Call, q_segment_ids, kv_segment_ids, block_q: int, block_kv: int,
                     *, queries_tiled: bool):
   """Segment-id arrays and a ``block_index -> specs`` function for one kernel.
 
@@ -549,8 +562,8 @@ def _segment_inputs(config: _Config, q_segment_ids, kv_segment_ids, block_q: int
   """
   if not config.segments:
     return [], lambda block_index: []
-  q_ids = _pad_axis(q_segment_ids.astype(jnp.int32), 1, config.q_pad, mode="edge")
-  kv_ids = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, config.kv_pad, mode="edge")
+  q_ids = pad_axis(q_segment_ids.astype(jnp.int32), 1, config.q_pad, mode="edge")
+  kv_ids = pad_axis(kv_segment_ids.astype(jnp.int32), 1, config.kv_pad, mode="edge")
   if queries_tiled:
     bounds = _block_bounds(kv_ids, block_kv)
     tiled, tile = (lambda index: pl.BlockSpec((None, block_q), lambda i, b, h: (b, index(i)))), 0
@@ -580,16 +593,16 @@ def _block_bounds(ids, block: int):
           jnp.pad(hi, ((0, 0), (0, extra)), constant_values=_INT_MIN))
 
 
-def _pad_queries(config: _Config, x):
+def _pad_queries(config: Call, x):
   """``[b, q_len, h, d] -> [b, q_pad, h, d_pad]`` with zeros (no copy when already aligned)."""
-  return _pad_axis(_pad_axis(x, 1, config.q_pad), 3, _tile(x.shape[3]))
+  return pad_axis(pad_axis(x, 1, config.q_pad), 3, _tile(x.shape[3]))
 
 
-def _pad_keys(config: _Config, x):
-  return _pad_axis(_pad_axis(x, 1, config.kv_pad), 3, _tile(x.shape[3]))
+def _pad_keys(config: Call, x):
+  return pad_axis(pad_axis(x, 1, config.kv_pad), 3, _tile(x.shape[3]))
 
 
-def _pad_axis(x, axis: int, size: int, *, mode: str = "constant"):
+def pad_axis(x, axis: int, size: int, *, mode: str = "constant"):
   if x.shape[axis] == size:
     return x
   widths = [(0, 0)] * x.ndim
@@ -602,6 +615,6 @@ def _tile(n: int) -> int:
   return max(_MIN_TILE, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 

@@ -94,7 +94,7 @@ def test_segment_block_ranges_are_exact_for_sorted_ids(length, segments, block):
   ids = jnp.stack([packed_segment_ids(1, length, segments)[0],
                    jnp.asarray(np.sort(np.random.default_rng(length).integers(0, segments, length)),
                                jnp.int32)])
-  padded = gpu._pad_axis(ids, 1, -(-length // block) * block, mode="edge")
+  padded = gpu.pad_axis(ids, 1, -(-length // block) * block, mode="edge")
   lo, hi = gpu._block_bounds(padded, block)
   for row in range(2):
     for start in range(0, length, block):

@@ -1,0 +1,137 @@
+"""The Hopper (Mosaic GPU, warp-specialized) forward kernel, with the Triton backward.
+
+On CPU the kernel runs in Pallas' Mosaic GPU interpreter, which simulates the three warpgroups,
+TMA copies and barriers (and fails on a barrier phase nobody waits for), with 64-key blocks so
+the K/V ring is refilled; it is also lowered to Mosaic GPU for CUDA. On an sm_90 GPU
+(``-m gpu``) the compiled kernel runs the same cases.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_test_base import AttentionTestBase, Case
+
+from effjax.ops.attention import flash_attention
+from effjax.ops.attention.api import normalize_arguments
+from pallas_kernels.flash_attention import gpu, hopper
+from pallas_kernels.interpret import interpret_mode
+
+SMALL = hopper.HopperConfig(block_kv=64)
+
+# What the kernel supports: 16-bit inputs, causal or not, GQA, any lengths, head dims <= 256.
+CASES = [
+    pytest.param(Case(128, 128, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16"),
+                 marks=pytest.mark.slow),
+    Case(100, 300, head_dim=64, group=2, kv_heads=1, batch=1, causal=True, dtype="bfloat16"),
+    Case(200, 70, head_dim=80, kv_heads=1, batch=1, causal=True, dtype="float16"),  # rows see none
+    Case(65, 129, head_dim=64, v_head_dim=128, kv_heads=1, batch=1, dtype="bfloat16"),
+]
+
+
+class _Interpreted(AttentionTestBase):
+  """The shared checks (forward, LSE, gradients, bf16 error rule) on the interpreted kernel."""
+
+  def attention(self, q, k, v, **options):
+    return hopper.attention(q, k, v, config=SMALL, interpret=True,
+                            **normalize_arguments(q, k, v, **options))
+
+
+class _Compiled(AttentionTestBase):
+  implementation = "mosaic_gpu"
+
+
+# Not subclasses of the shared base: its grids include float32, windows, segments and softcap.
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference_in_the_interpreter(case):
+  _Interpreted().check(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference_on_gpu(case):
+  _Compiled().check(case)
+
+
+@pytest.mark.gpu
+def test_bitwise_deterministic_on_gpu():
+  q, k, v, options = Case(1000, 1100, head_dim=128, group=4, causal=True,
+                          dtype="bfloat16").inputs()
+  run = lambda: jax.vjp(lambda *x: flash_attention(*x, implementation="mosaic_gpu", **options),
+                        q, k, v)
+  (out_1, vjp_1), (out_2, vjp_2) = run(), run()
+  np.testing.assert_array_equal(out_1, out_2)
+  for grad_1, grad_2 in zip(vjp_1(out_1), vjp_2(out_1)):
+    np.testing.assert_array_equal(grad_1, grad_2)
+
+
+def test_dispatch_reaches_the_kernel_in_interpret_mode():
+  q, k, v, options = Case(64, 64, head_dim=64, kv_heads=1, batch=1, causal=True,
+                          dtype="bfloat16").inputs()
+  with interpret_mode():
+    got = flash_attention(q, k, v, implementation="mosaic_gpu", **options)
+  want = flash_attention(q, k, v, implementation="xla", **options)
+  np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(window=(4, 0)), ["window"]),
+    (dict(softcap=5.0), ["softcap"]),
+    (dict(segments=2), ["segment ids"]),
+    (dict(dtype="float32"), ["float32"]),
+    (dict(head_dim=320), ["256", "320"]),
+], ids=["window", "softcap", "segments", "float32", "head_dim"])
+def test_unsupported_calls_fall_through(change, words):
+  """NotImplementedError names the feature; dispatch then runs the next implementation."""
+  dtype = change.pop("dtype", "bfloat16")
+  q, k, v, options = Case(40, 40, kv_heads=1, batch=1, dtype=dtype, **change).inputs()
+  with interpret_mode():
+    with pytest.raises(NotImplementedError) as raised:
+      flash_attention(q, k, v, implementation="mosaic_gpu", **options)
+    for word in words:
+      assert word in str(raised.value)
+    got = flash_attention(q, k, v, implementation=("mosaic_gpu", "xla"), **options)
+  np.testing.assert_array_equal(got, flash_attention(q, k, v, implementation="xla", **options))
+
+
+def test_off_hopper_it_falls_through():
+  q, k, v, options = Case(16, 16, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16").inputs()
+  with pytest.raises(NotImplementedError, match="sm_90"):
+    hopper.attention(q, k, v, scale=0.125)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(block_kv=96), ["block_kv", "64", "96"]),
+    (dict(stages=1), ["stages", "2", "1"]),
+])
+def test_bad_config_raises(change, words):
+  with pytest.raises(ValueError) as raised:
+    hopper.HopperConfig(**change)
+  for word in words:
+    assert word in str(raised.value)
+
+
+@pytest.mark.parametrize("causal, head_dim, v_head_dim, q_len, kv_len", [
+    (False, 64, 64, 256, 256), (True, 128, 128, 200, 300), (True, 256, 256, 128, 128),
+    (False, 64, 128, 128, 192)])
+def test_lowers_to_mosaic_gpu(monkeypatch, causal, head_dim, v_head_dim, q_len, kv_len):
+  """Forward (Mosaic GPU: warpgroups, TMA, wgmma, register layouts, shared-memory budget) and
+  backward (Triton) lower for CUDA on this CPU-only machine, with the compiled code path
+  (register and transposed wgmma operands, which the interpreter does not take)."""
+  monkeypatch.setattr(hopper, "hopper_interpret", lambda interpret: False)
+  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
+  q = jax.ShapeDtypeStruct((2, q_len, 4, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, kv_len, 2, head_dim), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((2, kv_len, 2, v_head_dim), jnp.bfloat16)
+
+  def forward_backward(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: hopper.attention(q, k, v, causal=causal, scale=0.1),
+                       q, k, v)
+    return out, vjp(out)
+
+  text = jax.jit(forward_backward).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  for name in ("flash_attention_dq", "flash_attention_dkv"):
+    assert name in text
