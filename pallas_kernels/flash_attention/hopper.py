@@ -20,13 +20,14 @@ Not yet done (FlashAttention-3's other two ideas): ping-pong scheduling of the t
 runs its softmax while the other's GEMMs use the tensor cores) and the intra-warpgroup overlap of
 a block's softmax with the next block's ``Q K^T``; and a Hopper backward.
 
-Masks: ``causal`` (bottom-right aligned: query ``i`` sees key ``j <= i + kv_len - q_len``) and
-the key tail of a length that is not a whole number of blocks. Each consumer splits its key loop
-into blocks it sees entirely (no mask is built) and blocks that need the mask; a causal CTA stops
-at the last key block its last query row sees. Both consumers run every step of their CTA, so the
-first consumer also computes (fully masked) up to one extra block per CTA on the diagonal.
-Windows, segment ids and softcap are not supported here: :func:`attention` raises
-``NotImplementedError`` and dispatch falls through to the Triton kernels.
+Masks: ``causal`` (bottom-right aligned: query ``i`` sees key ``j <= i + kv_len - q_len``),
+sliding ``window`` (the shared :class:`masks.MaskSpec` band) and the key tail of a length that is
+not a whole number of blocks; ``softcap`` (``c * tanh(s / c)``) before the mask. A CTA loads
+only the key blocks its 128 queries' band intersects (:meth:`masks.MaskSpec.kv_range`); each
+consumer runs the blocks all its rows see whole (:meth:`masks.MaskSpec.kv_full_range`) without a
+mask and masks the rest. Both consumers run every step of their CTA, so on the band's edges one
+consumer may compute a block fully masked for its rows. Segment ids are not supported here:
+:func:`attention` raises ``NotImplementedError`` and dispatch falls through to the Triton kernels.
 
 Shapes: any lengths (queries padded to 128 rows, keys to ``block_kv``, with zeros, in XLA,
 only when needed), head dims up to 256 (padded to a multiple of 64: the 128-byte swizzle of
@@ -114,14 +115,11 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
 
   Raises:
     NotImplementedError: not on a Hopper GPU (and not interpreting), float32 inputs, head dims
-      above 256, or a window, segment ids or softcap (dispatch then tries the next
-      implementation).
+      above 256, or segment ids (dispatch then tries the next implementation).
   """
   interpret = hopper_interpret(interpret)
-  unsupported = [name for name, value in (("window", window), ("softcap", softcap),
-                                          ("segment ids", q_segment_ids)) if value is not None]
-  if unsupported:
-    raise NotImplementedError(f"the Hopper kernel does not support {', '.join(unsupported)}")
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    raise NotImplementedError("the Hopper kernel does not support segment ids")
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
     raise NotImplementedError(f"the Hopper kernel takes bfloat16/float16 q, k, v, got "
                               f"{q.dtype}, {k.dtype}, {v.dtype}")
@@ -133,8 +131,8 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
   elif not isinstance(config, HopperConfig):
     raise TypeError(f"config must be a pallas_kernels.flash_attention.hopper.HopperConfig or "
                     f"None, got {config!r}")
-  call = _Call(mask=masks.MaskSpec.create(q.shape[1], k.shape[1], causal=causal, window=None),
-               scale=float(scale), heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[-1],
+  call = _Call(mask=masks.MaskSpec.create(q.shape[1], k.shape[1], causal=causal, window=window),
+               scale=float(scale), softcap=softcap, heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[-1],
                config=config,
                interpret=interpret)
   out, lse = _attention_jit(call, q, k, v)
@@ -146,6 +144,7 @@ class _Call:
   """Everything static about one call (hashable: a ``jit`` static argument)."""
   mask: masks.MaskSpec
   scale: float
+  softcap: float | None
   heads: int
   kv_heads: int
 
@@ -158,7 +157,7 @@ class _Call:
   interpret: Any  # False, or the interpreter's parameters
 
   def backward_call(self) -> gpu.Call:
-    return gpu.Call.create(self.mask, scale=self.scale, softcap=None, heads=self.heads,
+    return gpu.Call.create(self.mask, scale=self.scale, softcap=self.softcap, heads=self.heads,
                            kv_heads=self.kv_heads, head_dim=self.head_dim, segments=False,
                            block_sizes=self.config.backward, interpret=bool(self.interpret))
 
@@ -204,9 +203,6 @@ def _pallas_forward(call: _Call, q, k, v):
   block_kv, stages = config.block_kv, config.stages
   kv_blocks = kv_pad // block_kv
   mask = call.mask
-  # Causal (the only band here): key j is visible to query i iff j <= i + offset.
-  offset, causal = mask.offset, mask.right == 0
-  tail = mask.kv_len % block_kv != 0
   dtype = q.dtype
   share_qo = d == dv
 
@@ -219,26 +215,27 @@ def _pallas_forward(call: _Call, q, k, v):
       return lax.broadcasted_iota(jnp.int32, shape, dimension)
     return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
-  def key_steps(last_row):
-    """Key blocks a query row ``<= last_row`` can see (the causal stop), at least 0."""
-    if not causal:
-      return jnp.int32(kv_blocks)
-    stop = lax.div(jnp.maximum(last_row + offset + 1, 0) + block_kv - 1, block_kv)
-    return jnp.minimum(stop, kv_blocks).astype(jnp.int32)
+  def key_blocks(tile):
+    """``(first, count)``: the key blocks some query of the tile sees (causal/window band)."""
+    start, stop = mask.kv_range(tile * BLOCK_Q, tile * BLOCK_Q + BLOCK_Q)
+    first = lax.div(jnp.int32(start), block_kv)
+    stop = lax.div(jnp.maximum(jnp.int32(stop), 0) + block_kv - 1, block_kv)
+    return first, jnp.maximum(stop - first, 0)
 
-  def unmasked_steps(first_row, steps):
-    """Leading key blocks every row ``>= first_row`` sees whole: no mask needed."""
-    whole = jnp.int32(mask.kv_len // block_kv)
-    if causal:
-      whole = jnp.minimum(whole, lax.div(jnp.maximum(first_row + offset + 1, 0), block_kv))
-    return jnp.minimum(whole, steps).astype(jnp.int32)
+  def whole_blocks(row0, first, count):
+    """``[lo, hi)`` within ``[first, first + count)``: key blocks all of a consumer's rows see
+    (inside the band and the key length), which need no mask."""
+    start, stop = mask.kv_full_range(row0, row0 + ROWS_PER_WARPGROUP)
+    lo = jnp.clip(lax.div(jnp.int32(start) + block_kv - 1, block_kv), first, first + count)
+    hi = jnp.clip(lax.div(jnp.maximum(jnp.int32(stop), 0), block_kv), lo, first + count)
+    return lo, hi
 
   def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, lse_smem, k_smem, v_smem, q_loaded,
            k_loaded, v_loaded, k_consumed, v_consumed, *extra):
     o_smem, staging = (q_smem, extra) if share_qo else (extra[0], extra[1:])
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
     wg = lax.axis_index("wg")
-    steps = key_steps(tile * BLOCK_Q + BLOCK_Q - 1)
+    first, steps = key_blocks(tile)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -254,7 +251,7 @@ def _pallas_forward(call: _Call, q, k, v):
 
       def step(j, carry, *, masked: bool):
         acc, m, l = carry
-        slot = lax.rem(j, stages)
+        slot = lax.rem(j - first, stages)
         plgpu.barrier_wait(k_loaded.at[slot])
 
         if staging:  # interpreting: no transposed wgmma operands
@@ -268,14 +265,13 @@ def _pallas_forward(call: _Call, q, k, v):
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WARPGROUP, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_consumed.at[slot])
-        s = s * (call.scale * _LOG2E)
+        if call.softcap is None:
+          s = s * (call.scale * _LOG2E)
+        else:
+          s = jnp.tanh(s * (call.scale / call.softcap)) * (call.softcap * _LOG2E)
         if masked:
           shape = (ROWS_PER_WARPGROUP, block_kv)
-          q_pos = row0 + iota(shape, 0)
-          kv_pos = j * block_kv + iota(shape, 1)
-          visible = kv_pos < mask.kv_len
-          if causal:
-            visible &= kv_pos <= q_pos + offset
+          visible = mask.allowed_broadcast(row0 + iota(shape, 0), j * block_kv + iota(shape, 1))
           s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw no key yet
@@ -296,13 +292,11 @@ def _pallas_forward(call: _Call, q, k, v):
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l
 
-      carry = (acc, m, l)
-      if causal or tail:
-        whole = unmasked_steps(row0, steps)
-        carry = lax.fori_loop(0, whole, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(whole, steps, functools.partial(step, masked=True), carry)
-      else:
-        carry = lax.fori_loop(0, steps, functools.partial(step, masked=False), carry)
+      lo, hi = whole_blocks(row0, first, steps)
+      masked_step, whole_step = (functools.partial(step, masked=flag) for flag in (True, False))
+      carry = lax.fori_loop(first, lo, masked_step, (acc, m, l))
+      carry = lax.fori_loop(lo, hi, whole_step, carry)
+      carry = lax.fori_loop(hi, first + steps, masked_step, carry)
       acc, m, l = carry
       seen = l > 0
       inverse = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
@@ -318,8 +312,8 @@ def _pallas_forward(call: _Call, q, k, v):
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(h, call.group)
 
-      def load(j, slot):
-        keys = (b, pl.ds(j * block_kv, block_kv), kv_head)
+      def load(t, slot):  # step t: key block first + t
+        keys = (b, pl.ds((first + t) * block_kv, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
 

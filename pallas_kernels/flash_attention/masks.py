@@ -54,13 +54,18 @@ class MaskSpec:
 
   def allowed(self, q_pos: Int[Array, " q"], kv_pos: Int[Array, " kv"]) -> Bool[Array, "q kv"]:
     """Whether query ``q_pos[a]`` may attend key ``kv_pos[b]``, ignoring segment ids."""
-    diagonal = q_pos[:, None] + self.offset
-    kv = kv_pos[None, :]
-    ok = (q_pos[:, None] < self.q_len) & (kv < self.kv_len)
+    return self.allowed_broadcast(q_pos[:, None], kv_pos[None, :])
+
+  def allowed_broadcast(self, q_pos: Int[Array, "..."], kv_pos: Int[Array, "..."]
+                        ) -> Bool[Array, "..."]:
+    """:meth:`allowed` for positions already broadcast against each other (kernels whose
+    compilers have no 1-D vectors or need a register layout, e.g. two 2-D iotas)."""
+    diagonal = q_pos + self.offset
+    ok = (q_pos < self.q_len) & (kv_pos < self.kv_len)
     if self.left is not None:
-      ok &= kv >= diagonal - self.left
+      ok &= kv_pos >= diagonal - self.left
     if self.right is not None:
-      ok &= kv <= diagonal + self.right
+      ok &= kv_pos <= diagonal + self.right
     return ok
 
   def kv_range(self, q_start: IntLike, q_stop: IntLike) -> tuple[IntLike, IntLike]:

@@ -654,24 +654,13 @@ def _band_full(config: _Config, i, j):
   return (kv_first >= start) & (kv_first + config.block_kv <= stop)
 
 
-def _allowed(config: _Config, q_pos, kv_pos):
-  """``masks.MaskSpec.allowed`` for broadcast 2-D positions (Mosaic has no 1-D vectors)."""
-  spec = config.mask
-  diagonal = q_pos + spec.offset
-  ok = (q_pos < spec.q_len) & (kv_pos < spec.kv_len)
-  if spec.left is not None:
-    ok &= kv_pos >= diagonal - spec.left
-  if spec.right is not None:
-    ok &= kv_pos <= diagonal + spec.right
-  return ok
-
-
 def _mask(config: _Config, i, j, id_refs):
   """``[block_q, block_kv]``: True where query row ``a`` of block ``i`` may see key ``b`` of
   block ``j``."""
   shape = (config.block_q, config.block_kv)
-  mask = _allowed(config, i * config.block_q + lax.broadcasted_iota(jnp.int32, shape, 0),
-                  j * config.block_kv + lax.broadcasted_iota(jnp.int32, shape, 1))
+  mask = config.mask.allowed_broadcast(
+      i * config.block_q + lax.broadcasted_iota(jnp.int32, shape, 0),
+      j * config.block_kv + lax.broadcasted_iota(jnp.int32, shape, 1))
   if config.segments:
     q_ids, kv_ids = id_refs[0][...], id_refs[1][...]  # [block_q, 128], [8, block_kv]
     mask &= _lanes(q_ids, config.block_kv) == kv_ids[:1, :]
@@ -682,8 +671,9 @@ def _keys_seen(config: _Config, i, j, id_refs):
   """``[block_kv, 1]``: whether some query of block ``i`` sees key row ``b`` of block ``j``,
   from the transposed ``[block_kv, block_q]`` mask (a column, to zero rows of K or V)."""
   shape = (config.block_kv, config.block_q)
-  mask = _allowed(config, i * config.block_q + lax.broadcasted_iota(jnp.int32, shape, 1),
-                  j * config.block_kv + lax.broadcasted_iota(jnp.int32, shape, 0))
+  mask = config.mask.allowed_broadcast(
+      i * config.block_q + lax.broadcasted_iota(jnp.int32, shape, 1),
+      j * config.block_kv + lax.broadcasted_iota(jnp.int32, shape, 0))
   if config.segments:
     kv_ids, q_ids = id_refs[2][...], id_refs[3][...]  # [block_kv, 128], [8, block_q]
     mask &= _lanes(kv_ids, config.block_q) == q_ids[:1, :]
