@@ -4,8 +4,8 @@ For B=4, H=16, bf16, S in {2k, 4k, 8k, 16k}, D in {64, 128}, causal and not: TFL
 forward and of forward+backward (one ``jax.vjp`` call: forward, then dq/dk/dv) for
 
 * ``effjax pallas_gpu``: ``flash_attention(..., implementation="pallas_gpu")`` (Triton);
-* ``effjax mosaic_gpu``: ``implementation="mosaic_gpu"``, the warp-specialized Hopper forward
-  (+ Triton backward); sm_90 only, the row records the error elsewhere;
+* ``effjax mosaic_gpu``: ``implementation="mosaic_gpu"``, the warp-specialized Hopper kernels;
+  sm_90 only, the row records the error elsewhere;
 * ``cuDNN``: ``jax.nn.dot_product_attention(..., implementation="cudnn")``;
 * ``jax pallas (triton)``: ``jax.experimental.pallas.ops.gpu.attention.mha``.
 
@@ -43,9 +43,10 @@ SWEEP = {
                                                         num_warps_bwd=8),
 }
 SWEEP_HOPPER = {
-    "hopper block_kv 128, 2 stages": hopper.HopperConfig(block_kv=128, stages=2),
-    "hopper block_kv 64, 3 stages": hopper.HopperConfig(block_kv=64, stages=3),
-    "hopper block_kv 128, 3 stages": hopper.HopperConfig(block_kv=128, stages=3),
+    "hopper fwd 64 keys, 3 stages": hopper.HopperConfig(block_kv=64, stages=3),
+    "hopper bwd 128 keys (dq) / 128 queries (dkv)": hopper.HopperConfig(block_kv_dq=128,
+                                                                          block_q_dkv=128),
+    "hopper bwd 3 stages": hopper.HopperConfig(stages=3, block_kv=64),
 }
 
 

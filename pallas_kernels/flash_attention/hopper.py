@@ -1,49 +1,59 @@
-"""FlashAttention forward for NVIDIA Hopper (sm_90) in Pallas Mosaic GPU, FlashAttention-3 style.
+"""FlashAttention for NVIDIA Hopper (sm_90) in Pallas Mosaic GPU, FlashAttention-3 style.
 
 Why a second GPU kernel: the Triton-lowered kernels (:mod:`.gpu`) reach 0.57-1.08x of cuDNN's
 forward on an H200 (benchmarks/gpu/attention_gpu.md): Triton's Hopper code generation cannot
 specialize warps. FlashAttention-3 (Shah et al. 2024) reports 1.5-2.0x over FlashAttention-2
-on H100 (up to 740 TFLOP/s bf16 forward, 75% of peak) from three ideas, the first two used here:
+on H100 (up to 740 TFLOP/s bf16 forward, 75% of peak) from three ideas, the first used here:
 
-* **warp specialization**: each CTA runs three warpgroups; one producer issues TMA copies of
-  K/V blocks into a ring of ``stages`` shared-memory slots (one "loaded" barrier per slot), two
-  consumers (64 query rows each, a 128-row query tile per CTA) run ``S = Q K^T`` and ``O += P V``
-  as asynchronous ``wgmma`` on the tensor cores and release each slot through a "consumed"
-  barrier (two arrivals) for the producer to refill. Loads of block ``j + stages`` overlap the
-  math of block ``j``.
-* **exp2 with the scale folded**: ``P = exp2(S * scale * log2(e) - m)``, one FMA per element
-  before the MUFU ``ex2``; statistics are kept in base 2 and the LSE converted back to natural
-  log at the end.
-* the producer gives registers to the consumers (``setmaxnreg``: 40 vs 232 per thread).
+* **warp specialization**: each CTA runs three warpgroups; one producer issues TMA copies of the
+  streamed blocks into a ring of ``stages`` shared-memory slots (a "loaded" barrier per slot and
+  operand), two consumers (64 rows each, a 128-row tile per CTA) run the matmuls as asynchronous
+  ``wgmma`` on the tensor cores and release each slot through a "consumed" barrier (two
+  arrivals) for the producer to refill: loads of step ``t + stages`` overlap the math of step
+  ``t``. The producer hands its registers to the consumers (``setmaxnreg`` 40 vs 232).
+* not yet: ping-pong scheduling of the two consumers (one's softmax under the other's GEMMs) and
+  the intra-warpgroup overlap of a block's softmax with the next block's GEMM.
 
-Not yet done (FlashAttention-3's other two ideas): ping-pong scheduling of the two consumers (one
-runs its softmax while the other's GEMMs use the tensor cores) and the intra-warpgroup overlap of
-a block's softmax with the next block's ``Q K^T``; and a Hopper backward.
+Softmax in base 2 with the scale folded: ``P = exp2(S * scale * log2(e) - m)``, one FMA before
+the MUFU ``ex2``; the LSE is returned in natural log.
+
+Three kernels, all deterministic (every output tile written by one CTA, no atomics):
+
+* forward: a query tile streams the K/V blocks of its band; online softmax; O and the LSE.
+* dq: a query tile streams the K/V blocks of its band, recomputing ``P = exp2(S - LSE)``,
+  ``dP = dO V^T``, ``dS = P (dP - D)``, ``dQ += dS K`` (``D = rowsum(dO O) - dLSE``, from XLA).
+* dk/dv: a key tile (two consumers of 64 keys) streams Q, dO, LSE and D blocks of the queries
+  that see it, for every query head of its GQA group, accumulating ``dV += P^T dO`` and
+  ``dK += dS^T Q`` in registers: GQA needs no per-head partials.
 
 Masks: ``causal`` (bottom-right aligned: query ``i`` sees key ``j <= i + kv_len - q_len``),
-sliding ``window`` (the shared :class:`masks.MaskSpec` band) and the key tail of a length that is
-not a whole number of blocks; ``softcap`` (``c * tanh(s / c)``) before the mask. A CTA loads
-only the key blocks its 128 queries' band intersects (:meth:`masks.MaskSpec.kv_range`); each
-consumer runs the blocks all its rows see whole (:meth:`masks.MaskSpec.kv_full_range`) without a
-mask and masks the rest. Both consumers run every step of their CTA, so on the band's edges one
-consumer may compute a block fully masked for its rows. Segment ids are not supported here:
-:func:`attention` raises ``NotImplementedError`` and dispatch falls through to the Triton kernels.
+sliding ``window`` and the length tails, from the shared :class:`masks.MaskSpec`;
+``softcap`` (``c * tanh(s / c)``) before the mask. A tile streams only the blocks its band
+intersects (:meth:`~masks.MaskSpec.kv_range`, :meth:`~masks.MaskSpec.q_range`); each consumer
+runs the blocks all its rows see whole (``kv_full_range``/``q_full_range``) without building a
+mask. Both consumers run every step of their tile, so on the band's edges one may compute a
+block fully masked for its rows. Garbage (NaN) in keys and values no query sees, and in queries
+and output cotangents that see no key, is zeroed in XLA before the kernels (those positions are
+contiguous for a band, and known statically): a zero probability times NaN in ``wgmma`` would
+otherwise be NaN. Segment ids are not supported: :func:`attention` raises
+``NotImplementedError`` and dispatch falls through to the Triton kernels.
 
-Shapes: any lengths (queries padded to 128 rows, keys to ``block_kv``, with zeros, in XLA,
-only when needed), head dims up to 256 (padded to a multiple of 64: the 128-byte swizzle of
-bfloat16 rows), GQA/MQA by index mapping (query head ``h`` reads kv head ``h // group``),
+Head dims above 128 take the Triton backward of :mod:`.gpu` (the backward tiles would overflow
+shared memory).
+
+Shapes: any lengths (padded to 128 with zeros in XLA, only when needed), head dims up to 256
+(padded to a multiple of 64: the 128-byte swizzle of 16-bit rows), GQA/MQA by index mapping,
 bfloat16/float16 only (``wgmma`` operands); float32 raises ``NotImplementedError``.
 
-Memory: O((q_len + kv_len) * head_dim) in HBM; shared memory per CTA ``128 * d * 2`` bytes (Q,
-then O in the same buffer when ``dv == d``) plus ``2 * stages * block_kv * d * 2`` (K and V
-rings): 160 KiB at d=128 with the defaults, 192 KiB at d=256 (H100/H200: 227 KiB).
-The backward pass is the Triton dq and dk/dv kernels of :mod:`.gpu`, fed this forward's output
-and natural-log LSE (the residuals both forwards share).
+Memory: O((q_len + kv_len) * head_dim) in HBM. Shared memory per CTA, forward: ``128 d`` (Q, then
+O) plus ``2 stages block_kv d`` (K/V ring) 16-bit words: 160 KiB at d=128, 192 KiB at d=256 with
+the defaults (H100/H200: 227 KiB); dq: ``128 (d + dv)`` plus the K/V ring of ``block_kv_dq``;
+dk/dv: ``128 (d + dv)`` plus the Q/dO ring of ``block_q_dkv``.
 
 Interpret mode (CPU): Pallas' Mosaic GPU interpreter (jax 0.10) accepts neither register nor
-transposed ``wgmma`` operands and knows no register layouts, so there (only) ``K^T`` and ``P``
-are staged through shared memory and layout casts are skipped; the pipeline, barriers, TMA
-slices, masks and arithmetic are the compiled kernel's.
+transposed ``wgmma`` operands and knows no register layouts, so there (only) those operands are
+staged through shared memory and layout hints are skipped; the pipelines, barriers, TMA slices,
+masks and arithmetic are the compiled kernels'.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -62,47 +73,53 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_attention import gpu, masks
 from pallas_kernels.interpret import hopper_interpret
 
-ROWS_PER_WARPGROUP = 64  # wgmma's M
+ROWS = 64  # rows of one consumer warpgroup's tiles (wgmma's M)
 CONSUMERS = 2
-BLOCK_Q = ROWS_PER_WARPGROUP * CONSUMERS
+TILE = ROWS * CONSUMERS  # rows per CTA: queries (forward, dq) or keys (dk/dv)
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _HEAD_DIM_MULTIPLE = 64  # 128-byte swizzle of 16-bit rows
 _MAX_HEAD_DIM = 256
+# Above it, two 64-row tiles of Q and dO (dq) or K and V (dk/dv) and a 2-slot ring overflow the
+# 227 KiB of shared memory: the backward is then the Triton kernels of :mod:`.gpu`.
+_MAX_BACKWARD_HEAD_DIM = 128
+_BLOCKS = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
 class HopperConfig:
-  """Tiles of the Hopper forward kernel.
+  """Tiles of the Hopper kernels (each block 64 or 128).
 
   Attributes:
-    block_kv: keys per step (a multiple of 64).
-    stages: K/V ring slots (>= 2): how many key blocks the producer may load ahead.
-    backward: block sizes of the Triton backward kernels (None: their default).
+    block_kv: keys per forward step.
+    block_kv_dq: keys per step of the dq kernel.
+    block_q_dkv: queries per step of the dk/dv kernel.
+    stages: ring slots (>= 2): how many steps the producer may load ahead.
   """
   block_kv: int = 128
+  block_kv_dq: int = 64
+  block_q_dkv: int = 64
   stages: int = 2
-  backward: gpu.BlockSizes | None = None
 
   def __post_init__(self):
-    if not isinstance(self.block_kv, int) or self.block_kv < 64 or self.block_kv % 64:
-      raise ValueError(f"HopperConfig.block_kv must be a positive multiple of 64, got "
-                       f"{self.block_kv!r}")
-    if not isinstance(self.stages, int) or self.stages < 2:
+    for name in ("block_kv", "block_kv_dq", "block_q_dkv"):
+      value = getattr(self, name)
+      if value not in _BLOCKS or isinstance(value, bool):
+        raise ValueError(f"HopperConfig.{name} must be one of {_BLOCKS}, got {value!r}")
+    if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 2:
       raise ValueError(f"HopperConfig.stages must be an int >= 2, got {self.stages!r}")
 
 
 def default_config(head_dim: int) -> HopperConfig:
-  """128-key blocks up to head_dim 128, 64 above (shared memory and registers); 2 stages."""
+  """128-key forward blocks up to head_dim 128, 64 above (shared memory, registers)."""
   return HopperConfig(block_kv=128 if head_dim <= 128 else 64)
 
 
 def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_ids=None,
               window=None, softcap: float | None = None, scale: float, return_lse: bool = False,
               config: HopperConfig | None = None, interpret: bool | None = None):
-  """Hopper forward (this module) + Triton backward; arguments as validated by effjax's
-  ``flash_attention`` (``q [b, q_len, h, d]``, ``k [b, kv_len, kv_h, d]``, ``v [b, kv_len,
-  kv_h, dv]``).
+  """Hopper forward and backward; arguments as validated by effjax's ``flash_attention``
+  (``q [b, q_len, h, d]``, ``k [b, kv_len, kv_h, d]``, ``v [b, kv_len, kv_h, dv]``).
 
   Args:
     config: tiles; default :func:`default_config`.
@@ -132,10 +149,9 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
     raise TypeError(f"config must be a pallas_kernels.flash_attention.hopper.HopperConfig or "
                     f"None, got {config!r}")
   call = _Call(mask=masks.MaskSpec.create(q.shape[1], k.shape[1], causal=causal, window=window),
-               scale=float(scale), softcap=softcap, heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[-1],
-               config=config,
-               interpret=interpret)
-  out, lse = _attention_jit(call, q, k, v)
+               scale=float(scale), softcap=softcap, group=q.shape[2] // k.shape[2],
+               config=config, interpret=interpret)
+  out, lse = _attention_jit(call, *_zero_unseen(call.mask, q, k, v))
   return (out, lse) if return_lse else out
 
 
@@ -145,21 +161,44 @@ class _Call:
   mask: masks.MaskSpec
   scale: float
   softcap: float | None
-  heads: int
-  kv_heads: int
-
-  @property
-  def group(self) -> int:
-    return self.heads // self.kv_heads
-
-  head_dim: int
+  group: int  # query heads per kv head
   config: HopperConfig
   interpret: Any  # False, or the interpreter's parameters
 
-  def backward_call(self) -> gpu.Call:
-    return gpu.Call.create(self.mask, scale=self.scale, softcap=self.softcap, heads=self.heads,
-                           kv_heads=self.kv_heads, head_dim=self.head_dim, segments=False,
-                           block_sizes=self.config.backward, interpret=bool(self.interpret))
+
+# ---------------------------------------------------------------------------------------------
+# XLA glue: garbage, padding, custom_vjp
+
+
+def _seen(mask: masks.MaskSpec, side: str) -> tuple[int, int] | None:
+  """The static ``[start, stop)`` of the keys (``side="kv"``) or queries (``"q"``) that some
+  partner sees, or None when all are."""
+  with jax.ensure_compile_time_eval():
+    if side == "kv":
+      length, (start, stop) = mask.kv_len, mask.kv_range(0, mask.q_len)
+    else:
+      length, (start, stop) = mask.q_len, mask.q_range(0, mask.kv_len)
+    start, stop = int(start), int(stop)
+  return None if (start, stop) == (0, length) else (start, max(stop, start))
+
+
+def _zero_rows(x, seen: tuple[int, int] | None):
+  """``x [b, len, h, d]`` with rows outside ``seen`` set to zero (NaN included)."""
+  if seen is None:
+    return x
+  position = jnp.arange(x.shape[1])[None, :, None, None]
+  return jnp.where((position >= seen[0]) & (position < seen[1]), x, jnp.zeros((), x.dtype))
+
+
+def _zero_unseen(mask: masks.MaskSpec, q, k, v):
+  seen_keys = _seen(mask, "kv")
+  return _zero_rows(q, _seen(mask, "q")), _zero_rows(k, seen_keys), _zero_rows(v, seen_keys)
+
+
+def _padded(x, length_multiple: int):
+  """``[b, len, h, d] -> [b, len_pad, h, d_pad]`` with zeros (no copy when aligned)."""
+  x = gpu.pad_axis(x, 1, gpu.round_up(x.shape[1], length_multiple))
+  return gpu.pad_axis(x, 3, gpu.round_up(x.shape[3], _HEAD_DIM_MULTIPLE))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -174,7 +213,22 @@ def _attention_fwd(call: _Call, q, k, v):
 
 def _attention_bwd(call: _Call, residuals, cotangents):
   q, k, v, out, lse = residuals
-  return gpu.backward(call.backward_call(), (q, k, v, None, None, out, lse), cotangents)
+  if max(q.shape[3], v.shape[3]) > _MAX_BACKWARD_HEAD_DIM:  # over shared memory: Triton's
+    triton = gpu.Call.create(call.mask, scale=call.scale, softcap=call.softcap,
+                             heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[3],
+                             segments=False, block_sizes=None, interpret=bool(call.interpret))
+    return gpu.backward(triton, (q, k, v, None, None, out, lse), cotangents)
+  d_out, d_lse = cotangents
+  d_out = _zero_rows(d_out, _seen(call.mask, "q"))
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  pad_stats = lambda x: gpu.pad_axis(x, 2, gpu.round_up(x.shape[2], TILE))
+  lse2 = pad_stats(jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E))  # rows that see no key
+  delta = pad_stats(delta - d_lse)
+  qp, dop, kp, vp = (_padded(x, TILE) for x in (q, d_out, k, v))
+  dq = _dq_kernel(call, qp, kp, vp, dop, lse2, delta)
+  dk, dv = _dkv_kernel(call, qp, kp, vp, dop, lse2, delta)
+  unpad = lambda x, like: x[:, :like.shape[1], :, :like.shape[3]]
+  return unpad(dq, q), unpad(dk, k), unpad(dv, v)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -183,95 +237,214 @@ _attention_jit = jax.jit(_attention, static_argnums=0)
 
 def _forward(call: _Call, q, k, v):
   """Pads, runs the kernel, unpads: ``([b, q_len, h, dv] in q's dtype, [b, h, q_len])``."""
-  q_len, kv_len, v_dim = q.shape[1], k.shape[1], v.shape[-1]
-  block_kv = call.config.block_kv
-  q_pad, kv_pad = gpu.round_up(q_len, BLOCK_Q), gpu.round_up(kv_len, block_kv)
-  d_pad, dv_pad = (gpu.round_up(x.shape[-1], _HEAD_DIM_MULTIPLE) for x in (q, v))
-  qp = gpu.pad_axis(gpu.pad_axis(q, 1, q_pad), 3, d_pad)
-  kp = gpu.pad_axis(gpu.pad_axis(k, 1, kv_pad), 3, d_pad)
-  vp = gpu.pad_axis(gpu.pad_axis(v, 1, kv_pad), 3, dv_pad)
-  out, lse2 = _pallas_forward(call, qp, kp, vp)
-  lse = jnp.where(jnp.isfinite(lse2), lse2 * _LN2, -jnp.inf)
-  return out[:, :q_len, :, :v_dim], lse[:, :, :q_len]
+  out, lse2 = _forward_kernel(call, *(_padded(x, TILE) for x in (q, k, v)))
+  lse = jnp.where(lse2 == -jnp.inf, -jnp.inf, lse2 * _LN2)
+  return out[:, :q.shape[1], :, :v.shape[3]], lse[:, :, :q.shape[1]]
 
 
-def _pallas_forward(call: _Call, q, k, v):
-  """The kernel on padded inputs: output ``[b, q_pad, h, dv_pad]``, base-2 LSE ``[b, h, q_pad]``."""
-  batch, q_pad, heads, d = q.shape
-  kv_pad, dv = k.shape[1], v.shape[-1]
-  config = call.config
-  block_kv, stages = config.block_kv, config.stages
-  kv_blocks = kv_pad // block_kv
-  mask = call.mask
-  dtype = q.dtype
-  share_qo = d == dv
+# ---------------------------------------------------------------------------------------------
+# Pieces shared by the kernels
 
-  # Register layouts are compile-time hints the interpreter does not know (no numerical effect).
-  def layout(x, new_layout):
-    return x if call.interpret else plgpu.layout_cast(x, new_layout)
 
-  def iota(shape, dimension):
-    if call.interpret:
+@dataclasses.dataclass(frozen=True)
+class _Ops:
+  """Operations whose compiled form the interpreter lacks: register layouts, register and
+  transposed ``wgmma`` operands (staged through ``staging`` shared memory when interpreting)."""
+  interpret: bool
+
+  def layout(self, x, new_layout):
+    return x if self.interpret else plgpu.layout_cast(x, new_layout)
+
+  def iota(self, shape, dimension):
+    if self.interpret:
       return lax.broadcasted_iota(jnp.int32, shape, dimension)
     return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
-  def key_blocks(tile):
-    """``(first, count)``: the key blocks some query of the tile sees (causal/window band)."""
-    start, stop = mask.kv_range(tile * BLOCK_Q, tile * BLOCK_Q + BLOCK_Q)
-    first = lax.div(jnp.int32(start), block_kv)
-    stop = lax.div(jnp.maximum(jnp.int32(stop), 0) + block_kv - 1, block_kv)
-    return first, jnp.maximum(stop - first, 0)
+  def vector(self, ref, along: int):
+    """A 1-D shared-memory vector laid out to broadcast along dimension ``along`` of a tile."""
+    if self.interpret:
+      return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(along))
 
-  def whole_blocks(row0, first, count):
-    """``[lo, hi)`` within ``[first, first + count)``: key blocks all of a consumer's rows see
-    (inside the band and the key length), which need no mask."""
-    start, stop = mask.kv_full_range(row0, row0 + ROWS_PER_WARPGROUP)
-    lo = jnp.clip(lax.div(jnp.int32(start) + block_kv - 1, block_kv), first, first + count)
-    hi = jnp.clip(lax.div(jnp.maximum(jnp.int32(stop), 0), block_kv), lo, first + count)
-    return lo, hi
+  def zeros(self, shape):
+    return self.layout(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
-  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, lse_smem, k_smem, v_smem, q_loaded,
-           k_loaded, v_loaded, k_consumed, v_consumed, *extra):
-    o_smem, staging = (q_smem, extra) if share_qo else (extra[0], extra[1:])
-    b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
+  def transposed(self, ref, staging):
+    if self.interpret:
+      staging[...] = ref[...].T
+      return staging
+    return plgpu.transpose_ref(ref, (1, 0))
+
+  def operand(self, x, staging):
+    if self.interpret:
+      staging[...] = x
+      return staging
+    return x
+
+  def mma(self, a, b, shape):
+    """``a @ b`` into a fresh float32 accumulator ``shape`` (``a`` a ref or a register tile)."""
+    def run(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+      return acc_ref[...]
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _logits(call: _Call, s):
+  """Base-2 logits of ``s = q.k`` (scaled, softcapped), and ``d logits / d (scale q.k)``
+  (None without softcap)."""
+  if call.softcap is None:
+    return s * (call.scale * _LOG2E), None
+  t = jnp.tanh(s * (call.scale / call.softcap))
+  return t * (call.softcap * _LOG2E), 1.0 - t * t
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+  """A producer -> consumers ring: ``stages`` slots of each streamed operand."""
+  buffers: Sequence[Any]  # per operand: shared memory [stages, *block]
+  loaded: Sequence[Any]  # per operand: Barrier(num_barriers=stages)
+  consumed: Sequence[Any]  # per operand: Barrier(num_arrivals=CONSUMERS, num_barriers=stages)
+  stages: int
+
+  def produce(self, steps, max_steps: int, sources: Callable[[Any], Sequence[Any]]):
+    """Producer side: loads step ``t``'s blocks (``sources(t)``: one global slice per operand)
+    into slot ``t % stages`` once the consumers released it, for ``t < steps``; then waits for
+    the last releases too (every barrier phase is observed once)."""
+    def load(t, slot):
+      for source, buffer, loaded in zip(sources(t), self.buffers, self.loaded):
+        plgpu.copy_gmem_to_smem(source, buffer.at[slot], loaded.at[slot])
+
+    def wait_consumed(t):
+      for consumed in self.consumed:
+        plgpu.barrier_wait(consumed.at[lax.rem(t, self.stages)])
+
+    for slot in range(min(self.stages, max_steps)):  # static slices must stay in bounds
+      pl.when(slot < steps)(functools.partial(load, slot, slot))
+
+    @pl.loop(self.stages, jnp.maximum(steps, self.stages))
+    def _refill(t):
+      wait_consumed(t - self.stages)
+      load(t, lax.rem(t, self.stages))
+
+    pl.loop(jnp.maximum(steps - self.stages, 0), steps)(wait_consumed)
+
+  def acquire(self, t, operand: int):
+    slot = lax.rem(t, self.stages)
+    plgpu.barrier_wait(self.loaded[operand].at[slot])
+    return self.buffers[operand].at[slot]
+
+  def release(self, t, operand: int):
+    plgpu.barrier_arrive(self.consumed[operand].at[lax.rem(t, self.stages)])
+
+
+def _ring_scratch(shapes: Sequence[tuple[tuple[int, ...], Any]], stages: int) -> dict[str, Any]:
+  return dict(
+      ring=[_smem((stages, *shape), dtype) for shape, dtype in shapes],
+      ring_loaded=[plgpu.Barrier(num_barriers=stages) for _ in shapes],
+      ring_consumed=[plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages) for _ in shapes])
+
+
+def _ring(scratch: dict[str, Any], stages: int) -> _Ring:
+  return _Ring(scratch["ring"], scratch["ring_loaded"], scratch["ring_consumed"], stages)
+
+
+def _smem(shape, dtype):
+  """Shared memory; 2-D+ tiles of 16-bit elements get the 128-byte swizzle ``wgmma`` reads."""
+  if len(shape) >= 2 and jnp.dtype(dtype).itemsize == 2:
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                                plgpu.SwizzleTransform(128)))
+  return plgpu.SMEM(shape, dtype)
+
+
+def _blocks(first_last: tuple[Any, Any], block: int):
+  """``(first, count)`` of the blocks of size ``block`` meeting the positions ``[start, stop)``."""
+  start, stop = (jnp.asarray(x, jnp.int32) for x in first_last)
+  first = lax.div(start, block)
+  return first, jnp.maximum(lax.div(jnp.maximum(stop, 0) + block - 1, block) - first, 0)
+
+
+def _whole(full_range: tuple[Any, Any], block: int, first, count):
+  """``[lo, hi)`` within ``[first, first + count)``: blocks inside ``full_range`` (no mask)."""
+  start, stop = (jnp.asarray(x, jnp.int32) for x in full_range)
+  lo = jnp.clip(lax.div(start + block - 1, block), first, first + count)
+  return lo, jnp.clip(lax.div(jnp.maximum(stop, 0), block), lo, first + count)
+
+
+def _band_loop(step: Callable[..., Any], first, count, whole: tuple[Any, Any], carry):
+  """Runs ``step(j, carry, masked=...)`` over blocks ``[first, first + count)``, without a mask
+  on the ``whole`` ones."""
+  lo, hi = whole
+  masked, unmasked = (functools.partial(step, masked=flag) for flag in (True, False))
+  carry = lax.fori_loop(first, lo, masked, carry)
+  carry = lax.fori_loop(lo, hi, unmasked, carry)
+  return lax.fori_loop(hi, first + count, masked, carry)
+
+
+def _launch(call: _Call, body, out_type, scratch: dict[str, Any], grid, grid_names, name: str):
+  def entry(*refs, **scratch_refs):
+    body(*refs, **scratch_refs)
+  entry.__name__ = name
+  return plgpu.kernel(
+      entry, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+      num_threads=CONSUMERS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
+
+
+def _consumer_registers():
+  plgpu.set_max_registers(232, action="increase")  # 2 x 128 x 232 + 128 x 40 <= 64K
+
+
+def _producer_registers():
+  plgpu.set_max_registers(40, action="decrease")
+
+
+def _staging(call: _Call, shapes: dict[str, tuple[int, ...]], dtype) -> dict[str, Any]:
+  """Interpret mode only: per-consumer buffers for register and transposed ``wgmma`` operands."""
+  if not call.interpret:
+    return {}
+  return {f"stage_{name}": _smem((CONSUMERS, *shape), dtype) for name, shape in shapes.items()}
+
+
+def _stage(scratch: dict[str, Any], name: str, wg):
+  buffer = scratch.get(f"stage_{name}")
+  return None if buffer is None else buffer.at[wg]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (on padded inputs: lengths multiples of 128, head dims of 64)
+
+
+def _forward_kernel(call: _Call, q, k, v):
+  """Output ``[b, q_pad, h, dv]`` and base-2 LSE ``[b, h, q_pad]``."""
+  batch, q_pad, heads, d = q.shape
+  kv_pad, dv = k.shape[1], v.shape[-1]
+  mask, block_kv, dtype, ops = call.mask, call.config.block_kv, q.dtype, _Ops(bool(call.interpret))
+
+  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, **scratch):
+    b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
     wg = lax.axis_index("wg")
-    first, steps = key_blocks(tile)
+    ring = _ring(scratch, call.config.stages)
+    first, count = _blocks(mask.kv_range(tile * TILE, tile * TILE + TILE), block_kv)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")  # 2 x 128 x 232 + 128 x 40 <= 64K
-      row0 = tile * BLOCK_Q + wg * ROWS_PER_WARPGROUP
-      rows = pl.ds(row0, ROWS_PER_WARPGROUP)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[wg], q_loaded.at[wg])
-      plgpu.barrier_wait(q_loaded.at[wg])
-      reduced = plgpu.Layout.WGMMA.reduce(1)
-      m = layout(jnp.full((ROWS_PER_WARPGROUP,), -jnp.inf, jnp.float32), reduced)
-      l = layout(jnp.zeros((ROWS_PER_WARPGROUP,), jnp.float32), reduced)
-      acc = layout(jnp.zeros((ROWS_PER_WARPGROUP, dv), jnp.float32), plgpu.Layout.WGMMA)
+      _consumer_registers()
+      row0 = tile * TILE + wg * ROWS
+      rows = pl.ds(row0, ROWS)
+      q_smem = scratch["q"].at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, scratch["q_loaded"].at[wg])
+      plgpu.barrier_wait(scratch["q_loaded"].at[wg])
 
       def step(j, carry, *, masked: bool):
         acc, m, l = carry
-        slot = lax.rem(j - first, stages)
-        plgpu.barrier_wait(k_loaded.at[slot])
-
-        if staging:  # interpreting: no transposed wgmma operands
-          staging[0][wg] = k_smem[slot].T
-          k_t = staging[0].at[wg]
-        else:
-          k_t = plgpu.transpose_ref(k_smem.at[slot], (1, 0))
-
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem.at[wg], k_t)
-          return acc_ref[...]
-        s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WARPGROUP, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        if call.softcap is None:
-          s = s * (call.scale * _LOG2E)
-        else:
-          s = jnp.tanh(s * (call.scale / call.softcap)) * (call.softcap * _LOG2E)
+        t = j - first
+        k_t = ops.transposed(ring.acquire(t, 0), _stage(scratch, "k_t", wg))
+        s, _ = _logits(call, ops.mma(q_smem, k_t, (ROWS, block_kv)))
+        ring.release(t, 0)
         if masked:
-          shape = (ROWS_PER_WARPGROUP, block_kv)
-          visible = mask.allowed_broadcast(row0 + iota(shape, 0), j * block_kv + iota(shape, 1))
+          shape = (ROWS, block_kv)
+          visible = mask.allowed_broadcast(row0 + ops.iota(shape, 0),
+                                           j * block_kv + ops.iota(shape, 1))
           s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw no key yet
@@ -279,83 +452,210 @@ def _pallas_forward(call: _Call, q, k, v):
         p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        p = p.astype(dtype)
-        if staging:  # interpreting: no register wgmma operands
-          staging[1][wg] = p
-          p = staging[1].at[wg]
-        plgpu.barrier_wait(v_loaded.at[slot])
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-          return acc_ref[...]
-        acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS_PER_WARPGROUP, dv), jnp.float32))
-        plgpu.barrier_arrive(v_consumed.at[slot])
+        p = ops.operand(p.astype(dtype), _stage(scratch, "p", wg))
+        acc = acc + ops.mma(p, ring.acquire(t, 1), (ROWS, dv))
+        ring.release(t, 1)
         return acc, m_new, l
 
-      lo, hi = whole_blocks(row0, first, steps)
-      masked_step, whole_step = (functools.partial(step, masked=flag) for flag in (True, False))
-      carry = lax.fori_loop(first, lo, masked_step, (acc, m, l))
-      carry = lax.fori_loop(lo, hi, whole_step, carry)
-      carry = lax.fori_loop(hi, first + steps, masked_step, carry)
-      acc, m, l = carry
+      reduced = plgpu.Layout.WGMMA.reduce(1)
+      carry = (ops.zeros((ROWS, dv)),
+               ops.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduced),
+               ops.layout(jnp.zeros((ROWS,), jnp.float32), reduced))
+      whole = _whole(mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
+      acc, m, l = _band_loop(step, first, count, whole, carry)
       seen = l > 0
       inverse = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
-      o_smem[wg] = (acc * lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(dtype)
-      lse_smem[wg] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
+      o_smem = q_smem if d == dv else scratch["o"].at[wg]
+      o_smem[...] = (acc * lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(dtype)
+      scratch["lse"][wg] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[wg], out_ref.at[b, rows, h])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, rows, h])
+      plgpu.copy_smem_to_gmem(scratch["lse"].at[wg], lse_ref.at[b, h, rows])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      _producer_registers()
       kv_head = lax.div(h, call.group)
+      keys = lambda t: (b, pl.ds((first + t) * block_kv, block_kv), kv_head)
+      ring.produce(count, kv_pad // block_kv, lambda t: (k_ref.at[keys(t)], v_ref.at[keys(t)]))
 
-      def load(t, slot):  # step t: key block first + t
-        keys = (b, pl.ds((first + t) * block_kv, block_kv), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+  scratch = dict(
+      q=_smem((CONSUMERS, ROWS, d), dtype), q_loaded=plgpu.Barrier(num_barriers=CONSUMERS),
+      lse=_smem((CONSUMERS, ROWS), jnp.float32),
+      **({} if d == dv else dict(o=_smem((CONSUMERS, ROWS, dv), dtype))),  # else O reuses Q's
+      **_ring_scratch([((block_kv, d), dtype), ((block_kv, dv), dtype)], call.config.stages),
+      **_staging(call, dict(k_t=(d, block_kv), p=(ROWS, block_kv)), dtype))
+  out_type = [jax.ShapeDtypeStruct((batch, q_pad, heads, dv), dtype),
+              jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)]
+  return _launch(call, body, out_type, scratch, (q_pad // TILE, heads, batch),
+                 ("tiles", "heads", "batch"), "flash_attention_hopper_forward")(q, k, v)
 
-      for slot in range(min(stages, kv_blocks)):
-        pl.when(slot < steps)(functools.partial(load, slot, slot))
 
-      def wait_consumed(j):
-        plgpu.barrier_wait(k_consumed.at[lax.rem(j, stages)])
-        plgpu.barrier_wait(v_consumed.at[lax.rem(j, stages)])
+def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
+  """``dq [b, q_pad, h, d]`` in q's dtype."""
+  batch, q_pad, heads, d = q.shape
+  kv_pad, dv = k.shape[1], v.shape[-1]
+  mask, block_kv, dtype, ops = call.mask, call.config.block_kv_dq, q.dtype, _Ops(bool(call.interpret))
 
-      @pl.loop(stages, jnp.maximum(steps, stages))
-      def _refill(j):
-        wait_consumed(j - stages)
-        load(j, lax.rem(j, stages))
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, **scratch):
+    b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+    wg = lax.axis_index("wg")
+    ring = _ring(scratch, call.config.stages)
+    first, count = _blocks(mask.kv_range(tile * TILE, tile * TILE + TILE), block_kv)
 
-      # Observe the last blocks' release too: every barrier phase is waited on once.
-      pl.loop(jnp.maximum(steps - stages, 0), steps)(wait_consumed)
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+      _consumer_registers()
+      row0 = tile * TILE + wg * ROWS
+      rows = pl.ds(row0, ROWS)
+      own = [(q_ref.at[b, rows, h], scratch["q"].at[wg]),
+             (do_ref.at[b, rows, h], scratch["do"].at[wg]),
+             (lse_ref.at[b, h, rows], scratch["lse"].at[wg]),
+             (delta_ref.at[b, h, rows], scratch["delta"].at[wg])]
+      loaded = lambda index: scratch["own_loaded"].at[wg * len(own) + index]
+      for index, (source, destination) in enumerate(own):
+        plgpu.copy_gmem_to_smem(source, destination, loaded(index))
+      for index in range(len(own)):
+        plgpu.barrier_wait(loaded(index))
+      q_smem, do_smem = scratch["q"].at[wg], scratch["do"].at[wg]
+      lse = ops.vector(scratch["lse"].at[wg], 1)
+      delta = ops.vector(scratch["delta"].at[wg], 1)
 
-  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  smem = lambda shape, dt=dtype: plgpu.SMEM(shape, dt, transforms=swizzled)
-  rows = ROWS_PER_WARPGROUP
-  scratch = [
-      smem((CONSUMERS, rows, d)), plgpu.SMEM((CONSUMERS, rows), jnp.float32),
-      smem((stages, block_kv, d)), smem((stages, block_kv, dv)),
-      plgpu.Barrier(num_barriers=CONSUMERS),
-      plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-      *([] if share_qo else [smem((CONSUMERS, rows, dv))]),  # else O reuses Q's buffer
-      *([smem((CONSUMERS, d, block_kv)), smem((CONSUMERS, rows, block_kv))]
-        if call.interpret else []),
-  ]
-  kernel = plgpu.kernel(
-      body,
-      out_type=[jax.ShapeDtypeStruct((batch, q_pad, heads, dv), dtype),
-                jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
-      scratch_types=scratch,
-      grid=(q_pad // BLOCK_Q, heads, batch),
-      grid_names=("q_tiles", "heads", "batch"),
-      num_threads=CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=call.interpret,
-  )
-  return kernel(q, k, v)
+      def step(j, dq, *, masked: bool):
+        t = j - first
+        k_smem = ring.acquire(t, 0)
+        s, d_cap = _logits(call, ops.mma(q_smem, ops.transposed(k_smem, _stage(scratch, "k_t", wg)),
+                                         (ROWS, block_kv)))
+        if masked:
+          shape = (ROWS, block_kv)
+          visible = mask.allowed_broadcast(row0 + ops.iota(shape, 0),
+                                           j * block_kv + ops.iota(shape, 1))
+          s = jnp.where(visible, s, -jnp.inf)
+        p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+        v_t = ops.transposed(ring.acquire(t, 1), _stage(scratch, "v_t", wg))
+        dp = ops.mma(do_smem, v_t, (ROWS, block_kv))
+        ring.release(t, 1)
+        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+        if d_cap is not None:
+          ds = ds * d_cap
+        ds = ops.operand(ds.astype(dtype), _stage(scratch, "ds", wg))
+        dq = dq + ops.mma(ds, k_smem, (ROWS, d))
+        ring.release(t, 0)
+        return dq
+
+      whole = _whole(mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
+      dq = _band_loop(step, first, count, whole, ops.zeros((ROWS, d)))
+      q_smem[...] = (dq * call.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+      _producer_registers()
+      kv_head = lax.div(h, call.group)
+      keys = lambda t: (b, pl.ds((first + t) * block_kv, block_kv), kv_head)
+      ring.produce(count, kv_pad // block_kv, lambda t: (k_ref.at[keys(t)], v_ref.at[keys(t)]))
+
+  scratch = dict(
+      q=_smem((CONSUMERS, ROWS, d), dtype), do=_smem((CONSUMERS, ROWS, dv), dtype),
+      lse=_smem((CONSUMERS, ROWS), jnp.float32), delta=_smem((CONSUMERS, ROWS), jnp.float32),
+      own_loaded=plgpu.Barrier(num_barriers=CONSUMERS * 4),
+      **_ring_scratch([((block_kv, d), dtype), ((block_kv, dv), dtype)], call.config.stages),
+      **_staging(call, dict(k_t=(d, block_kv), v_t=(dv, block_kv), ds=(ROWS, block_kv)), dtype))
+  out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+  return _launch(call, body, out_type, scratch, (q_pad // TILE, heads, batch),
+                 ("tiles", "heads", "batch"), "flash_attention_hopper_dq")(
+                     q, k, v, d_out, lse2, delta)
+
+
+def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
+  """``dk [b, kv_pad, kv_h, d]`` and ``dv [b, kv_pad, kv_h, dv]`` in k's dtype."""
+  batch, q_pad, heads, d = q.shape
+  kv_pad, kv_heads, dv = k.shape[1], k.shape[2], v.shape[-1]
+  mask, block_q, dtype, ops = call.mask, call.config.block_q_dkv, q.dtype, _Ops(bool(call.interpret))
+  group = call.group
+
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, **scratch):
+    b, kv_head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+    wg = lax.axis_index("wg")
+    ring = _ring(scratch, call.config.stages)
+    first, count = _blocks(mask.q_range(tile * TILE, tile * TILE + TILE), block_q)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+      _consumer_registers()
+      key0 = tile * TILE + wg * ROWS
+      keys = pl.ds(key0, ROWS)
+      k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
+      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem, scratch["kv_loaded"].at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem,
+                              scratch["kv_loaded"].at[CONSUMERS + wg])
+      plgpu.barrier_wait(scratch["kv_loaded"].at[wg])
+      plgpu.barrier_wait(scratch["kv_loaded"].at[CONSUMERS + wg])
+      whole = _whole(mask.q_full_range(key0, key0 + ROWS), block_q, first, count)
+
+      def step(i, carry, *, g, masked: bool):
+        dk, dv_acc = carry
+        t = g * count + (i - first)
+        q_smem = ring.acquire(t, 0)
+        s_t, d_cap = _logits(call, ops.mma(k_smem, ops.transposed(q_smem, _stage(scratch, "q_t", wg)),
+                                           (ROWS, block_q)))
+        if masked:
+          shape = (ROWS, block_q)
+          visible = mask.allowed_broadcast(i * block_q + ops.iota(shape, 1),
+                                           key0 + ops.iota(shape, 0))
+          s_t = jnp.where(visible, s_t, -jnp.inf)
+        lse = ops.vector(ring.acquire(t, 2), 0)
+        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+        ring.release(t, 2)
+        do_smem = ring.acquire(t, 1)
+        p_operand = ops.operand(p_t.astype(dtype), _stage(scratch, "p_t", wg))
+        dv_acc = dv_acc + ops.mma(p_operand, do_smem, (ROWS, dv))
+        dp_t = ops.mma(v_smem, ops.transposed(do_smem, _stage(scratch, "do_t", wg)),
+                       (ROWS, block_q))
+        ring.release(t, 1)
+        delta = ops.vector(ring.acquire(t, 3), 0)
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+        ring.release(t, 3)
+        if d_cap is not None:
+          ds_t = ds_t * d_cap
+        ds_t = ops.operand(ds_t.astype(dtype), _stage(scratch, "ds_t", wg))
+        dk = dk + ops.mma(ds_t, q_smem, (ROWS, d))
+        ring.release(t, 0)
+        return dk, dv_acc
+
+      def head(g, carry):
+        return _band_loop(functools.partial(step, g=g), first, count, whole, carry)
+
+      dk, dv_acc = lax.fori_loop(0, group, head, (ops.zeros((ROWS, d)), ops.zeros((ROWS, dv))))
+      k_smem[...] = (dk * call.scale).astype(dtype)
+      v_smem[...] = dv_acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kv_head])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kv_head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+      _producer_registers()
+
+      def sources(t):
+        head = kv_head * group + lax.div(t, jnp.maximum(count, 1))
+        queries = pl.ds((first + lax.rem(t, jnp.maximum(count, 1))) * block_q, block_q)
+        return (q_ref.at[b, queries, head], do_ref.at[b, queries, head],
+                lse_ref.at[b, head, queries], delta_ref.at[b, head, queries])
+      ring.produce(group * count, group * (q_pad // block_q), sources)
+
+  scratch = dict(
+      k=_smem((CONSUMERS, ROWS, d), dtype), v=_smem((CONSUMERS, ROWS, dv), dtype),
+      kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS),
+      **_ring_scratch([((block_q, d), dtype), ((block_q, dv), dtype), ((block_q,), jnp.float32),
+                       ((block_q,), jnp.float32)], call.config.stages),
+      **_staging(call, dict(q_t=(d, block_q), do_t=(dv, block_q), p_t=(ROWS, block_q),
+                            ds_t=(ROWS, block_q)), dtype))
+  out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)]
+  return _launch(call, body, out_type, scratch, (kv_pad // TILE, kv_heads, batch),
+                 ("tiles", "heads", "batch"), "flash_attention_hopper_dkv")(
+                     q, k, v, d_out, lse2, delta)

@@ -1,4 +1,4 @@
-"""The Hopper (Mosaic GPU, warp-specialized) forward kernel, with the Triton backward.
+"""The Hopper (Mosaic GPU, warp-specialized) forward, dq and dk/dv kernels.
 
 On CPU the kernel runs in Pallas' Mosaic GPU interpreter, which simulates the three warpgroups,
 TMA copies and barriers (and fails on a barrier phase nobody waits for), with 64-key blocks so
@@ -16,7 +16,7 @@ from attention_test_base import AttentionTestBase, Case
 
 from effjax.ops.attention import flash_attention
 from effjax.ops.attention.api import normalize_arguments
-from pallas_kernels.flash_attention import gpu, hopper
+from pallas_kernels.flash_attention import hopper, masks
 from pallas_kernels.interpret import interpret_mode
 
 SMALL = hopper.HopperConfig(block_kv=64)
@@ -26,7 +26,7 @@ SMALL = hopper.HopperConfig(block_kv=64)
 CASES = [
     pytest.param(Case(128, 128, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16"),
                  marks=pytest.mark.slow),
-    Case(100, 300, head_dim=64, group=2, kv_heads=1, batch=1, causal=True, dtype="bfloat16"),
+    Case(100, 200, head_dim=64, group=2, kv_heads=1, batch=1, causal=True, dtype="bfloat16"),
     Case(200, 70, head_dim=80, kv_heads=1, batch=1, causal=True, dtype="float16"),  # rows see none
     Case(65, 129, head_dim=64, v_head_dim=128, kv_heads=1, batch=1, dtype="bfloat16"),
     pytest.param(Case(320, 320, head_dim=64, kv_heads=1, batch=1, window=(140, 5),
@@ -82,6 +82,34 @@ def test_window_and_softcap_forward_in_the_interpreter():
   np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q_len, kv_len, options", [
+    (40, 57, dict(window=(3, 0), causal=True)),  # keys left of every window
+    pytest.param(70, 20, dict(causal=True), marks=pytest.mark.slow),  # 50 queries see no key
+], ids=["window", "causal"])
+def test_garbage_no_query_or_key_sees_does_not_leak(q_len, kv_len, options):
+  """NaN planted in keys/values no query sees and in queries/cotangents that see no key: the
+  outputs and gradients equal those with zeros planted, and are finite."""
+  q, k, v, _ = Case(q_len, kv_len, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16").inputs()
+  allowed = masks.MaskSpec.create(q_len, kv_len, causal=options["causal"],
+                                  window=options.get("window")).allowed(
+                                      np.arange(q_len), np.arange(kv_len))
+  unseen_keys = jnp.asarray(~allowed.any(0))[None, :, None, None]
+  unseen_queries = jnp.asarray(~allowed.any(1))[None, :, None, None]
+  assert unseen_keys.any() or unseen_queries.any()
+  cotangent = jax.random.normal(jax.random.key(1), q.shape, q.dtype)
+
+  def run(fill):
+    planted = (jnp.where(unseen_queries, fill, q), jnp.where(unseen_keys, fill, k),
+               jnp.where(unseen_keys, fill, v))
+    out, vjp = jax.vjp(lambda *x: _Interpreted().attention(*x, **options), *planted)
+    return out, *vjp(jnp.where(unseen_queries, fill, cotangent))
+
+  with_nan, with_zero = run(jnp.nan), run(0.0)
+  for got, want in zip(with_nan, with_zero):
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+
+
 def test_dispatch_reaches_the_kernel_in_interpret_mode():
   q, k, v, options = Case(64, 64, head_dim=64, kv_heads=1, batch=1, causal=True,
                           dtype="bfloat16").inputs()
@@ -117,6 +145,7 @@ def test_off_hopper_it_falls_through():
 
 @pytest.mark.parametrize("change, words", [
     (dict(block_kv=96), ["block_kv", "64", "96"]),
+    (dict(block_q_dkv=256), ["block_q_dkv", "256"]),
     (dict(stages=1), ["stages", "2", "1"]),
 ])
 def test_bad_config_raises(change, words):
@@ -131,11 +160,10 @@ def test_bad_config_raises(change, words):
     (dict(causal=True), 256, 256, 128, 128), (dict(), 64, 128, 128, 192),
     (dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500)])
 def test_lowers_to_mosaic_gpu(monkeypatch, options, head_dim, v_head_dim, q_len, kv_len):
-  """Forward (Mosaic GPU: warpgroups, TMA, wgmma, register layouts, shared-memory budget) and
-  backward (Triton) lower for CUDA on this CPU-only machine, with the compiled code path
-  (register and transposed wgmma operands, which the interpreter does not take)."""
+  """The three kernels lower to Mosaic GPU for CUDA on this CPU-only machine (warpgroups, TMA,
+  wgmma, register layouts, the shared-memory budget), with the compiled code path: register and
+  transposed wgmma operands, which the interpreter does not take."""
   monkeypatch.setattr(hopper, "hopper_interpret", lambda interpret: False)
-  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
   q = jax.ShapeDtypeStruct((2, q_len, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, kv_len, 2, head_dim), jnp.bfloat16)
   v = jax.ShapeDtypeStruct((2, kv_len, 2, v_head_dim), jnp.bfloat16)
@@ -145,6 +173,6 @@ def test_lowers_to_mosaic_gpu(monkeypatch, options, head_dim, v_head_dim, q_len,
     return out, vjp(out)
 
   text = jax.jit(forward_backward).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
-  for name in ("flash_attention_dq", "flash_attention_dkv"):
-    assert name in text
+  hopper_backward = max(head_dim, v_head_dim) <= 128  # else the Triton backward
+  assert text.count("custom_call @mosaic_gpu") == (3 if hopper_backward else 1)
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == (0 if hopper_backward else 2)

@@ -32,7 +32,7 @@ register(OP, "reference", "effjax.ops.attention.reference:attention")
 register(OP, "xla", "effjax.ops.attention.xla:attention")
 register(OP, "pallas_gpu", "pallas_kernels.flash_attention.gpu:attention")
 register(OP, "pallas_tpu", "pallas_kernels.flash_attention.tpu:attention")
-# Hopper (sm_90) forward + the Triton backward; opt-in until measured on a GPU (not in DEFAULT_ORDER).
+# Hopper (sm_90) kernels; opt-in until measured on a GPU (not in DEFAULT_ORDER).
 register(OP, "mosaic_gpu", "pallas_kernels.flash_attention.hopper:attention")
 
 Window = tuple[int | None, int | None]
