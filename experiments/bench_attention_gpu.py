@@ -14,7 +14,9 @@ forward+backward 3.5x that. The peak is a bf16 8192^3 ``jnp.dot`` measured in th
 figure is the median of repeats after warm-up; each row also records the compiled temp bytes and
 the largest output difference to cuDNN (a sanity check; the tests are the correctness check).
 A short block-size sweep of the effjax kernels (both) at S=8k follows. A wall-clock budget
-(``EFFJAX_BENCH_BUDGET_S``, default 420 s) stops the suite early, keeping what was measured.
+(``EFFJAX_BENCH_BUDGET_S``, default 420 s) stops the suite early, keeping what was measured;
+``EFFJAX_BENCH_SKIP`` (comma-separated implementation names) leaves implementations out, e.g.
+after their GPU tests failed (a hung kernel would otherwise take the whole suite down).
 """
 
 from __future__ import annotations
@@ -138,8 +140,15 @@ def _reference_output(inputs, causal: bool) -> jax.Array | None:
     return None
 
 
+def _skipped() -> set[str]:
+  return {name.strip() for name in os.environ.get("EFFJAX_BENCH_SKIP", "").split(",")
+          if name.strip()}
+
+
 def measure(seq_lens, head_dims, repeats: int, budget: _Budget) -> list[dict]:
   rows = []
+  implementations = {name: impl for name, impl in IMPLEMENTATIONS.items()
+                     if name not in _skipped()}
   for head_dim in head_dims:
     for causal in (False, True):
       for seq_len in seq_lens:
@@ -148,7 +157,7 @@ def measure(seq_lens, head_dims, repeats: int, budget: _Budget) -> list[dict]:
         spec = jax.ShapeDtypeStruct((BATCH, seq_len, HEADS, head_dim), jnp.bfloat16)
         inputs = benchmarking.random_inputs([spec] * 4, seed=seq_len + head_dim)
         reference = _reference_output(inputs, causal)
-        for name, impl in IMPLEMENTATIONS.items():
+        for name, impl in implementations.items():
           rows += _measure_one(name, functools.partial(impl, causal=causal), inputs,
                                seq_len=seq_len, head_dim=head_dim, causal=causal,
                                repeats=repeats, reference=reference)
@@ -163,8 +172,9 @@ def sweep(seq_len: int, head_dims, repeats: int, budget: _Budget) -> list[dict]:
     reference = _reference_output(inputs, causal=False)
     variants = [(label, functools.partial(_effjax, block_sizes=sizes))
                 for label, sizes in SWEEP.items()]
-    variants += [(label, functools.partial(_effjax_hopper, config=config))
-                 for label, config in SWEEP_HOPPER.items()]
+    if "effjax mosaic_gpu" not in _skipped():
+      variants += [(label, functools.partial(_effjax_hopper, config=config))
+                   for label, config in SWEEP_HOPPER.items()]
     for label, attention in variants:
       if budget.spent():
         return rows
