@@ -3,14 +3,15 @@ plain ``jnp.fft`` convolution and the direct convolution.
 
 Implementations, causal mode, kernel length N: ``plain jnp.fft`` (the baseline; safari's
 ``irfft(rfft(u, 2N) * rfft(k, 2N))[:N]`` with an autodiff backward), effjax ``xla_fft`` and
-``butterfly`` (Monarch DFT), on GPU the fused Pallas kernel ``pallas_gpu`` (N <= 2048), and on
-CPU the direct depthwise convolution (effjax's float32 ``reference``, O(N^2) per channel; timed
-only up to ``DIRECT_TIMED_UP_TO``).
+``butterfly`` (Monarch DFT), on GPU the fused Pallas kernel ``pallas_gpu`` (N <= 2048), on TPU
+the fused Pallas kernel ``pallas_tpu`` (every N; on other backends its rows say it was not run),
+and on CPU the direct depthwise convolution (effjax's float32 ``reference``, O(N^2) per channel;
+timed only up to ``DIRECT_TIMED_UP_TO``).
 
 * CPU: float32, B=2, H=32, N = 1k..64k. Temp bytes per device from the compiled program's
   ``memory_analysis()`` at every N; time as the median of repeats, as a ratio to the baseline in
   the same run.
-* GPU (detected from the backend): bfloat16 inputs (float32 kernel and transforms), H=768,
+* GPU or TPU (detected from the backend): bfloat16 inputs (float32 kernel and transforms), H=768,
   B*N = 2^17 tokens (B=128 at 1K, 2 at 64K), N = 1K..64K; absolute median ms and the ratio to the
   baseline. A time budget (no new size after ``GPU_BUDGET_S``) keeps the suite under 2 minutes.
 
@@ -36,22 +37,25 @@ BASELINE = "plain jnp.fft"
 DIRECT = "direct (reference f32)"
 DIRECT_TIMED_UP_TO = 2048
 PALLAS_MAX_SEQ = 2048  # the fused kernel's largest causal length (transform size 4096)
-GPU_TOKENS, GPU_CHANNELS = 1 << 17, 768
+GPU_TOKENS, GPU_CHANNELS = 1 << 17, 768  # also the TPU setup
+TPU_KERNEL = "effjax pallas_tpu"
 CPU_BATCH, CPU_CHANNELS = 2, 32
 # Sizes in the order measured: the ends and the middle first, in case the time budget runs out.
 SEQ_LENS = tuple(1024 << i for i in (0, 6, 2, 4, 1, 3, 5))
 GPU_BUDGET_S = 70.0  # no new size is started after this long (the GPU check allows 2 minutes)
 
 
-def implementations(on_gpu: bool, seq_len: int) -> dict[str, Callable[..., jax.Array]]:
-  """Name -> ``conv(u, kernel)``, the baseline first."""
+def implementations(platform: str, seq_len: int) -> dict[str, Callable[..., jax.Array]]:
+  """Name -> ``conv(u, kernel)``, the baseline first (``pallas_tpu`` on every backend: off a TPU
+  :func:`measure` records it as not run)."""
   names = ["xla_fft", "butterfly"]
-  if on_gpu and seq_len <= PALLAS_MAX_SEQ:
+  if platform == "gpu" and seq_len <= PALLAS_MAX_SEQ:
     names.append("pallas_gpu")
+  names.append("pallas_tpu")
   impls = {BASELINE: functools.partial(fft_conv, mode="causal")}
   for name in names:
     impls[f"effjax {name}"] = functools.partial(long_conv, mode="causal", implementation=name)
-  if not on_gpu:
+  if platform == "cpu":
     impls[DIRECT] = functools.partial(long_conv, mode="causal", implementation="reference")
   return impls
 
@@ -69,11 +73,11 @@ def _relative_error(actual, expected) -> float:
 
 
 def measure(seq_lens, *, batch_for: Callable[[int], int], channels: int, dtype, repeats: int,
-            on_gpu: bool, budget_s: float | None = None) -> list[dict]:
+            platform: str, budget_s: float | None = None) -> list[dict]:
   """One row per (N, implementation, pass); each program is compiled once, then timed."""
   rows, start = [], time.perf_counter()
   for seq_len in seq_lens:
-    impls = implementations(on_gpu, seq_len)
+    impls = implementations(platform, seq_len)
     if budget_s is not None and time.perf_counter() - start > budget_s:
       print(f"time budget of {budget_s:.0f} s spent: N >= {seq_len} not measured")
       break
@@ -89,6 +93,10 @@ def measure(seq_lens, *, batch_for: Callable[[int], int], channels: int, dtype, 
         row = {"implementation": name, "seq_len": seq_len, "batch": batch, "pass": pass_name,
                "temp_bytes": None, "median_ms": None, "time_vs_baseline": None,
                "relative_error": None, "error": None}
+        if name == TPU_KERNEL and platform != "tpu":
+          row["error"] = f"not run: needs a TPU (backend is {platform})"
+          rows.append(row)
+          continue
         try:
           compiled = jax.jit(wrap(conv)).lower(*specs).compile()
           memory = compiled.memory_analysis()
@@ -111,12 +119,12 @@ def measure(seq_lens, *, batch_for: Callable[[int], int], channels: int, dtype, 
 
 
 def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
-  on_gpu = dispatch.current_platform() == "gpu"
-  if on_gpu:
+  platform = dispatch.current_platform()
+  if platform in ("gpu", "tpu"):
     seq_lens = (1024, 4096) if quick else SEQ_LENS
     setup = dict(batch_for=lambda n: max(1, GPU_TOKENS // n), channels=GPU_CHANNELS,
                  dtype=jnp.bfloat16, repeats=3 if quick else 10, budget_s=GPU_BUDGET_S)
-    notes = (f"GPU, bfloat16 u (float32 kernel and transforms), H={GPU_CHANNELS}, "
+    notes = (f"{platform.upper()}, bfloat16 u (float32 kernel and transforms), H={GPU_CHANNELS}, "
              f"B*N={GPU_TOKENS} tokens, causal, kernel length N.")
   else:
     seq_lens = (256, 1024) if quick else SEQ_LENS
@@ -124,7 +132,7 @@ def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
                  repeats=2 if quick else 5)
     notes = (f"CPU, float32, B={CPU_BATCH}, H={CPU_CHANNELS}, causal, kernel length N; the direct "
              f"convolution is timed up to N={DIRECT_TIMED_UP_TO} only.")
-  rows = measure(seq_lens, on_gpu=on_gpu, **setup)
+  rows = measure(seq_lens, platform=platform, **setup)
   notes += (" temp = scratch bytes per device from `memory_analysis()` of the compiled program; "
             f"time = median of repeats and its ratio to `{BASELINE}` in the same run "
             "(< 1 is faster); relative_error = max abs difference of the outputs (forward) or of "

@@ -1,14 +1,27 @@
-"""Fused FFT convolution on GPU (Pallas, Triton lowering), FlashButterfly style.
+"""Fused FFT convolution on GPU (Pallas, Triton lowering), FlashButterfly / Monarch style.
 
-One program convolves one ``(batch, channel)`` signal of length ``n = n1 * n2`` (powers of two,
-``16 <= n1, n2 <= 64``, so ``256 <= n <= 4096``: a causal convolution up to 2048 positions) with
-one precomputed kernel spectrum, entirely on chip: the signal is viewed as an ``[n1, n2]`` tile,
-and the DFT is ``F1 @ x`` (size-``n1`` DFTs of the columns), the twiddles ``W_n^{k1 j2}``, and
-``@ F2`` (size-``n2`` DFTs of the rows), leaving the spectrum in digit-reversed ``[k1, k2]``
-layout; the product with the kernel spectrum (same layout) and the inverse (the same steps,
-conjugated, in reverse order) follow without leaving registers/shared memory. 12 real matmuls of
-at most 64 x 64 x 64, IEEE float32 (not TF32), per signal; HBM traffic is one read of the signal
-and one write of the result (plus the small DFT matrices and the kernel spectrum).
+Channels stay last (``[batch, n, channels]``): one program convolves a block of ``cb`` channels
+of one batch row (:func:`channel_block`: ``n * cb = 8192`` elements, 32 float32 registers per
+thread and tile at 8 warps, so the half dozen live tiles fit the register file), all at once, so
+every DFT stage is ONE matmul whose N dimension spans many signals (``n2 * cb`` or ``n1 * cb``: at
+least 128 when there are enough channels). With ``n = n1 * n2`` (``j = j1 n2 + j2``,
+``k = k1 + n1 k2``; powers of two, ``16 <= n1, n2 <= 64``, so ``256 <= n <= 4096``: a causal
+convolution up to 2048 positions), the block viewed as ``[n1, n2 * cb]`` goes through
+
+1. ``F1 [n1, n1] @ x [n1, n2 cb]`` (size-``n1`` DFTs, real input: 2 real matmuls), the twiddles
+   ``W_n^{k1 j2}`` broadcast over the channels;
+2. a transpose to ``[n2, n1 cb]`` (in registers), ``F2 [n2, n2] @`` (4 real matmuls), leaving the
+   spectrum in digit-reversed ``[k2, k1, c]`` layout; the product with the kernel spectrum (same
+   layout); ``conj(F2) @`` (4);
+3. the conjugate twiddles, the transpose back, and the real part of ``conj(F1) @`` (2), / n.
+
+HBM traffic: one read of the signal and one write of the result per element (4 + 4 bytes), plus
+the kernel spectrum (8 bytes per element and channel, once per batch row) and the small DFT
+matrices. On a GPU the float32 dots run on tensor cores as 3xTF32
+(``DotAlgorithmPreset.TF32_TF32_F32_X3``: three TF32 products, about float32 accuracy); the
+interpreter (CPU) runs them at ``precision=HIGHEST``. The previous version of this kernel (one
+signal per program, ``[64, 64] @ [64, 64]`` IEEE float32 dots off the tensor cores) was 43-83x
+slower than ``jnp.fft`` on an H200; this one is unmeasured on a GPU.
 
 This module never imports effjax: effjax computes the kernel spectrum (with its Monarch
 transform of factors ``(n1, n2)``), the padding, gates and the backward around it.
@@ -20,14 +33,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float
 
 from pallas_kernels.interpret import gpu_interpret
+from pallas_kernels.long_conv import dft
 
 MIN_TILE, MAX_TILE = 16, 64
+BLOCK_ELEMENTS = 8192  # n * cb per program
 
 
 def split(n: int) -> tuple[int, int] | None:
@@ -38,77 +53,81 @@ def split(n: int) -> tuple[int, int] | None:
   return n1, n // n1
 
 
-@functools.cache
-def _constants(n1: int, n2: int) -> tuple[np.ndarray, ...]:
-  """float32 ``F1`` (re, im) ``[n1, n1]``, ``F2`` (re, im) ``[n2, n2]``, twiddles ``[n1, n2]``."""
-  def roots(exponents, modulus):
-    angle = -2 * np.pi * (exponents % modulus).astype(np.float64) / modulus
-    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-  f1 = roots(np.outer(np.arange(n1), np.arange(n1)), n1)
-  f2 = roots(np.outer(np.arange(n2), np.arange(n2)), n2)
-  twiddle = roots(np.outer(np.arange(n1), np.arange(n2)), n1 * n2)
-  return (*f1, *f2, *twiddle)
-
-
-def _dot(a, b):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
+def channel_block(n: int, channels: int) -> int:
+  """Channels per program: ``BLOCK_ELEMENTS / n`` (2 at n = 4096, 32 at 256), or the next power
+  of two ``>= channels`` when that is fewer."""
+  return min(BLOCK_ELEMENTS // n, 1 << max(channels - 1, 0).bit_length())
 
 
 def _kernel(x_ref, k_re_ref, k_im_ref, f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref,
-            out_ref, *, scale: float):
-  x = x_ref[...]
+            out_ref, *, precision):
+  """Blocks are ``[rows, cols, cb]``; a dot contracts ``rows`` with the other two merged."""
+  def dot(f, a):
+    product = lax.dot(f, a.reshape(a.shape[0], -1), precision=precision,
+                      preferred_element_type=jnp.float32)
+    return product.reshape(a.shape)
+
+  def swap(a):  # [rows, cols, cb] -> [cols, rows, cb], in registers
+    return jnp.transpose(a, (1, 0, 2))
+
   f1r, f1i, f2r, f2i = f1r_ref[...], f1i_ref[...], f2r_ref[...], f2i_ref[...]
-  tr, ti = tr_ref[...], ti_ref[...]
-  # Forward: columns (size n1, real input), twiddles, rows (size n2; F2 is symmetric).
-  ar, ai = _dot(f1r, x), _dot(f1i, x)
-  ar, ai = ar * tr - ai * ti, ar * ti + ai * tr
-  xr = _dot(ar, f2r) - _dot(ai, f2i)
-  xi = _dot(ar, f2i) + _dot(ai, f2r)
+  tr, ti = tr_ref[...][:, :, None], ti_ref[...][:, :, None]  # [n1, n2, 1]: one per channel
+  x = x_ref[...]  # [n1(j1), n2(j2), cb]
+  # Forward: size-n1 DFTs (real input), twiddles, size-n2 DFTs after the transpose.
+  ar, ai = dot(f1r, x), dot(f1i, x)
+  ar, ai = swap(ar * tr - ai * ti), swap(ar * ti + ai * tr)
+  xr, xi = dot(f2r, ar) - dot(f2i, ai), dot(f2r, ai) + dot(f2i, ar)  # [k2, k1, cb]
   # Pointwise product with the kernel spectrum, in the same digit-reversed layout.
   kr, ki = k_re_ref[...], k_im_ref[...]
   pr, pi = xr * kr - xi * ki, xr * ki + xi * kr
-  # Inverse: rows with conj(F2), conjugate twiddles, columns with conj(F1), real part only.
-  br = _dot(pr, f2r) + _dot(pi, f2i)
-  bi = _dot(pi, f2r) - _dot(pr, f2i)
+  # Inverse: conj(F2), transpose back, conjugate twiddles, conj(F1), real part only.
+  br, bi = swap(dot(f2r, pr) + dot(f2i, pi)), swap(dot(f2r, pi) - dot(f2i, pr))
   br, bi = br * tr + bi * ti, bi * tr - br * ti
-  out_ref[...] = (_dot(f1r, br) + _dot(f1i, bi)) * scale
+  n = x.shape[0] * x.shape[1]
+  out_ref[...] = (dot(f1r, br) + dot(f1i, bi)) * (1.0 / n)
 
 
-def fft_conv(x: jax.Array, k_hat_re: jax.Array, k_hat_im: jax.Array, *,
-             interpret: bool | None = None) -> jax.Array:
+def fft_conv(x: Float[Array, "batch n channels"], k_hat_re: Float[Array, "n2 n1 channels"],
+             k_hat_im: Float[Array, "n2 n1 channels"], *, interpret: bool | None = None
+             ) -> Float[Array, "batch n channels"]:
   """Circular convolution ``real(ifft(fft(x) * k_hat))`` of every ``(batch, channel)`` signal.
 
   Args:
-    x: float32 ``[batch, channels, n]``, ``n`` accepted by :func:`split`.
-    k_hat_re, k_hat_im: float32 ``[channels, n1, n2]``, the kernel spectrum in digit-reversed
-      layout (index ``k1 + n1 * k2`` of the DFT at ``[k1, k2]``).
+    x: float32 ``[batch, n, channels]``, ``n`` accepted by :func:`split`.
+    k_hat_re, k_hat_im: float32 ``[n2, n1, channels]``, the kernel spectrum in digit-reversed
+      layout (the DFT at ``k1 + n1 * k2`` in ``[k2, k1]``).
     interpret: run in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
 
   Returns:
-    float32 ``[batch, channels, n]``.
+    float32 ``[batch, n, channels]``.
   """
   interpret = gpu_interpret(interpret)
-  batch, channels, n = x.shape
+  batch, n, channels = x.shape
   tiles = split(n)
   if tiles is None:
     raise NotImplementedError(f"fused FFT conv needs n a power of two in [256, 4096], got {n}")
   n1, n2 = tiles
-  if k_hat_re.shape != (channels, n1, n2) or k_hat_im.shape != (channels, n1, n2):
-    raise ValueError(f"kernel spectrum must have shape {(channels, n1, n2)}, got "
+  if k_hat_re.shape != (n2, n1, channels) or k_hat_im.shape != (n2, n1, channels):
+    raise ValueError(f"kernel spectrum must have shape {(n2, n1, channels)}, got "
                      f"{k_hat_re.shape} and {k_hat_im.shape}")
-  signal = pl.BlockSpec((None, None, n1, n2), lambda b, c: (b, c, 0, 0))
-  spectrum = pl.BlockSpec((None, n1, n2), lambda b, c: (c, 0, 0))
+  cb = channel_block(n, channels)
+  padded = -(-channels // cb) * cb
+  pad = lambda a: jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((0, padded - channels),))
+  signal = pl.BlockSpec((None, n1, n2, cb), lambda b, c: (b, 0, 0, c))
+  spectrum = pl.BlockSpec((n2, n1, cb), lambda b, c: (0, 0, c))
   whole = lambda rows, cols: pl.BlockSpec((rows, cols), lambda b, c: (0, 0))
+  precision = (lax.Precision.HIGHEST if interpret
+               else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
   out = pl.pallas_call(
-      functools.partial(_kernel, scale=1.0 / n),
-      grid=(batch, channels),
+      functools.partial(_kernel, precision=precision),
+      grid=(batch, padded // cb),
       in_specs=[signal, spectrum, spectrum, whole(n1, n1), whole(n1, n1), whole(n2, n2),
                 whole(n2, n2), whole(n1, n2), whole(n1, n2)],
       out_specs=signal,
-      out_shape=jax.ShapeDtypeStruct((batch, channels, n1, n2), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=4 if n <= 1024 else 8, num_stages=1),
+      out_shape=jax.ShapeDtypeStruct((batch, n1, n2, padded), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
       interpret=interpret,
       name="long_conv_fused_fft",
-  )(x.reshape(batch, channels, n1, n2), k_hat_re, k_hat_im, *_constants(n1, n2))
-  return out.reshape(batch, channels, n)
+  )(pad(x).reshape(batch, n1, n2, padded), pad(k_hat_re), pad(k_hat_im), *dft.dft(n1),
+    *dft.dft(n2), *dft.twiddles(n1, n2))
+  return out.reshape(batch, n, padded)[..., :channels]

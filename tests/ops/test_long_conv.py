@@ -1,5 +1,6 @@
 """Tests of ``long_conv``: each implementation through the shared base, the reference and the
-plain FFT baseline against a NumPy loop, the Monarch DFT against ``jnp.fft``, sizes, dispatch."""
+plain FFT baseline against a NumPy loop, the Monarch DFT against ``jnp.fft``, the fused kernels
+(in their interpreters, and lowered for their platforms on CPU), sizes, dispatch."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from long_conv_test_base import (DEFAULT_CASES, FEW_CASES, PLAIN_FFT, REFERENCE,
 
 from effjax import dispatch, testing
 from effjax.ops.long_conv import butterfly, long_conv
+from effjax.ops.long_conv import pallas_gpu as pallas_gpu_impl
+from effjax.ops.long_conv import pallas_tpu as pallas_tpu_impl
 from effjax.ops.long_conv.api import normalize_arguments
 from effjax.ops.long_conv.xla_fft import smooth_size
 from pallas_kernels.interpret import interpret_mode
-from pallas_kernels.long_conv import gpu
+from pallas_kernels.long_conv import gpu, tpu
 
 
 class TestXlaFft(LongConvTestBase):
@@ -77,14 +80,35 @@ class TestPallasGpuInterpret(_Variant):
     self.check(case)
 
 
-@pytest.mark.parametrize("n", [256, 512, 1024, 2048, 4096])
-def test_fused_kernel_is_a_circular_convolution(n):
-  x = jax.random.normal(jax.random.key(0), (2, 3, n), jnp.float32)
-  kernel = jax.random.normal(jax.random.key(1), (3, n), jnp.float32) / np.sqrt(n)
-  spectrum = jnp.moveaxis(butterfly.Butterfly(n, gpu.split(n)).forward(kernel.T), -1, 0)
+@pytest.mark.parametrize("n, channels", [(256, 70), (512, 3), (1024, 3), (2048, 3), (4096, 5)])
+def test_fused_kernel_is_a_circular_convolution(n, channels):
+  """Channel blocks of 32 (n = 256: 70 channels are three blocks, zero-padded) down to 2."""
+  x = jax.random.normal(jax.random.key(0), (2, n, channels), jnp.float32)
+  kernel = jax.random.normal(jax.random.key(1), (n, channels), jnp.float32) / np.sqrt(n)
+  spectrum = jnp.swapaxes(butterfly.Butterfly(n, gpu.split(n)).forward(kernel), 0, 1)
   y = gpu.fft_conv(x, spectrum.real, spectrum.imag, interpret=True)
-  expected = np.fft.irfft(np.fft.rfft(np.asarray(x, np.float64)) * np.fft.rfft(kernel), n)
+  expected = np.fft.irfft(np.fft.rfft(np.asarray(x, np.float64), axis=1)
+                          * np.fft.rfft(np.asarray(kernel, np.float64), axis=0), n, axis=1)
   np.testing.assert_allclose(y, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("n, channels", [(256, 768), (4096, 3)])
+def test_fused_gpu_kernel_lowers_to_triton(monkeypatch, n, channels):
+  """Forward and backward lower to Triton IR for CUDA on this CPU-only machine: every primitive
+  of the kernel (reshapes, 3-D transposes, 3xTF32 dots) has a Triton lowering; n = 256 with 768
+  channels: 24 programs of 32 channels per batch row."""
+  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
+  seq = n // 2
+  u = jax.ShapeDtypeStruct((2, seq, channels), jnp.bfloat16)
+  kernel = jax.ShapeDtypeStruct((channels, seq), jnp.float32)
+
+  def loss(u, kernel):
+    y = pallas_gpu_impl.long_conv(u, kernel, **normalize_arguments(u, kernel, mode="causal"))
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(u, kernel).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count('name = "long_conv_fused_fft"') == 2  # forward and dv
 
 
 def test_pallas_gpu_falls_through_beyond_its_sizes():
@@ -94,6 +118,117 @@ def test_pallas_gpu_falls_through_beyond_its_sizes():
       long_conv(u, kernel, implementation="pallas_gpu")
     np.testing.assert_array_equal(long_conv(u, kernel, implementation=("pallas_gpu", "xla_fft")),
                                   long_conv(u, kernel, implementation="xla_fft"))
+
+
+class TestPallasTpuInterpret(_Variant):
+  """The fused Pallas TPU kernel in the TPU interpreter (about 15 s a case on 2 cores): a
+  one-pass case with gates and a three-pass case by default, the rest in the slow run."""
+  implementation = "pallas_tpu"
+  test_matches_reference_few = pytest.mark.slow(_Variant.test_matches_reference_few)
+  test_causality = pytest.mark.slow(_Variant.test_causality)
+  test_jit_and_vmap = pytest.mark.slow(_Variant.test_jit_and_vmap)
+
+  def conv(self, u, kernel, **options):
+    with interpret_mode():
+      return super().conv(u, kernel, **options)
+
+  @pytest.mark.parametrize("case", [FEW_CASES[0], DEFAULT_CASES[7]], ids=str)
+  def test_matches_reference_two(self, case):
+    self.check(case)
+
+
+@pytest.mark.tpu
+class TestPallasTpuCompiled(LongConvTestBase):
+  """On a TPU: the whole base on the Mosaic-compiled kernel."""
+  implementation = "pallas_tpu"
+
+
+def _digit_reversed_spectrum(kernel):
+  """``(re, im)`` of ``kernel [n, channels]`` in :func:`tpu.fft_conv`'s layout."""
+  n, channels = kernel.shape
+  spectrum = butterfly.Butterfly(n, tpu.factors(n)).forward(kernel).reshape(n, channels)
+  return spectrum.real, spectrum.imag
+
+
+@pytest.mark.parametrize("n, channels, batch", [(192, 130, 1), (2560, 3, 2)],
+                         ids=["one_pass_two_channel_blocks", "three_pass"])
+def test_fused_tpu_kernel_is_a_circular_convolution(n, channels, batch):
+  """130 channels: padded to two blocks of 128 lanes; 2560 = 2 x (32 x 40): three passes."""
+  assert len(tpu.factors(n)) == (2 if n < 2048 else 3)
+  x = jax.random.normal(jax.random.key(0), (batch, n, channels), jnp.float32)
+  kernel = jax.random.normal(jax.random.key(1), (n, channels), jnp.float32) / np.sqrt(n)
+  with interpret_mode():
+    y = tpu.fft_conv(x, *_digit_reversed_spectrum(kernel))
+  expected = np.fft.irfft(np.fft.rfft(np.asarray(x, np.float64), axis=1)
+                          * np.fft.rfft(np.asarray(kernel, np.float64), axis=0), n, axis=1)
+  np.testing.assert_allclose(y, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 257, 1000, 2048, 2049, 4099, 10**5 + 3,
+                                    tpu.MAX_N0 * 1024])
+def test_tpu_transform_sizes_fit_vmem(length):
+  n = tpu.transform_size(length)
+  split = tpu.factors(n)
+  assert length <= n <= 2 * max(length, 64) and int(np.prod(split)) == n
+  *outer, n1, n2 = split
+  assert n1 in tpu.N1_CHOICES and n2 % 8 == 0 and n2 <= tpu.MAX_N2
+  assert tpu.vmem_bytes(n1, n2, complex_signal=bool(outer)) <= tpu.VMEM_BUDGET < 16 * 2**20
+  assert not outer or (length > 2048 and 2 <= outer[0] <= tpu.MAX_N0)
+  if length <= 2048:  # one pass, at most 63 points of padding
+    assert not outer and n - length < 64
+
+
+def test_tpu_transform_size_has_a_limit():
+  longest = tpu.largest_size()
+  assert longest == tpu.MAX_N0 * max(m for m in range(64, 2**15, 64) if tpu.tiles(m, True))
+  assert tpu.transform_size(longest) == longest
+  assert tpu.transform_size(longest + 1) is None
+  assert tpu.factors(longest + 64) is None and tpu.factors(100) is None
+
+
+def _tpu_kernel_calls(text: str) -> int:
+  """Call sites of the Mosaic kernels (jax emits one function per distinct kernel)."""
+  return text.count("call @tpu_custom_call")
+
+
+@pytest.mark.parametrize("seq, channels, mode, dtype", [
+    (1000, 256, "causal", jnp.bfloat16), (1500, 130, "bidirectional", jnp.float32)],
+    ids=["one_pass_bf16", "three_pass_f32"])
+def test_pallas_tpu_lowers_for_tpu(monkeypatch, seq, channels, mode, dtype):
+  """Forward and backward, vmapped over two kernels, lower to Mosaic for TPU (``jax.export``, no
+  TPU needed): Pallas' TPU lowering checks the block shapes against the (8, 128) tiling, the
+  strided loads and stores, every op in the kernel body and the grid axis vmap adds. Mosaic's own
+  compiler runs only on a TPU."""
+  monkeypatch.setattr(pallas_tpu_impl, "require_tpu_or_interpret", lambda: False)
+  u = jax.ShapeDtypeStruct((2, seq, channels), dtype)
+  kernels = jax.ShapeDtypeStruct((2, channels, seq if mode == "causal" else 2 * seq - 1), dtype)
+
+  def loss(u, kernel):
+    y = pallas_tpu_impl.long_conv(u, kernel, **normalize_arguments(u, kernel, mode=mode))
+    return jnp.sum(y.astype(jnp.float32) ** 2)  # needs y: the forward kernel stays
+
+  grads = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0))
+  exported = jax.export.export(jax.jit(grads), platforms=["tpu"])(u, kernels)
+  text = exported.mlir_module()
+  assert _tpu_kernel_calls(text) == 2  # forward and dv; dk is XLA's
+  assert ("long_conv_fused_fft_complex" in text) == (mode != "causal")
+
+
+def test_pallas_tpu_falls_through():
+  """Off a TPU without the interpreter, and beyond the three-pass limit, dispatch moves on."""
+  u, kernel, *_ = Case(100, "causal", channels=2, batch=1).inputs()
+  with pytest.raises(NotImplementedError, match="needs a TPU"):
+    long_conv(u, kernel, implementation="pallas_tpu")
+  np.testing.assert_array_equal(long_conv(u, kernel, implementation=("pallas_tpu", "xla_fft")),
+                                long_conv(u, kernel, implementation="xla_fft"))
+  u, kernel, *_ = Case(tpu.largest_size(), "causal", kernel_len=2, channels=1, batch=1).inputs()
+  with interpret_mode():
+    with pytest.raises(NotImplementedError, match=f"up to {tpu.largest_size()} points"):
+      long_conv(u, kernel, implementation="pallas_tpu")
+
+
+def test_pallas_tpu_is_first_on_tpu():
+  assert dispatch.default_order("long_conv", "tpu") == ("pallas_tpu", "butterfly", "xla_fft")
 
 
 def numpy_conv(u, kernel, mode, skip=None, pre_gate=None, post_gate=None):
@@ -180,7 +315,7 @@ def test_default_order_serves_the_call():
                                                                 implementation="xla_fft"))
 
 
-@pytest.mark.parametrize("implementation", ["xla_fft", "butterfly"])
+@pytest.mark.parametrize("implementation", ["xla_fft", "butterfly", "pallas_tpu"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_backward_keeps_only_the_inputs(implementation, dtype):
   """The recomputing custom_vjp: the residuals kept for the backward are u (in its own dtype) and
@@ -188,7 +323,9 @@ def test_backward_keeps_only_the_inputs(implementation, dtype):
   u, kernel, *_ = Case(1000, "causal", channels=4, dtype=dtype).inputs()
   residual_bytes = lambda fn: sum(x.nbytes for x in jax.tree.leaves(jax.vjp(fn, u, kernel)[1])
                                   if hasattr(x, "nbytes"))
-  kept = residual_bytes(functools.partial(long_conv, mode="causal", implementation=implementation))
+  with interpret_mode():  # pallas_tpu runs in the TPU interpreter
+    kept = residual_bytes(functools.partial(long_conv, mode="causal",
+                                            implementation=implementation))
   assert kept <= u.nbytes + kernel.nbytes + 1024
   assert 1.9 * kept < residual_bytes(functools.partial(PLAIN_FFT, mode="causal"))
 

@@ -3,10 +3,10 @@
 The transform size is the next power of two ``>=`` the linear-convolution length (at least 256;
 circular mode uses ``seq`` itself when it is one); sizes above 4096 (causal ``seq > 2048``)
 raise ``NotImplementedError`` so dispatch falls through to ``xla_fft``. The kernel spectrum
-``[channels, n1, n2]`` is computed by the Monarch transform of :mod:`butterfly` (small: one
-signal per channel); each ``(batch, channel)`` signal is then transformed, multiplied and
-transformed back in one kernel: one HBM read and one write per element instead of the
-FFT convolution's round trips through complex64 spectra.
+``[n2, n1, channels]`` is computed by the Monarch transform of :mod:`butterfly` (small: one
+signal per channel); blocks of channels of a batch row (channels last, no transpose) are then
+transformed, multiplied and transformed back in one kernel: one HBM read and one write per
+element instead of the FFT convolution's round trips through complex64 spectra.
 
 Backward (``custom_vjp``, residuals: the inputs): ``dv`` is the same fused kernel run on the
 padded cotangent with the conjugate kernel spectrum (a correlation); ``dk``, a sum over the
@@ -15,9 +15,8 @@ batch, uses the ``rfft`` path of :mod:`xla_fft`.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -33,37 +32,25 @@ def _power_of_two(length: int) -> int:
   return max(MIN_SIZE, 1 << max(length - 1, 0).bit_length())
 
 
-def _kernel_spectrum(kernel_t, plan: spectral.Plan):
-  """``(re, im)`` float32 ``[channels, n1, n2]`` in the kernel's digit-reversed layout."""
-  spectrum = Butterfly(plan.n, gpu.split(plan.n)).forward(spectral.pad_kernel(kernel_t, plan))
-  spectrum = jnp.moveaxis(spectrum, -1, 0)
-  return spectrum.real, spectrum.imag
+@dataclasses.dataclass(frozen=True)
+class _GpuKernel:
+  """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.gpu.fft_conv`."""
+  n: int
+  interpret: bool
 
+  @property
+  def transform(self) -> RealFFT:
+    return RealFFT(self.n)
 
-def _fused(x: Float[Array, "batch n channels"], k_re, k_im, interpret: bool
-           ) -> Float[Array, "batch n channels"]:
-  return jnp.swapaxes(gpu.fft_conv(jnp.swapaxes(x, 1, 2), k_re, k_im, interpret=interpret), 1, 2)
+  def spectrum(self, kernel_t, plan: spectral.Plan):
+    """``(re, im)`` float32 ``[n2, n1, channels]`` in the kernel's digit-reversed layout."""
+    spectrum = Butterfly(plan.n, gpu.split(plan.n)).forward(spectral.pad_kernel(kernel_t, plan))
+    spectrum = jnp.swapaxes(spectrum, 0, 1)
+    return spectrum.real, spectrum.imag
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(v, kernel_t, plan: spectral.Plan, interpret: bool):
-  return plan.window(_fused(spectral.pad_signal(v, plan), *_kernel_spectrum(kernel_t, plan),
-                            interpret))
-
-
-def _conv_fwd(v, kernel_t, plan, interpret):
-  return _conv(v, kernel_t, plan, interpret), (v, kernel_t)
-
-
-def _conv_bwd(plan, interpret, residuals, dy):
-  v, kernel_t = residuals
-  k_re, k_im = _kernel_spectrum(kernel_t, plan)
-  dv = _fused(plan.window_transpose(dy), k_re, -k_im, interpret)[:, :plan.seq]
-  dk = spectral.kernel_gradient(v, kernel_t, dy, plan, RealFFT(plan.n))
-  return dv.astype(v.dtype), dk
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
+  def convolve(self, x: Float[Array, "batch n channels"], k_re, k_im
+               ) -> Float[Array, "batch n channels"]:
+    return gpu.fft_conv(x, k_re, k_im, interpret=self.interpret)
 
 
 def long_conv(
@@ -88,5 +75,6 @@ def long_conv(
   if gpu.split(plan.n) is None:
     raise NotImplementedError(f"the fused kernel holds transforms of 256..4096 points; this call "
                               f"needs {plan.n} (seq={seq}, kernel_len={kernel.shape[1]}, {mode})")
-  return spectral.gated_long_conv(u, kernel, conv=lambda v, k: _conv(v, k, plan, interpret), skip=skip,
-                                  pre_gate=pre_gate, post_gate=post_gate)
+  conv = spectral.fused_conv(plan, _GpuKernel(plan.n, interpret))
+  return spectral.gated_long_conv(u, kernel, conv=conv, skip=skip, pre_gate=pre_gate,
+                                  post_gate=post_gate)

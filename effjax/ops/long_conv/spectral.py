@@ -19,6 +19,10 @@ inputs only; the spectra are recomputed (three forward and two inverse transform
 backward), so no ``[batch, n, channels]`` spectrum is kept between the passes. Without a
 pre-gate the input is kept in its own dtype (2 bytes per element in bfloat16, against 8 per
 frequency for the complex64 spectrum autodiff of an FFT convolution keeps).
+
+Fused kernels (``pallas_gpu``, ``pallas_tpu``: transform, product and inverse in one kernel)
+implement :class:`FusedKernel`; :func:`fused_conv` gives them the same recomputing
+``custom_vjp``, with ``dv`` computed by the kernel itself on the conjugate spectrum.
 """
 
 from __future__ import annotations
@@ -162,6 +166,56 @@ def transform_conv(plan: Plan, transform: Transform, blocks: Any = None) -> Conv
   if blocks is None:
     return lambda v, kernel_t: _conv_recompute(v, kernel_t, plan, transform)
   return lambda v, kernel_t: _conv(v, kernel_t, plan, transform, blocks)
+
+
+class FusedKernel(Protocol):
+  """A fused kernel computing size-``n`` circular convolutions ``real(ifft(fft(x) * k_hat))`` with
+  the kernel spectrum precomputed in its own layout; hashable (it is a static argument)."""
+  n: int
+
+  @property
+  def transform(self) -> Transform:
+    """The transform :func:`kernel_gradient` uses for the kernel's gradient (a batch sum)."""
+
+  def spectrum(self, kernel_t: Float[Array, "kernel_len channels"], plan: Plan
+               ) -> tuple[jax.Array, jax.Array]:
+    """(re, im) of the zero-padded kernel's spectrum, float32, in the kernel's layout."""
+
+  def convolve(self, x: Float[Array, "batch n channels"], k_re: jax.Array, k_im: jax.Array
+               ) -> Float[Array, "batch n channels"]:
+    """The circular convolution of float32 ``x`` with the spectrum ``k_re + i k_im``."""
+
+
+def _fused(v, kernel_t, plan: Plan, kernel: FusedKernel):
+  return plan.window(kernel.convolve(pad_signal(v, plan), *kernel.spectrum(kernel_t, plan)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fused_recompute(v, kernel_t, plan: Plan, kernel: FusedKernel):
+  return _fused(v, kernel_t, plan, kernel)
+
+
+def _fused_recompute_fwd(v, kernel_t, plan, kernel):
+  return _fused(v, kernel_t, plan, kernel), (v, kernel_t)
+
+
+def _fused_recompute_bwd(plan, kernel, residuals, dy):
+  v, kernel_t = residuals
+  k_re, k_im = kernel.spectrum(kernel_t, plan)
+  dv = kernel.convolve(plan.window_transpose(dy), k_re, -k_im)[:, :plan.seq]  # a correlation
+  return dv.astype(v.dtype), kernel_gradient(v, kernel_t, dy, plan, kernel.transform)
+
+
+_fused_recompute.defvjp(_fused_recompute_fwd, _fused_recompute_bwd)
+
+
+def fused_conv(plan: Plan, kernel: FusedKernel) -> Conv:
+  """``conv(v, kernel_t) -> float32 y`` through a fused kernel, with the recomputing
+  ``custom_vjp``: ``dv`` is the same kernel run on ``S^T dy`` with the conjugate spectrum, ``dk``
+  comes from :func:`kernel_gradient` through ``kernel.transform``; residuals are the inputs."""
+  if kernel.n != plan.n:
+    raise ValueError(f"the fused kernel has size {kernel.n}, the plan needs {plan.n}")
+  return lambda v, kernel_t: _fused_recompute(v, kernel_t, plan, kernel)
 
 
 def gated_long_conv(

@@ -1,0 +1,90 @@
+"""``long_conv`` with the fused Pallas TPU kernel (:mod:`pallas_kernels.long_conv.tpu`).
+
+The transform size is :func:`pallas_kernels.long_conv.tpu.transform_size` of the
+linear-convolution length: a multiple of 64 whose on-chip split ``n1 * n2`` fits VMEM (one
+pass; about 2048 points, a causal convolution up to about 1024 positions), else ``n0 * m`` run in
+three passes (up to ``n0 = 256``); circular mode uses ``n = seq`` when the kernel accepts it.
+Longer calls raise ``NotImplementedError`` so dispatch falls through to ``butterfly``.
+
+The kernel spectrum ``[n, channels]`` comes from the Monarch transform of :mod:`butterfly` with the
+kernel's factors (small: one signal per channel); each block of 128 channels of a batch row is
+then transformed, multiplied and transformed back on chip. Padding ``P``, the output window
+``S``, the gates and the skip term are XLA elementwise work around the kernel (fused by XLA with
+the pad/slice copies), in :func:`spectral.gated_long_conv`; the kernel itself reads 4 and writes 4
+bytes per element in one pass. A bfloat16 forward thus moves about 2 + 4 (gate, cast and pad) +
+8 (kernel) + 4 + 2 (window, skip, post-gate, cast) = 20 bytes per element where a kernel that also
+padded, windowed and gated on chip would move 4 (no gates): not done yet.
+
+Backward (:func:`spectral.fused_conv`, residuals: the inputs): ``dv`` is the same kernel run on
+``S^T dy`` with the conjugate spectrum; ``dk`` (a sum over the batch) uses the Monarch transform
+of :mod:`butterfly` in XLA (its own split of ``n``, else the kernel's factors), pairs of the batch
+packed into complex signals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxtyping import Array, Float
+
+from effjax.ops.long_conv import butterfly, spectral
+from effjax.ops.long_conv.butterfly import Butterfly
+from pallas_kernels.interpret import require_tpu_or_interpret
+from pallas_kernels.long_conv import tpu
+
+
+@dataclasses.dataclass(frozen=True)
+class _TpuKernel:
+  """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.tpu.fft_conv`."""
+  n: int
+  interpret: Any  # pallas_call's interpret: pltpu.InterpretParams (TPU interpreter) or False
+
+  @property
+  def transform(self) -> Butterfly:
+    """:mod:`butterfly`'s own split of ``n`` when it has one (its cost model), else the kernel's."""
+    if butterfly.factorize(self.n) is not None:
+      return Butterfly.of_size(self.n, pack_batch=True)
+    return Butterfly(self.n, tpu.factors(self.n), pack_batch=True)
+
+  def spectrum(self, kernel_t, plan: spectral.Plan):
+    """``(re, im)`` float32 ``[n, channels]``, the digit-reversed Monarch spectrum flattened."""
+    spectrum = Butterfly(self.n, tpu.factors(self.n)).forward(spectral.pad_kernel(kernel_t, plan))
+    spectrum = spectrum.reshape(self.n, spectrum.shape[-1])
+    return spectrum.real, spectrum.imag
+
+  def convolve(self, x: Float[Array, "batch n channels"], k_re, k_im
+               ) -> Float[Array, "batch n channels"]:
+    return tpu.fft_conv(x, k_re, k_im, interpret=self.interpret)
+
+
+def _size(length: int) -> int:
+  n = tpu.transform_size(length)
+  if n is None:
+    raise NotImplementedError(f"the fused TPU kernel serves transforms of up to "
+                              f"{tpu.largest_size()} points; this call needs {length}")
+  return n
+
+
+def long_conv(
+    u: Float[Array, "batch seq channels"],
+    kernel: Float[Array, "channels kernel_len"],
+    *,
+    mode: str,
+    skip: Float[Array, " channels"] | None = None,
+    pre_gate: Float[Array, "batch seq channels"] | None = None,
+    post_gate: Float[Array, "batch seq channels"] | None = None,
+) -> Float[Array, "batch seq channels"]:
+  """Fused-kernel long convolution; arguments as validated by ``effjax.long_conv``.
+
+  Raises:
+    NotImplementedError: off a TPU (unless in ``pallas_kernels.interpret.interpret_mode()``), or
+      a transform beyond the multi-pass limit.
+  """
+  interpret = require_tpu_or_interpret()  # off a TPU, not interpreting: NotImplementedError
+  seq = u.shape[1]
+  plan = spectral.Plan.create(mode, seq, kernel.shape[1], _size,
+                              exact_circular=tpu.factors(seq) is not None)
+  conv = spectral.fused_conv(plan, _TpuKernel(plan.n, interpret))
+  return spectral.gated_long_conv(u, kernel, conv=conv, skip=skip, pre_gate=pre_gate,
+                                  post_gate=post_gate)
