@@ -11,7 +11,8 @@
 * Training: data parallel over every local device (batch split on the ``data`` mesh axis) with
   ZeRO stage ``zero_stage`` (:mod:`effjax.optim.zero`: stage 1 shards the optimizer state, 2 also
   the gradients, 3 also the parameters; explicit jit shardings, state donated); optax AdamW with
-  linear warm-up and cosine decay, global-norm clipping.
+  linear warm-up and cosine decay, global-norm clipping; with ``model.mixer`` long_conv / h3 the
+  long kernels get their own learning rate and no weight decay (``optim.kernel_learning_rate``).
 * Outputs in ``output_dir``: ``metrics.jsonl``, TensorBoard event files (``tb/``), orbax
   checkpoints every ``checkpoint_every`` steps (``checkpoints/``). Re-running with the same
   ``output_dir`` resumes from the latest checkpoint. At the end: held-out perplexity and a greedy
@@ -35,7 +36,8 @@ import tqdm
 
 from effjax import distributed, sharding
 from effjax.nn import DecoderLM, TransformerConfig
-from effjax.nn.long_conv import LongConvLM, LongConvLMConfig
+from effjax.nn.long_conv import (KERNEL_LR_RATIO, LongConvLM, LongConvLMConfig,
+                                 long_conv_optimizer)
 from effjax.optim import zero
 from experiments.config import ExperimentConfig, require
 
@@ -107,6 +109,10 @@ class OptimConfig:
   """Adam beta2."""
   grad_clip: float = 1.0
   """Global-norm gradient clipping threshold."""
+  kernel_learning_rate: float | None = None
+  """Peak learning rate of the long-convolution kernels (model.mixer long_conv / h3): Adam with
+  no weight decay on the same warm-up and decay, as the paper. None: learning_rate times
+  effjax.nn.long_conv.KERNEL_LR_RATIO (0.1, safari's LRA configs)."""
 
   def __post_init__(self):
     require(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "> 0")
@@ -116,6 +122,8 @@ class OptimConfig:
     require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
     require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", (self.b1, self.b2), "in [0, 1)")
     require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0")
+    require(self.kernel_learning_rate is None or self.kernel_learning_rate > 0,
+            "optim.kernel_learning_rate", self.kernel_learning_rate, "None or > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,16 +196,30 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any
       dtype=jnp.dtype(config.dtype))
 
 
-def build_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+def kernel_learning_rate(config: OptimConfig) -> float:
+  """Peak learning rate of long-convolution kernels: ``kernel_learning_rate``, else the paper's
+  ratio to ``learning_rate``."""
+  if config.kernel_learning_rate is None:
+    return config.learning_rate * KERNEL_LR_RATIO
+  return config.kernel_learning_rate
+
+
+def build_optimizer(config: OptimConfig, total_steps: int, mixer: str = "attention"
+                    ) -> optax.GradientTransformation:
+  """Clipping, then AdamW (weight decay on matrices only) on a warm-up + cosine schedule; for a
+  long-convolution ``mixer`` the kernels instead get :func:`long_conv_optimizer`'s Adam, peaking
+  at :func:`kernel_learning_rate` on the same schedule shape, without weight decay."""
+  schedule = lambda peak: optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=config.warmup_steps,
       decay_steps=max(total_steps, config.warmup_steps + 1),
-      end_value=config.learning_rate * config.final_lr_fraction)
+      end_value=peak * config.final_lr_fraction)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip),
-      optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                  mask=decay_mask))
+  optimizer = optax.adamw(schedule(config.learning_rate), b1=config.b1, b2=config.b2,
+                          weight_decay=config.weight_decay, mask=decay_mask)
+  if mixer != "attention":
+    optimizer = long_conv_optimizer(optimizer,
+                                    kernel_learning_rate=schedule(kernel_learning_rate(config)))
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip), optimizer)
 
 
 def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
@@ -315,7 +337,7 @@ def main(config: Config) -> dict[str, Any]:
   sharding.check_batch_divisible(config.batch_size, mesh)
   replicated = sharding.replicated(mesh)
   model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
-  optimizer = build_optimizer(config.optim, config.steps)
+  optimizer = build_optimizer(config.optim, config.steps, config.model.mixer)
 
   dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
   init_params = jax.jit(lambda key: model.init(key, dummy))

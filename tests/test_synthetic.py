@@ -3,11 +3,13 @@ and the long-conv vs transformer experiment's parameter matching."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from effjax.data import synthetic
-from experiments import train_synthetic
+from experiments import train_lm, train_synthetic
 
 
 def test_associative_recall_targets_are_the_query_values():
@@ -70,3 +72,39 @@ def test_transformer_is_matched_to_the_long_conv_parameter_count():
   _, matched, count = train_synthetic._build(config, "attention", 20, budget)
   assert matched.d_ff != config.model.d_ff or count == budget
   assert abs(count - budget) <= 3 * config.model.d_model * config.model.num_layers
+
+
+@pytest.mark.parametrize("mixer", ["h3", "long_conv", "attention"])
+def test_driver_trains_with_train_lms_optimizer_for_its_mixer(monkeypatch, mixer):
+  class Built(Exception):
+    pass
+
+  def build_optimizer(*args):
+    raise Built(*args)
+
+  monkeypatch.setattr(train_lm, "build_optimizer", build_optimizer)
+  config = train_synthetic.Config(optim=train_lm.OptimConfig(kernel_learning_rate=1e-4))
+  with pytest.raises(Built) as built:  # long convs: kernels own lr, no weight decay
+    train_synthetic.train_and_evaluate(config, mixer, None)
+  assert built.value.args == (config.optim, config.steps, mixer)
+
+
+def test_driver_repeats_every_mixer_per_seed(monkeypatch, tmp_path):
+  def train_and_evaluate(config, mixer, budget):
+    return {"mixer": mixer, "seed": config.seed, "parameters": 7 if budget is None else budget,
+            "token_accuracy": config.seed / 10, "sequence_accuracy": 0.0}
+
+  monkeypatch.setattr(train_synthetic, "train_and_evaluate", train_and_evaluate)
+  config = train_synthetic.Config(output_dir=str(tmp_path), mixers=("h3", "attention"), seed=3,
+                                  num_seeds=2)
+  summary = train_synthetic.main(config)
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert [(row["mixer"], row["seed"]) for row in rows] == [
+      ("h3", 3), ("h3", 4), ("attention", 3), ("attention", 4)]
+  assert summary == pytest.approx({"h3_token_accuracy": 0.35, "attention_token_accuracy": 0.35})
+
+
+def test_majority_accuracy_counts_only_targets():
+  targets = np.array([[-1, 3], [-1, 3], [-1, 5]], np.int32)
+  data = synthetic.SyntheticData(np.zeros_like(targets), targets, 6)
+  assert train_synthetic.majority_accuracy(data) == pytest.approx(2 / 3)

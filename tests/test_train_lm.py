@@ -7,6 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from effjax.nn.long_conv import KERNEL_LR_RATIO, KERNEL_PARAM
 from experiments import run, train_lm
 
 pytest.importorskip("tokenizers")
@@ -66,3 +67,45 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
 def test_stop_at_must_be_within_steps(tmp_path):
   with pytest.raises(ValueError, match="'stop_at': got 9"):
     run.load("configs/quickstart.yaml", ["--steps=4", "--stop_at=9"])
+
+
+
+def _first_update(mixer, optim, grads_of=lambda name, param: np.zeros(param.shape, np.float32)):
+  """``{name: (param, update)}`` of one optimizer step from a fresh tiny model of ``mixer``."""
+  model = train_lm.build_model(train_lm.ModelConfig(
+      d_model=8, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=8, mixer=mixer), 11, seq_len=6)
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 6), np.int32))
+  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  grads = jax.tree.unflatten(jax.tree.structure(params), [
+      grads_of(name, param) for name, param in zip(names, jax.tree.leaves(params))])
+  optimizer = train_lm.build_optimizer(optim, 10, mixer)
+  updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
+  return {name: (np.asarray(p), np.asarray(u))
+          for name, p, u in zip(names, jax.tree.leaves(params), jax.tree.leaves(updates))}
+
+
+@pytest.mark.parametrize("mixer, kernel_lr, expected_kernel_lr",
+                         [("long_conv", 1e-3, 1e-3), ("h3", None, 2e-3)])
+def test_long_conv_kernels_get_their_own_lr_and_no_weight_decay(mixer, kernel_lr,
+                                                                 expected_kernel_lr):
+  assert KERNEL_LR_RATIO == 0.1  # so None gives 2e-2 * 0.1
+  optim = train_lm.OptimConfig(learning_rate=2e-2, kernel_learning_rate=kernel_lr,
+                               warmup_steps=0, weight_decay=0.5, grad_clip=1e6)
+  # Gradient 1 on the kernels, 0 elsewhere: Adam's first step moves a kernel by -(its own lr),
+  # with no decay term; a dense matrix only decays, by -lr * weight_decay * value.
+  updates = _first_update(mixer, optim, lambda name, param: np.full(
+      param.shape, float(KERNEL_PARAM in name), np.float32))
+  kernels = [pair for name, pair in updates.items() if KERNEL_PARAM in name]
+  dense = [pair for name, pair in updates.items() if "['out']['kernel']" in name]
+  assert len(kernels) == len(dense) == 1
+  for param, update in kernels:
+    np.testing.assert_allclose(update, np.full(param.shape, -expected_kernel_lr), rtol=1e-4)
+  for param, update in dense:
+    np.testing.assert_allclose(update, -2e-2 * 0.5 * param, rtol=1e-5, atol=1e-9)
+
+
+def test_attention_optimizer_decays_every_matrix_and_nothing_else():
+  optim = train_lm.OptimConfig(learning_rate=2e-2, warmup_steps=0, weight_decay=0.5)
+  for param, update in _first_update("attention", optim).values():
+    expected = -2e-2 * 0.5 * param if param.ndim >= 2 else np.zeros(param.shape)
+    np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-9)
