@@ -227,8 +227,10 @@ def test_pallas_tpu_falls_through():
       long_conv(u, kernel, implementation="pallas_tpu")
 
 
-def test_pallas_tpu_is_first_on_tpu():
-  assert dispatch.default_order("long_conv", "tpu") == ("pallas_tpu", "butterfly", "xla_fft")
+def test_unmeasured_kernels_are_opt_in():
+  """Kernels never compiled on their hardware stay out of the default order (by name only)."""
+  assert dispatch.default_order("long_conv", "tpu") == ("butterfly", "xla_fft")
+  assert dispatch.default_order("long_conv", "gpu") == ("xla_fft",)
 
 
 def numpy_conv(u, kernel, mode, skip=None, pre_gate=None, post_gate=None):

@@ -7,16 +7,16 @@ Implementations (see ``effjax.dispatch.DEFAULT_ORDER`` for the order tried per p
 * ``"xla_fft"``: ``rfft`` / ``irfft`` zero-padded to the linear-convolution length, float32
   transforms, with a recomputing ``custom_vjp``. The default on CPU and GPU.
 * ``"butterfly"``: the FFT as Monarch / FlashButterfly block-diagonal matrix products with
-  twiddle factors (matmuls only), same ``custom_vjp``. On TPU (whose FFT ignores the matmul
-  precision setting) the fallback of ``"pallas_tpu"``.
+  twiddle factors (matmuls only), same ``custom_vjp``. The default on TPU, whose FFT ignores the
+  matmul precision setting.
 * ``"pallas_gpu"``: a fused Pallas (Triton) kernel (Monarch DFT, product with the kernel
   spectrum, inverse, on chip) for transform sizes 256..4096 (causal ``seq <= 2048``); tested in
   interpret mode, not yet in the GPU default order.
 * ``"pallas_tpu"``: a fused Pallas (Mosaic) kernel, channels-last with 128 channels per program
   (Monarch DFT stages as MXU matmuls, product with the kernel spectrum, inverse, on chip) for
   transforms up to about 2048 points in one pass, up to 256 times that in three passes
-  (FlashButterfly's scheme); the TPU default, then ``"butterfly"``. Tested in the TPU interpreter
-  and lowered for TPU on CPU, not yet run on a TPU.
+  (FlashButterfly's scheme). Tested in the TPU interpreter and lowered for TPU on CPU, not yet
+  compiled or timed on a TPU, so not yet in the TPU default order (opt in by name).
 """
 
 from __future__ import annotations
