@@ -8,6 +8,11 @@ are real). Reported per context: the cache's exact ``nbytes()``, the compiled st
 its scratch must not grow like a float32 copy of the cache), and the median step time as a ratio
 to the full cache measured in the same run. CPU times are ratios only.
 
+XQuant rows (latent: SmolLM2's X is 576 wide, its K+V 384): the same step through
+``append_inputs`` (one token's post-norm input, its latent projection) and ``attend_inputs``
+(keys rematerialized block by block, value projection once per head), with random weights
+``[576, 3, 64]`` for W_k and W_v; the cache holds ``context - 1`` tokens from ``prefill_inputs``.
+
 On a GPU, ``kvcache_decode_gpu`` also times ``attend`` alone with the fused Pallas (Triton) decode
 kernel (``implementation="pallas_gpu"``) against the XLA path at contexts 4k..32k, batch 8,
 bfloat16 queries and residual; on other backends that part is skipped.
@@ -22,17 +27,46 @@ import jax
 import jax.numpy as jnp
 
 from effjax import benchmarking
-from effjax.kv_cache import KIVI, FullKVCache
+from effjax.kv_cache import KIVI, FullKVCache, LayerInputs, XQuant
 from effjax.kv_cache.attention import kivi_decode_attention
+from effjax.nn import TransformerConfig
 
-HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-CACHES = {"fp": FullKVCache, "KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2)}
+HEADS, KV_HEADS, HEAD_DIM, D_MODEL = 9, 3, 64, 576
+CACHES = {"fp": FullKVCache, "KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2),
+          "XQuant-4": XQuant(bits=4), "XQuant-2": XQuant(bits=2),
+          "XQuant-4 (R=128)": XQuant(bits=4, residual=128)}
 BASELINE = "fp"
+SMOLLM2 = TransformerConfig(vocab_size=1, d_model=D_MODEL, num_layers=1, num_heads=HEADS,
+                            num_kv_heads=KV_HEADS, d_ff=1, head_dim=HEAD_DIM)
 
 
 def _step(cache, k, v, q):
   cache = cache.append(k, v)
   return cache, cache.attend(q)
+
+
+def _layer_inputs(x, kernels):
+  return LayerInputs(x=x, residual=x, key_kernel=kernels[0], value_kernel=kernels[1],
+                     norm_scale=jnp.ones((D_MODEL,)), norm_eps=1e-5, rope_theta=1e4)
+
+
+def _xquant_case(settings, context, q):
+  """(jitted step, its arguments) of an XQuant cache holding ``context - 1`` random tokens."""
+  x = benchmarking.random_inputs([jax.ShapeDtypeStruct((1, context, D_MODEL), jnp.float32)])[0]
+  kernels = [w * D_MODEL**-0.5 for w in benchmarking.random_inputs(
+      [jax.ShapeDtypeStruct((D_MODEL, KV_HEADS, HEAD_DIM), jnp.float32)] * 2, seed=1)]
+  cache = settings.for_layer(0, SMOLLM2).init(1, context, num_kv_heads=KV_HEADS,
+                                              head_dim=HEAD_DIM).with_weights(*kernels)
+  cache, _ = jax.jit(lambda c, x: c.prefill_inputs(_layer_inputs(x, kernels),
+                                                   jnp.zeros((1,), jnp.int32), None))(
+                                                       cache, x[:, :-1])
+
+  def step(cache, x, q):
+    inputs = _layer_inputs(x, kernels)
+    cache, _ = cache.append_inputs(inputs, None)
+    return cache, cache.attend_inputs(q, inputs, None)
+
+  return step, (cache, x[:, -1:], q)
 
 
 def measure(contexts, repeats: int) -> list[dict]:
@@ -43,12 +77,16 @@ def measure(contexts, repeats: int) -> list[dict]:
     q = benchmarking.random_inputs([jax.ShapeDtypeStruct((1, 1, HEADS, HEAD_DIM), jnp.float32)])[0]
     baseline = None
     for name, cache_type in CACHES.items():
-      cache = cache_type.init(1, context, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
-      cache = jax.jit(lambda c, k, v: c.prefill(k, v, jnp.zeros((1,), jnp.int32)))(
-          cache, k[:, :-1], v[:, :-1])
-      args = (cache, k[:, -1:], v[:, -1:], q)
-      memory = benchmarking.compiled_memory(_step, *args, donate_argnums=0)  # cache in place
-      timing = benchmarking.time_call(jax.jit(_step), *args, repeats=repeats)
+      if isinstance(cache_type, XQuant):
+        step, args = _xquant_case(cache_type, context, q)
+      else:
+        cache = cache_type.init(1, context, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+        cache = jax.jit(lambda c, k, v: c.prefill(k, v, jnp.zeros((1,), jnp.int32)))(
+            cache, k[:, :-1], v[:, :-1])
+        step, args = _step, (cache, k[:, -1:], v[:, -1:], q)
+      cache = args[0]
+      memory = benchmarking.compiled_memory(step, *args, donate_argnums=0)  # cache in place
+      timing = benchmarking.time_call(jax.jit(step), *args, repeats=repeats)
       baseline = timing.median_s if name == BASELINE else baseline
       rows.append({"cache": name, "context": context, "cache_bytes": cache.nbytes(),
                    "temp_bytes": memory.temp_bytes, "median_ms": timing.median_s * 1e3,
@@ -93,7 +131,10 @@ def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
   rows = measure(contexts, repeats=3 if quick else 15)
   notes = ("One attention layer, SmolLM2-135M geometry (9 heads, 3 kv heads, head_dim 64), "
            "batch 1, float32 K/V (KIVI scales float16, G=32, R=128); one step = append 1 token "
-           "+ attend its query over `context` slots. cache_bytes = exact nbytes(); temp = "
+           "+ attend its query over `context` slots; XQuant (G=64, latent: SVD latents of the "
+           "576-wide X, random weights): append_inputs of one token's X + attend_inputs "
+           "(block-wise key remat, 256 slots per block). cache_bytes = exact nbytes() (XQuant: "
+           "without the one-time SVD factors); temp = "
            "scratch bytes of the compiled step (cache argument donated; the fp cache's append "
            "still gets a scratch copy of its K/V on CPU); time = median of repeats as a ratio "
            "to the fp cache in the same run (CPU: XLA path, no fused kernel).")

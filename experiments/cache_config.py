@@ -3,7 +3,7 @@
 ```yaml
 cache: {type: kivi, bits: 2, group_size: 32, residual: 128}   # default: {type: full}
 cache: {type: vidkv, key_bits: 1.5, group_size: 32, residual: 128}
-cache: {type: xquant, bits: 4, group_size: 64}                # or xquant_cl (+ first_bits, ...)
+cache: {type: xquant, bits: 4, group_size: 64, residual: 128} # or xquant_cl (+ first_bits, ...)
 ```
 """
 
@@ -15,6 +15,7 @@ from effjax.kv_cache import KIVI, CacheType, FullKVCache, VidKV, XQuant, XQuantC
 from experiments.config import ConfigError, require
 
 CACHE_TYPES = ("full", "kivi", "vidkv", "xquant", "xquant_cl")
+DEFAULT_RESIDUAL = 128  # kivi, vidkv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,9 @@ class CacheConfig:
   group_size: int = 32
   """kivi: tokens per key group and channels per value group (the model's head_dim must be a
   multiple)."""
-  residual: int = 128
-  """kivi: recent tokens kept in full precision; a multiple of group_size."""
+  residual: int | None = None
+  """Recent tokens kept in full precision (null: the type's default). kivi/vidkv: a multiple of
+  group_size, default 128; xquant/xquant_cl: any int >= 0, default 0 (no window)."""
   key_bits: float = 1.5
   """vidkv: average key width in [1, 2] (that fraction minus 1 of the channels at 2 bits, the rest
   1-bit after an FFT); values are ternary. vidkv also uses group_size (tokens per group of every
@@ -58,14 +60,21 @@ class CacheConfig:
     if self.type == "full":
       return FullKVCache
     if self.type == "xquant":
-      return XQuant(bits=self.bits, group_size=self.group_size)
+      return XQuant(bits=self.bits, group_size=self.group_size, residual=self.window)
     if self.type == "xquant_cl":
       return XQuantCL(bits=self.bits, first_bits=self.first_bits, first_layers=self.first_layers,
-                      group_size=self.group_size)
+                      group_size=self.group_size, residual=self.window)
     if self.type == "vidkv":
-      return VidKV(key_bits=self.key_bits, group_size=self.group_size, residual=self.residual)
-    return KIVI(bits=self.bits, group_size=self.group_size, residual=self.residual,
+      return VidKV(key_bits=self.key_bits, group_size=self.group_size, residual=self.window)
+    return KIVI(bits=self.bits, group_size=self.group_size, residual=self.window,
                 value_bits=self.value_bits)
+
+  @property
+  def window(self) -> int:
+    """``residual`` with the type's default filled in."""
+    if self.residual is not None:
+      return self.residual
+    return 0 if self.type in ("xquant", "xquant_cl") else DEFAULT_RESIDUAL
 
   @property
   def label(self) -> str:
@@ -74,13 +83,14 @@ class CacheConfig:
     if self.type == "full":
       return "fp"
     default = CacheConfig()
-    details = ("" if (self.group_size, self.residual) == (default.group_size, default.residual)
-               else f" (G={self.group_size}, R={self.residual})")
+    details = ("" if (self.group_size, self.window) == (default.group_size, DEFAULT_RESIDUAL)
+               else f" (G={self.group_size}, R={self.window})")
+    window = f", R={self.window}" if self.window else ""
     if self.type == "xquant":
-      return f"XQuant-{self.bits} (G={self.group_size})"
+      return f"XQuant-{self.bits} (G={self.group_size}{window})"
     if self.type == "xquant_cl":
       return (f"XQuant-CL-{self.bits} (first {self.first_layers} @{self.first_bits}, "
-              f"G={self.group_size})")
+              f"G={self.group_size}{window})")
     if self.type == "vidkv":
       return f"VidKV K{self.key_bits:g}V1.58{details}"
     widths = (self.bits if self.value_bits in (None, self.bits)

@@ -88,7 +88,8 @@ class Config(ExperimentConfig):
 SMOKE_OVERRIDES = (
     "--num_layers=2", "--source=news", "--prompt_len=20", "--decode_len=24", "--chunk=12",
     "--batch=1", "--contexts=[64]",
-    "--caches=[{type: full}, {type: kivi, bits: 2, group_size: 32, residual: 32}]")
+    "--caches=[{type: full}, {type: kivi, bits: 2, group_size: 32, residual: 32}, "
+    "{type: xquant, bits: 4, group_size: 64, residual: 8}]")
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -119,12 +120,21 @@ def _decode_chunk(model: Any, params: Any, caches: tuple, tokens: jax.Array, pos
   return lax.scan(step, caches, (tokens[:-1], positions[:-1], targets))
 
 
+def _cache_shapes(cache: CacheConfig, model: Any, context: int) -> tuple:
+  from effjax.models import init_caches  # pylint: disable=g-import-not-at-top
+  return jax.eval_shape(lambda: init_caches(model, 1, context, cache_type=cache.cache_type(),
+                                            dtype=jnp.float16))
+
+
 def _bytes_per_token(cache: CacheConfig, model: Any, context: int) -> float:
   """Exact cache bytes of every layer per token at ``context`` (batch 1, float16), from shapes."""
-  from effjax.models import init_caches  # pylint: disable=g-import-not-at-top
-  shapes = jax.eval_shape(lambda: init_caches(model, 1, context, cache_type=cache.cache_type(),
-                                              dtype=jnp.float16))
-  return sum(layer.nbytes() for layer in shapes) / context
+  return sum(layer.nbytes() for layer in _cache_shapes(cache, model, context)) / context
+
+
+def _factor_bytes(cache: CacheConfig, model: Any) -> int:
+  """One-time bytes of per-model precomputed weights (latent XQuant's SVD factors), all layers."""
+  return sum(getattr(layer, "factor_nbytes", lambda: 0)()
+             for layer in _cache_shapes(cache, model, 1))
 
 
 def _notes(config: Config, num_layers: int) -> str:
@@ -145,7 +155,9 @@ def _notes(config: Config, num_layers: int) -> str:
       f"bytes/token: exact nbytes() of the {num_layers} layers' caches at "
       "batch 1 with keys/values in float16 (the fp row is the fp16 cache), codes + scales + zero "
       "points + full-precision residual + counters, divided by the context; KIVI stores its "
-      "scales and zero points in float16.")
+      "scales and zero points in float16. factor_bytes: one-time bytes (per model, not per "
+      "context) of latent XQuant's float32 SVD factors [U_k, U_v] and S B^T of all layers; "
+      "excluded from bytes/token (they could replace W_k/W_v at an extra r*r per projection).")
 
 
 def main(config: Config) -> dict[str, Any]:
@@ -170,7 +182,8 @@ def main(config: Config) -> dict[str, Any]:
   caches = tuple(
       jax.jit(prefill, static_argnums=0)(
           model, params, windows[:, :config.prompt_len], start,
-          init_caches(model, config.batch, total, cache_type=cache.cache_type()))[1]
+          init_caches(model, config.batch, total, cache_type=cache.cache_type(),
+                      params=params))[1]
       for cache in config.caches)
   metrics = [([], [], []) for _ in config.caches]
   with tqdm.tqdm(total=config.decode_len, desc="decode", unit="token") as bar:
@@ -199,6 +212,7 @@ def main(config: Config) -> dict[str, Any]:
            "top1_agreement": float(agree.mean())}
     for context in config.contexts:
       row[f"bytes_per_token@{context}"] = _bytes_per_token(cache, model, context)
+    row["factor_bytes"] = _factor_bytes(cache, model)
     rows.append(row)
   for row in rows:
     row["delta_perplexity"] = row["perplexity"] - rows[0]["perplexity"]
@@ -212,13 +226,14 @@ def main(config: Config) -> dict[str, Any]:
       title="Quantized KV caches on SmolLM2-135M-Instruct: quality and bytes per token",
       columns=["cache", "tokens", "perplexity", "delta_perplexity", "delta_ci95", "kl",
                "top1_agreement",
-               *byte_columns, f"fp16_ratio@{max(config.contexts)}"],
+               *byte_columns, f"fp16_ratio@{max(config.contexts)}", "factor_bytes"],
       directory=config.output_dir, notes=_notes(config, model.config.num_layers),
       formatters={"perplexity": "{:.3f}".format, "delta_perplexity": "{:+.3f}".format,
                   "delta_ci95": lambda ci: f"[{ci[0]:+.3f}, {ci[1]:+.3f}]",
                   "kl": "{:.4f}".format, "top1_agreement": "{:.3f}".format,
                   f"fp16_ratio@{max(config.contexts)}": "{:.2f}x".format,
-                  **{column: benchmarking.format_bytes for column in byte_columns}})
+                  **{column: benchmarking.format_bytes
+                     for column in (*byte_columns, "factor_bytes")}})
   benchmarking.plot_lines(
       f"{config.output_dir}/{config.results_name}.png",
       {row["cache"]: (config.contexts, [row[column] for column in byte_columns]) for row in rows},

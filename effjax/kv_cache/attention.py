@@ -5,7 +5,9 @@ float32 copy of the whole cache (what HF's QuantizedCache does every step). Inst
 supplies a ``load_block`` that dequantizes ``block_size`` slots at a time, plus a short
 full-precision "tail" (KIVI's residual window); softmax is accumulated online over the blocks and
 the tail (FlashAttention's running max / sum / output, combined in float32), GQA-aware: query head
-``h`` reads kv head ``h // (heads // kv_heads)`` and K/V are never repeated.
+``h`` reads kv head ``h // (heads // kv_heads)`` and K/V are never repeated. The values may also be
+one stream shared by every kv head (XQuant: the weighted sum of the cached layer input, projected
+by ``W_v`` afterwards); the tail is optional.
 
 Memory: one dequantized block (``2 * batch * block_size * kv_heads * head_dim`` float32), its
 logits (``batch * heads * seq * block_size`` float32) and the tail; never O(cache) in float32.
@@ -40,7 +42,9 @@ def _visible(slots: jax.Array, start: jax.Array, last_visible: jax.Array) -> jax
 
 def _update(carry: _Carry, q: jax.Array, k: jax.Array, v: jax.Array,
             visible: Bool[Array, "batch seq T"]) -> _Carry:
-  """Folds one block of keys/values ``[batch, T, kv_heads, head_dim]`` into the online softmax."""
+  """Folds one block into the online softmax: keys ``[batch, T, kv_heads, head_dim]``, values
+  ``[batch, T, kv_heads, dim]`` (per kv head) or ``[batch, T, dim]`` (one stream every kv head
+  reads, as XQuant's value stream before its projection)."""
   m, l, acc = carry
   logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
@@ -49,46 +53,52 @@ def _update(carry: _Carry, q: jax.Array, k: jax.Array, v: jax.Array,
   p = jnp.exp(logits - shift[..., None])
   correction = jnp.exp(m - shift)
   l = l * correction + jnp.sum(p, axis=-1)
-  v = jnp.where(jnp.any(visible, axis=1)[:, :, None, None], v, 0.0)  # 0 * garbage stays 0
-  acc = acc * correction[..., None] + jnp.einsum("bkgst,btkd->bkgsd", p, v,
-                                                 preferred_element_type=jnp.float32)
+  seen = jnp.any(visible, axis=1)  # [batch, T]
+  v = jnp.where(seen.reshape(*seen.shape, *(1,) * (v.ndim - 2)), v, 0.0)  # 0 * garbage stays 0
+  mix = "bkgst,btkd->bkgsd" if v.ndim == 4 else "bkgst,btd->bkgsd"
+  acc = acc * correction[..., None] + jnp.einsum(mix, p, v, preferred_element_type=jnp.float32)
   return m_new, l, acc
 
 
 def blockwise_decode_attention(
     q: Float[Array, "batch seq heads head_dim"], *,
     load_block: Callable[[jax.Array], tuple[jax.Array, jax.Array]], block_size: int,
-    prefix_end: Int[Array, ""], tail_slots: Int[Array, "tail"],
-    tail_k: Float[Array, "batch tail kv_heads head_dim"],
-    tail_v: Float[Array, "batch tail kv_heads head_dim"],
-    start: Int[Array, "batch"], length: Int[Array, ""], scale: float,
-) -> Float[Array, "batch seq heads head_dim"]:
+    prefix_end: Int[Array, ""], start: Int[Array, "batch"], length: Int[Array, ""], scale: float,
+    tail_slots: Int[Array, "tail"] | None = None,
+    tail_k: Float[Array, "batch tail kv_heads head_dim"] | None = None,
+    tail_v: Float[Array, "batch tail kv_heads dim"] | Float[Array, "batch tail dim"] | None = None,
+) -> Float[Array, "batch seq heads dim"]:
   """Attention of the last ``seq`` tokens' queries over slots ``[0, prefix_end)`` + the tail.
 
   Args:
     q: queries of the last ``seq`` stored tokens (query ``i`` sits at slot ``length - seq + i``).
-    load_block: ``j0 -> (k, v)``, each float32 ``[batch, block_size, kv_heads, head_dim]``, the
-      (dequantized) slots ``[j0, j0 + block_size)``; called for ``j0 = 0, block_size, ...`` below
-      ``prefix_end`` only. Slots at or past ``prefix_end`` are masked out.
+    load_block: ``j0 -> (k, v)``, float32 keys ``[batch, block_size, kv_heads, head_dim]`` and
+      values ``[batch, block_size, kv_heads, dim]``, or ``[batch, block_size, dim]`` for one value
+      stream shared by every kv head (XQuant), of the (dequantized) slots
+      ``[j0, j0 + block_size)``; called for ``j0 = 0, block_size, ...`` below ``prefix_end``
+      only. Slots at or past ``prefix_end`` are masked out.
     block_size: slots per block.
     prefix_end: traced end of the block-read region.
-    tail_slots: the slots of the tail rows (``>= prefix_end``; slots ``>= length`` are masked).
-    tail_k, tail_v: keys/values of those slots.
     start: each row's first real slot; earlier slots are never attended to.
     length: number of filled slots.
     scale: logit scale.
+    tail_slots: the slots of the tail rows (``>= prefix_end``; slots ``>= length`` are masked);
+      None: no tail.
+    tail_k, tail_v: keys/values of those slots, laid out as ``load_block``'s.
 
   Returns:
     float32 ``softmax(q k^T * scale) v`` with the causal, bottom-right aligned mask of
-    :meth:`effjax.kv_cache.KVCache.attend`; a query that sees no slot gets 0.
+    :meth:`effjax.kv_cache.KVCache.attend`; a query that sees no slot gets 0. Shared values
+    give query head ``h`` its kv head's weighted sum of the stream, ``[batch, seq, heads, dim]``.
   """
   batch, seq, heads, head_dim = q.shape
-  kv_heads = tail_k.shape[2]
+  k0, v0 = jax.eval_shape(load_block, jnp.zeros((), jnp.int32))
+  kv_heads, dim = k0.shape[2], v0.shape[-1]
   grouped = (q.astype(jnp.float32) * scale).reshape(batch, seq, kv_heads, heads // kv_heads,
                                                     head_dim)
   last_visible = length - seq + jnp.arange(seq)
   shape = (batch, kv_heads, heads // kv_heads, seq)
-  carry = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, head_dim)))
+  carry = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, dim)))
 
   def body(index, carry):
     j0 = index * block_size
@@ -98,11 +108,12 @@ def blockwise_decode_attention(
     return _update(carry, grouped, k, v, visible)
 
   num_blocks = (prefix_end + block_size - 1) // block_size
-  carry = lax.fori_loop(0, num_blocks, body, carry)
-  m, l, acc = _update(carry, grouped, tail_k.astype(jnp.float32), tail_v.astype(jnp.float32),
-                      _visible(tail_slots, start, last_visible))
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [batch, kv_heads, group, seq, head_dim]
-  return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
+  m, l, acc = lax.fori_loop(0, num_blocks, body, carry)
+  if tail_slots is not None:
+    m, l, acc = _update((m, l, acc), grouped, tail_k.astype(jnp.float32),
+                        tail_v.astype(jnp.float32), _visible(tail_slots, start, last_visible))
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [batch, kv_heads, group, seq, dim]
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)
 
 
 # ---------------------------------------------------------------------------------------------

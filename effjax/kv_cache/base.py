@@ -190,31 +190,36 @@ class LayerInputCache(KVCache):
   """A cache that stores (a function of) the layer input and rematerializes K/V from it (XQuant).
 
   :mod:`effjax.models.decoding` routes such caches through the three ``*_inputs`` methods below
-  (it reads :class:`LayerInputs` from the model), in layer order, threading a ``stream`` from one
-  layer to the next (cross-layer caches store deltas against the previous layer's stream). The
-  K/V methods of :class:`KVCache` raise TypeError.
+  (it reads :class:`LayerInputs` from the model), in layer order, threading what each layer's
+  write returns (a "carry", opaque to the router; None for the first layer) to the next layer:
+  cross-layer caches store deltas against the layers before them and read their codes. The K/V
+  methods of :class:`KVCache` raise TypeError.
   """
 
   @abc.abstractmethod
-  def prefill_inputs(self, inputs: LayerInputs, start: Int[Array, "batch"],
-                     previous: jax.Array | None) -> Self:
+  def prefill_inputs(self, inputs: LayerInputs, start: Int[Array, "batch"], previous: Any
+                     ) -> tuple[Self, Any]:
     """Stores a left-padded prompt's inputs in slots ``[0, seq)`` (see :meth:`KVCache.prefill`);
-    ``previous`` is the previous layer's :meth:`stream` (None for the first layer)."""
+    ``previous`` is the previous layer's carry. Returns the cache and this layer's carry."""
 
   @abc.abstractmethod
-  def append_inputs(self, inputs: LayerInputs, previous: jax.Array | None) -> Self:
-    """Stores ``seq`` new tokens' inputs in the next slots (see :meth:`KVCache.append`)."""
-
-  @abc.abstractmethod
-  def stream(self, previous: jax.Array | None) -> Float[Array, "batch max_len width"]:
-    """float32 stored stream of every slot as attend sees it (passed on to the next layer)."""
+  def append_inputs(self, inputs: LayerInputs, previous: Any) -> tuple[Self, Any]:
+    """Stores ``seq`` new tokens' inputs in the next slots (see :meth:`KVCache.append`); returns
+    the cache and this layer's carry."""
 
   @abc.abstractmethod
   def attend_inputs(self, q: Float[Array, "batch seq heads head_dim"], inputs: LayerInputs,
-                    stream: jax.Array, *, scale: float | None = None
+                    previous: Any, *, scale: float | None = None
                     ) -> Float[Array, "batch seq heads head_dim"]:
-    """:meth:`KVCache.attend`, with K/V rematerialized from ``stream`` (this cache's
-    :meth:`stream`) and the layer's weights in ``inputs``."""
+    """:meth:`KVCache.attend`, with K/V rematerialized from the stored inputs and the layer's
+    weights in ``inputs``; ``previous``: the carry this layer was written with."""
+
+  def with_weights(self, key_kernel: Float[Array, "d_model kv_heads head_dim"],
+                   value_kernel: Float[Array, "d_model kv_heads head_dim"]) -> Self:
+    """This cache with whatever it precomputes from its layer's weights (default: nothing);
+    :func:`effjax.models.init_caches` calls it when given the model's params."""
+    del key_kernel, value_kernel
+    return self
 
   def _needs_inputs(self, *_, **__):
     raise TypeError(f"{type(self).__name__} stores layer inputs, not keys/values; use it through "

@@ -13,9 +13,10 @@ each layer's post-RoPE keys and values through that layer's :class:`effjax.kv_ca
 Caches that store the layer input instead of K/V (:class:`effjax.kv_cache.LayerInputCache`,
 XQuant) get it as :class:`effjax.kv_cache.LayerInputs`: the router intercepts each
 ``DecoderBlock``/``MultiHeadAttention`` call (``flax.linen.intercept_methods``) to read the
-residual stream, the attention's input and the layer's weights, and threads each cache's
-``stream`` to the next layer's cache. A cache type with a ``for_layer(layer, config)`` method gets
-per-layer settings from it (e.g. XQuant-CL's wider first layers).
+residual stream, the attention's input and the layer's weights, and threads the carry each such
+cache's write returns to the next layer's cache. A cache type with a ``for_layer(layer, config)``
+method gets per-layer settings from it (e.g. XQuant-CL's wider first layers); ``init_caches``
+with ``params`` lets such caches precompute from their layer's weights once (XQuant's SVD).
 
 Both are pure functions of arrays and caches; jit them (``model`` static). The routing relies on
 DecoderLM calling ``attention_fn`` once per layer, in layer order, inside one trace; this is
@@ -40,22 +41,34 @@ Caches = tuple[KVCache, ...]
 
 
 def init_caches(model: DecoderLM, batch: int, max_len: int, *,
-                cache_type: CacheType = FullKVCache, dtype: Any = None) -> Caches:
-  """One empty cache per layer of ``model``, ``max_len`` slots each (``dtype``: model's)."""
+                cache_type: CacheType = FullKVCache, dtype: Any = None,
+                params: Any = None) -> Caches:
+  """One empty cache per layer of ``model``, ``max_len`` slots each (``dtype``: model's).
+
+  ``params`` (the model's variables): caches of layer inputs get their layer's attention weights
+  (:meth:`effjax.kv_cache.LayerInputCache.with_weights`, e.g. XQuant's SVD factors, computed once
+  per model); latent XQuant caches require it.
+  """
   config = model.config
   for_layer = getattr(cache_type, "for_layer", None)
-  return tuple(
-      (cache_type if for_layer is None else for_layer(layer, config)).init(
-          batch, max_len, num_kv_heads=config.num_kv_heads, head_dim=config.resolved_head_dim,
-          dtype=model.dtype if dtype is None else dtype)
-      for layer in range(config.num_layers))
+  caches = []
+  for layer in range(config.num_layers):
+    cache = (cache_type if for_layer is None else for_layer(layer, config)).init(
+        batch, max_len, num_kv_heads=config.num_kv_heads, head_dim=config.resolved_head_dim,
+        dtype=model.dtype if dtype is None else dtype)
+    if params is not None and isinstance(cache, LayerInputCache):
+      weights = params["params"][f"layer_{layer}"]["attention"]
+      cache = cache.with_weights(weights["key"]["kernel"], weights["value"]["kernel"])
+    caches.append(cache)
+  return tuple(caches)
 
 
 class _CacheRouter:
   """An ``attention_fn`` that sends layer ``i``'s K/V through ``caches[i]`` (see module doc).
 
-  ``write_inputs(cache, inputs, previous)`` and ``attend_inputs(cache, q, k, v, inputs, stream,
-  **kw)`` serve :class:`LayerInputCache` layers instead of ``write`` / ``attend``.
+  ``write_inputs(cache, inputs, previous) -> (cache, carry)`` and ``attend_inputs(cache, q, k, v,
+  inputs, previous, **kw)`` serve :class:`LayerInputCache` layers instead of ``write`` /
+  ``attend``.
   """
 
   def __init__(self, caches: Sequence[KVCache],
@@ -69,7 +82,7 @@ class _CacheRouter:
     self.write_inputs = write_inputs
     self.attend_inputs = attend_inputs
     self.updated: list[KVCache] = []
-    self.stream: jax.Array | None = None  # the last LayerInputCache's stream
+    self.carry: Any = None  # what the last LayerInputCache's write returned
     self.inputs: dict[str, Any] = {}  # read from the current block by _intercept
 
   def _intercept(self, next_fun, args, kwargs, context):
@@ -97,10 +110,10 @@ class _CacheRouter:
     cache = self.caches[layer]
     if isinstance(cache, LayerInputCache):
       inputs = LayerInputs(**self.inputs)
-      cache = self.write_inputs(cache, inputs, self.stream)
-      self.stream = cache.stream(self.stream)
+      previous = self.carry
+      cache, self.carry = self.write_inputs(cache, inputs, previous)
       self.updated.append(cache)
-      return self.attend_inputs(cache, q, k, v, inputs, self.stream, **kw)
+      return self.attend_inputs(cache, q, k, v, inputs, previous, **kw)
     cache = self.write(cache, k, v)
     self.updated.append(cache)
     return self.attend(cache, q, k, v, **kw)
@@ -170,5 +183,5 @@ def extend(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
   router = _CacheRouter(
       caches, lambda cache, k, v: cache.append(k, v), lambda cache, q, k, v, **kw: cache.attend(q),
       lambda cache, inputs, previous: cache.append_inputs(inputs, previous),
-      lambda cache, q, k, v, inputs, stream, **kw: cache.attend_inputs(q, inputs, stream))
+      lambda cache, q, k, v, inputs, previous, **kw: cache.attend_inputs(q, inputs, previous))
   return router.run(model, params, tokens, positions)

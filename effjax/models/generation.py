@@ -87,10 +87,9 @@ def sample_tokens(logits: Float[Array, "batch vocab"], key: jax.Array,
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "cache_type"))
-def _prefill(model: DecoderLM, params: Any, tokens: jax.Array, start: jax.Array, *, max_len: int,
-             cache_type: CacheType) -> tuple[jax.Array, decoding.Caches]:
-  caches = decoding.init_caches(model, tokens.shape[0], max_len, cache_type=cache_type)
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prefill(model: DecoderLM, params: Any, tokens: jax.Array, start: jax.Array,
+             caches: decoding.Caches) -> tuple[jax.Array, decoding.Caches]:
   logits, caches = decoding.prefill(model, params, tokens, start, caches)
   return logits[:, -1], caches
 
@@ -163,7 +162,7 @@ def generate(model: DecoderLM, params: Any, prompts: Sequence[Sequence[int]], *,
     max_len: cache slots; at least longest prompt + max_new_tokens. Default: that, rounded up to
       a multiple of CACHE_LEN_MULTIPLE (so the decode loop is reused across prompt lengths).
     cache_type: the KVCache class, or settings with an ``init`` like it (e.g.
-      ``effjax.kv_cache.KIVI(bits=2)``; hashable, it is a static argument of the jitted prefill).
+      ``effjax.kv_cache.KIVI(bits=2)``).
 
   Returns:
     The generated ids of each prompt (prompt excluded): up to and including ``eos_id``, at most
@@ -187,7 +186,9 @@ def generate(model: DecoderLM, params: Any, prompts: Sequence[Sequence[int]], *,
                      f"max_new_tokens ({max_new_tokens}) = {needed}")
   start = np.asarray([prompt_len - len(p) for p in prompts], np.int32)
   tokens = np.asarray([[pad_id] * s + p for s, p in zip(start, prompts)], np.int32)
-  logits, caches = _prefill(model, params, tokens, start, max_len=max_len, cache_type=cache_type)
+  # Built outside the jit: per-model precomputation (XQuant's SVD factors) is memoized.
+  caches = decoding.init_caches(model, len(prompts), max_len, cache_type=cache_type, params=params)
+  logits, caches = _prefill(model, params, tokens, start, caches)
   out = _decode(model, params, caches, logits, start, np.int32(prompt_len),
                 jax.random.key(0) if key is None else key, max_new_tokens=max_new_tokens,
                 sampling=sampling, eos_id=eos_id, pad_id=pad_id)

@@ -23,7 +23,8 @@ def tiny_model(config: nn.TransformerConfig = TINY):
 def decode_logits(model, params, tokens, start, prompt_len, cache_type):
   """Logits ``[batch, 1 + len - prompt_len, vocab]``: prefill ``prompt_len`` tokens, then decode
   the rest one at a time through ``cache_type`` caches (so every streaming rule runs)."""
-  caches = init_caches(model, tokens.shape[0], tokens.shape[1], cache_type=cache_type)
+  caches = init_caches(model, tokens.shape[0], tokens.shape[1], cache_type=cache_type,
+                       params=params)
   logits, caches = jax.jit(prefill, static_argnums=0)(model, params, tokens[:, :prompt_len],
                                                       start, caches)
   step = jax.jit(extend, static_argnums=0)
