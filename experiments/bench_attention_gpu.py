@@ -49,6 +49,7 @@ SWEEP_HOPPER = {
     "hopper bwd 128 keys (dq) / 128 queries (dkv)": hopper.HopperConfig(block_kv_dq=128,
                                                                           block_q_dkv=128),
     "hopper bwd 3 stages": hopper.HopperConfig(stages=3, block_kv=64),
+    "hopper fwd ping-pong": hopper.HopperConfig(ping_pong=True),
 }
 
 

@@ -3,7 +3,7 @@
 Why a second GPU kernel: the Triton-lowered kernels (:mod:`.gpu`) reach 0.57-1.08x of cuDNN's
 forward on an H200 (benchmarks/gpu/attention_gpu.md): Triton's Hopper code generation cannot
 specialize warps. FlashAttention-3 (Shah et al. 2024) reports 1.5-2.0x over FlashAttention-2
-on H100 (up to 740 TFLOP/s bf16 forward, 75% of peak) from three ideas, the first used here:
+on H100 (up to 740 TFLOP/s bf16 forward, 75% of peak) from three ideas, two of them here:
 
 * **warp specialization**: each CTA runs three warpgroups; one producer issues TMA copies of the
   streamed blocks into a ring of ``stages`` shared-memory slots (a "loaded" barrier per slot and
@@ -11,8 +11,9 @@ on H100 (up to 740 TFLOP/s bf16 forward, 75% of peak) from three ideas, the firs
   ``wgmma`` on the tensor cores and release each slot through a "consumed" barrier (two
   arrivals) for the producer to refill: loads of step ``t + stages`` overlap the math of step
   ``t``. The producer hands its registers to the consumers (``setmaxnreg`` 40 vs 232).
-* not yet: ping-pong scheduling of the two consumers (one's softmax under the other's GEMMs) and
-  the intra-warpgroup overlap of a block's softmax with the next block's GEMM.
+* ping-pong scheduling of the two consumers in the forward (one's softmax under the other's
+  GEMMs): ``HopperConfig(ping_pong=True)``, opt-in until timed. Not yet: the intra-warpgroup
+  overlap of a block's softmax with the next block's GEMM.
 
 Softmax in base 2 with the scale folded: ``P = exp2(S * scale * log2(e) - m)``, one FMA before
 the MUFU ``ex2``; the LSE is returned in natural log.
@@ -95,11 +96,15 @@ class HopperConfig:
     block_kv_dq: keys per step of the dq kernel.
     block_q_dkv: queries per step of the dk/dv kernel.
     stages: ring slots (>= 2): how many steps the producer may load ahead.
+    ping_pong: forward only, FlashAttention-3's schedule: the two consumers rendezvous twice per
+      step, offset by one, so one's softmax runs while the other's GEMMs hold the tensor cores
+      (FA3 reports ~10% at head_dim 128 on H100). Off by default until measured here.
   """
   block_kv: int = 128
   block_kv_dq: int = 64
   block_q_dkv: int = 64
   stages: int = 2
+  ping_pong: bool = False
 
   def __post_init__(self):
     for name in ("block_kv", "block_kv_dq", "block_q_dkv"):
@@ -108,6 +113,8 @@ class HopperConfig:
         raise ValueError(f"HopperConfig.{name} must be one of {_BLOCKS}, got {value!r}")
     if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 2:
       raise ValueError(f"HopperConfig.stages must be an int >= 2, got {self.stages!r}")
+    if not isinstance(self.ping_pong, bool):
+      raise ValueError(f"HopperConfig.ping_pong must be a bool, got {self.ping_pong!r}")
 
 
 def default_config(head_dim: int) -> HopperConfig:
@@ -281,10 +288,13 @@ class _Ops:
       return staging
     return x
 
-  def mma(self, a, b, shape):
-    """``a @ b`` into a fresh float32 accumulator ``shape`` (``a`` a ref or a register tile)."""
+  def mma(self, a, b, shape, while_running: Callable[[], None] | None = None):
+    """``a @ b`` into a fresh float32 accumulator ``shape`` (``a`` a ref or a register tile);
+    ``while_running`` runs between issuing the asynchronous ``wgmma`` and waiting for it."""
     def run(acc_ref):
       plgpu.wgmma(acc_ref, a, b)
+      if while_running is not None:
+        while_running()
       return acc_ref[...]
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
@@ -419,8 +429,14 @@ def _forward_kernel(call: _Call, q, k, v):
   batch, q_pad, heads, d = q.shape
   kv_pad, dv = k.shape[1], v.shape[-1]
   mask, block_kv, dtype, ops = call.mask, call.config.block_kv, q.dtype, _Ops(bool(call.interpret))
+  ping_pong = call.config.ping_pong
 
   def body(q_ref, k_ref, v_ref, out_ref, lse_ref, **scratch):
+    def rendezvous():
+      if ping_pong:
+        plgpu.barrier_arrive(scratch["schedule"])
+        plgpu.barrier_wait(scratch["schedule"])
+
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
     wg = lax.axis_index("wg")
     ring = _ring(scratch, call.config.stages)
@@ -439,7 +455,7 @@ def _forward_kernel(call: _Call, q, k, v):
         acc, m, l = carry
         t = j - first
         k_t = ops.transposed(ring.acquire(t, 0), _stage(scratch, "k_t", wg))
-        s, _ = _logits(call, ops.mma(q_smem, k_t, (ROWS, block_kv)))
+        s, _ = _logits(call, ops.mma(q_smem, k_t, (ROWS, block_kv), while_running=rendezvous))
         ring.release(t, 0)
         if masked:
           shape = (ROWS, block_kv)
@@ -453,7 +469,12 @@ def _forward_kernel(call: _Call, q, k, v):
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p = ops.operand(p.astype(dtype), _stage(scratch, "p", wg))
-        acc = acc + ops.mma(p, ring.acquire(t, 1), (ROWS, dv))
+        if ping_pong:  # softmax done; take the tensor cores once the other consumer's GEMM is out
+          plgpu.barrier_arrive(scratch["schedule"])
+        v_smem = ring.acquire(t, 1)
+        if ping_pong:
+          plgpu.barrier_wait(scratch["schedule"])
+        acc = acc + ops.mma(p, v_smem, (ROWS, dv))
         ring.release(t, 1)
         return acc, m_new, l
 
@@ -462,7 +483,9 @@ def _forward_kernel(call: _Call, q, k, v):
                ops.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduced),
                ops.layout(jnp.zeros((ROWS,), jnp.float32), reduced))
       whole = _whole(mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
+      pl.when(wg == 1)(rendezvous)  # the second consumer starts half a step behind
       acc, m, l = _band_loop(step, first, count, whole, carry)
+      pl.when(wg == 0)(rendezvous)  # ... and the first meets its last one
       seen = l > 0
       inverse = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
       o_smem = q_smem if d == dv else scratch["o"].at[wg]
@@ -483,6 +506,7 @@ def _forward_kernel(call: _Call, q, k, v):
   scratch = dict(
       q=_smem((CONSUMERS, ROWS, d), dtype), q_loaded=plgpu.Barrier(num_barriers=CONSUMERS),
       lse=_smem((CONSUMERS, ROWS), jnp.float32),
+      **(dict(schedule=plgpu.Barrier(num_arrivals=CONSUMERS)) if ping_pong else {}),
       **({} if d == dv else dict(o=_smem((CONSUMERS, ROWS, dv), dtype))),  # else O reuses Q's
       **_ring_scratch([((block_kv, d), dtype), ((block_kv, dv), dtype)], call.config.stages),
       **_staging(call, dict(k_t=(d, block_kv), p=(ROWS, block_kv)), dtype))

@@ -110,6 +110,18 @@ def test_garbage_no_query_or_key_sees_does_not_leak(q_len, kv_len, options):
     assert np.isfinite(np.asarray(got, np.float32)).all()
 
 
+@pytest.mark.parametrize("q_len, kv_len, causal", [(256, 200, True), (100, 300, True)])
+def test_ping_pong_schedule_in_the_interpreter(q_len, kv_len, causal):
+  """The two consumers' extra rendezvous pair up (the interpreter fails on a barrier phase that
+  is not observed, and would hang on one that never completes); same output as without."""
+  q, k, v, options = Case(q_len, kv_len, head_dim=64, group=2, kv_heads=1, batch=1, causal=causal,
+                          dtype="bfloat16").inputs()
+  run = lambda config: hopper.attention(q, k, v, config=config, interpret=True,
+                                        **normalize_arguments(q, k, v, **options))
+  np.testing.assert_array_equal(run(hopper.HopperConfig(block_kv=64, ping_pong=True)),
+                                run(SMALL))
+
+
 def test_dispatch_reaches_the_kernel_in_interpret_mode():
   q, k, v, options = Case(64, 64, head_dim=64, kv_heads=1, batch=1, causal=True,
                           dtype="bfloat16").inputs()
@@ -147,6 +159,7 @@ def test_off_hopper_it_falls_through():
     (dict(block_kv=96), ["block_kv", "64", "96"]),
     (dict(block_q_dkv=256), ["block_q_dkv", "256"]),
     (dict(stages=1), ["stages", "2", "1"]),
+    (dict(ping_pong=1), ["ping_pong", "bool"]),
 ])
 def test_bad_config_raises(change, words):
   with pytest.raises(ValueError) as raised:
@@ -158,7 +171,8 @@ def test_bad_config_raises(change, words):
 @pytest.mark.parametrize("options, head_dim, v_head_dim, q_len, kv_len", [
     (dict(), 64, 64, 256, 256), (dict(causal=True), 128, 128, 200, 300),
     (dict(causal=True), 256, 256, 128, 128), (dict(), 64, 128, 128, 192),
-    (dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500)])
+    (dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500),
+    (dict(causal=True, config=hopper.HopperConfig(ping_pong=True)), 128, 128, 256, 512)])
 def test_lowers_to_mosaic_gpu(monkeypatch, options, head_dim, v_head_dim, q_len, kv_len):
   """The three kernels lower to Mosaic GPU for CUDA on this CPU-only machine (warpgroups, TMA,
   wgmma, register layouts, the shared-memory budget), with the compiled code path: register and
