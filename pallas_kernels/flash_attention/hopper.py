@@ -400,6 +400,23 @@ def _launch(call: _Call, body, out_type, scratch: dict[str, Any], grid, grid_nam
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
 
 
+def _load_own_tiles(copies: Sequence[tuple[Any, Any]], loaded, wg):
+  """A consumer's own tiles: TMA each ``(global, shared)`` pair, then wait for all of them
+  (``loaded``: ``CONSUMERS * len(copies)`` barriers)."""
+  barriers = [loaded.at[wg * len(copies) + index] for index in range(len(copies))]
+  for (source, destination), barrier in zip(copies, barriers):
+    plgpu.copy_gmem_to_smem(source, destination, barrier)
+  for barrier in barriers:
+    plgpu.barrier_wait(barrier)
+
+
+def _produce_key_blocks(ring: _Ring, k_ref, v_ref, b, kv_head, first, count, block_kv: int):
+  """Producer of the forward and dq kernels: K and V blocks ``first .. first + count - 1``."""
+  keys = lambda t: (b, pl.ds((first + t) * block_kv, block_kv), kv_head)
+  ring.produce(count, k_ref.shape[1] // block_kv,
+               lambda t: (k_ref.at[keys(t)], v_ref.at[keys(t)]))
+
+
 def _consumer_registers():
   plgpu.set_max_registers(232, action="increase")  # 2 x 128 x 232 + 128 x 40 <= 64K
 
@@ -427,7 +444,7 @@ def _stage(scratch: dict[str, Any], name: str, wg):
 def _forward_kernel(call: _Call, q, k, v):
   """Output ``[b, q_pad, h, dv]`` and base-2 LSE ``[b, h, q_pad]``."""
   batch, q_pad, heads, d = q.shape
-  kv_pad, dv = k.shape[1], v.shape[-1]
+  dv = v.shape[-1]
   mask, block_kv, dtype, ops = call.mask, call.config.block_kv, q.dtype, _Ops(bool(call.interpret))
   ping_pong = call.config.ping_pong
 
@@ -448,8 +465,7 @@ def _forward_kernel(call: _Call, q, k, v):
       row0 = tile * TILE + wg * ROWS
       rows = pl.ds(row0, ROWS)
       q_smem = scratch["q"].at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, scratch["q_loaded"].at[wg])
-      plgpu.barrier_wait(scratch["q_loaded"].at[wg])
+      _load_own_tiles([(q_ref.at[b, rows, h], q_smem)], scratch["own_loaded"], wg)
 
       def step(j, carry, *, masked: bool):
         acc, m, l = carry
@@ -499,12 +515,10 @@ def _forward_kernel(call: _Call, q, k, v):
     @pl.when(wg == CONSUMERS)
     def _producer():
       _producer_registers()
-      kv_head = lax.div(h, call.group)
-      keys = lambda t: (b, pl.ds((first + t) * block_kv, block_kv), kv_head)
-      ring.produce(count, kv_pad // block_kv, lambda t: (k_ref.at[keys(t)], v_ref.at[keys(t)]))
+      _produce_key_blocks(ring, k_ref, v_ref, b, lax.div(h, call.group), first, count, block_kv)
 
   scratch = dict(
-      q=_smem((CONSUMERS, ROWS, d), dtype), q_loaded=plgpu.Barrier(num_barriers=CONSUMERS),
+      q=_smem((CONSUMERS, ROWS, d), dtype), own_loaded=plgpu.Barrier(num_barriers=CONSUMERS),
       lse=_smem((CONSUMERS, ROWS), jnp.float32),
       **(dict(schedule=plgpu.Barrier(num_arrivals=CONSUMERS)) if ping_pong else {}),
       **({} if d == dv else dict(o=_smem((CONSUMERS, ROWS, dv), dtype))),  # else O reuses Q's
@@ -519,8 +533,9 @@ def _forward_kernel(call: _Call, q, k, v):
 def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
   """``dq [b, q_pad, h, d]`` in q's dtype."""
   batch, q_pad, heads, d = q.shape
-  kv_pad, dv = k.shape[1], v.shape[-1]
-  mask, block_kv, dtype, ops = call.mask, call.config.block_kv_dq, q.dtype, _Ops(bool(call.interpret))
+  dv = v.shape[-1]
+  mask, block_kv, dtype = call.mask, call.config.block_kv_dq, q.dtype
+  ops = _Ops(bool(call.interpret))
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, **scratch):
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
@@ -537,11 +552,7 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
              (do_ref.at[b, rows, h], scratch["do"].at[wg]),
              (lse_ref.at[b, h, rows], scratch["lse"].at[wg]),
              (delta_ref.at[b, h, rows], scratch["delta"].at[wg])]
-      loaded = lambda index: scratch["own_loaded"].at[wg * len(own) + index]
-      for index, (source, destination) in enumerate(own):
-        plgpu.copy_gmem_to_smem(source, destination, loaded(index))
-      for index in range(len(own)):
-        plgpu.barrier_wait(loaded(index))
+      _load_own_tiles(own, scratch["own_loaded"], wg)
       q_smem, do_smem = scratch["q"].at[wg], scratch["do"].at[wg]
       lse = ops.vector(scratch["lse"].at[wg], 1)
       delta = ops.vector(scratch["delta"].at[wg], 1)
@@ -549,8 +560,8 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
       def step(j, dq, *, masked: bool):
         t = j - first
         k_smem = ring.acquire(t, 0)
-        s, d_cap = _logits(call, ops.mma(q_smem, ops.transposed(k_smem, _stage(scratch, "k_t", wg)),
-                                         (ROWS, block_kv)))
+        k_t = ops.transposed(k_smem, _stage(scratch, "k_t", wg))
+        s, d_cap = _logits(call, ops.mma(q_smem, k_t, (ROWS, block_kv)))
         if masked:
           shape = (ROWS, block_kv)
           visible = mask.allowed_broadcast(row0 + ops.iota(shape, 0),
@@ -578,9 +589,7 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
     @pl.when(wg == CONSUMERS)
     def _producer():
       _producer_registers()
-      kv_head = lax.div(h, call.group)
-      keys = lambda t: (b, pl.ds((first + t) * block_kv, block_kv), kv_head)
-      ring.produce(count, kv_pad // block_kv, lambda t: (k_ref.at[keys(t)], v_ref.at[keys(t)]))
+      _produce_key_blocks(ring, k_ref, v_ref, b, lax.div(h, call.group), first, count, block_kv)
 
   scratch = dict(
       q=_smem((CONSUMERS, ROWS, d), dtype), do=_smem((CONSUMERS, ROWS, dv), dtype),
@@ -598,7 +607,8 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
   """``dk [b, kv_pad, kv_h, d]`` and ``dv [b, kv_pad, kv_h, dv]`` in k's dtype."""
   batch, q_pad, heads, d = q.shape
   kv_pad, kv_heads, dv = k.shape[1], k.shape[2], v.shape[-1]
-  mask, block_q, dtype, ops = call.mask, call.config.block_q_dkv, q.dtype, _Ops(bool(call.interpret))
+  mask, block_q, dtype = call.mask, call.config.block_q_dkv, q.dtype
+  ops = _Ops(bool(call.interpret))
   group = call.group
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, **scratch):
@@ -613,19 +623,16 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
       key0 = tile * TILE + wg * ROWS
       keys = pl.ds(key0, ROWS)
       k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
-      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem, scratch["kv_loaded"].at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem,
-                              scratch["kv_loaded"].at[CONSUMERS + wg])
-      plgpu.barrier_wait(scratch["kv_loaded"].at[wg])
-      plgpu.barrier_wait(scratch["kv_loaded"].at[CONSUMERS + wg])
+      _load_own_tiles([(k_ref.at[b, keys, kv_head], k_smem), (v_ref.at[b, keys, kv_head], v_smem)],
+                      scratch["own_loaded"], wg)
       whole = _whole(mask.q_full_range(key0, key0 + ROWS), block_q, first, count)
 
       def step(i, carry, *, g, masked: bool):
         dk, dv_acc = carry
         t = g * count + (i - first)
         q_smem = ring.acquire(t, 0)
-        s_t, d_cap = _logits(call, ops.mma(k_smem, ops.transposed(q_smem, _stage(scratch, "q_t", wg)),
-                                           (ROWS, block_q)))
+        q_t = ops.transposed(q_smem, _stage(scratch, "q_t", wg))
+        s_t, d_cap = _logits(call, ops.mma(k_smem, q_t, (ROWS, block_q)))
         if masked:
           shape = (ROWS, block_q)
           visible = mask.allowed_broadcast(i * block_q + ops.iota(shape, 1),
@@ -674,7 +681,7 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
 
   scratch = dict(
       k=_smem((CONSUMERS, ROWS, d), dtype), v=_smem((CONSUMERS, ROWS, dv), dtype),
-      kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS),
+      own_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS),
       **_ring_scratch([((block_q, d), dtype), ((block_q, dv), dtype), ((block_q,), jnp.float32),
                        ((block_q,), jnp.float32)], call.config.stages),
       **_staging(call, dict(q_t=(d, block_q), do_t=(dv, block_q), p_t=(ROWS, block_q),
