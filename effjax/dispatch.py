@@ -38,7 +38,11 @@ DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
                         "tpu": ("pallas_tpu", "xla")},
     # The fused kernels ("pallas_gpu", "pallas_tpu") are opt-in until timed on their hardware.
     "long_conv": {"cpu": ("xla_fft",), "gpu": ("xla_fft",), "tpu": ("butterfly", "xla_fft")},
-    "kivi_decode": {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
+    # The quantized caches' decode kernels: opt-in (implementation="pallas_gpu"/"pallas_tpu")
+    # until compiled and timed on their hardware.
+    "kivi_decode": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    "xquant_decode": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    "vidkv_decode": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 }
 
 Implementation = str | Sequence[str] | None

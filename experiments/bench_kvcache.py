@@ -14,8 +14,9 @@ XQuant rows (latent: SmolLM2's X is 576 wide, its K+V 384): the same step throug
 ``[576, 3, 64]`` for W_k and W_v; the cache holds ``context - 1`` tokens from ``prefill_inputs``.
 
 On a GPU, ``kvcache_decode_gpu`` also times ``attend`` alone with the fused Pallas (Triton) decode
-kernel (``implementation="pallas_gpu"``) against the XLA path at contexts 4k..32k, batch 8,
-bfloat16 queries and residual; on other backends that part is skipped.
+kernels (``implementation="pallas_gpu"``: KIVI-4, KIVI-2, VidKV K1.5 V1.58, XQuant-4 and XQuant-2)
+against the XLA path at contexts 4k..32k, batch 8, bfloat16 queries and residual (XQuant: its
+stream and window); on other backends that part is skipped.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from effjax import benchmarking
-from effjax.kv_cache import KIVI, FullKVCache, LayerInputs, XQuant
-from effjax.kv_cache.attention import kivi_decode_attention
+from effjax.kv_cache import KIVI, FullKVCache, LayerInputs, VidKV, XQuant
+from effjax.kv_cache.attention import kivi_decode_attention, vidkv_decode_attention
+from effjax.kv_cache.xquant import xquant_decode_attention
 from effjax.nn import TransformerConfig
 
 HEADS, KV_HEADS, HEAD_DIM, D_MODEL = 9, 3, 64, 576
@@ -36,6 +38,11 @@ CACHES = {"fp": FullKVCache, "KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2),
           "XQuant-4": XQuant(bits=4), "XQuant-2": XQuant(bits=2),
           "XQuant-4 (R=128)": XQuant(bits=4, residual=128)}
 BASELINE = "fp"
+# Caches with fused decode kernels (GPU timing only): settings and their decode attention.
+KERNEL_CACHES = {"KIVI-4": (CACHES["KIVI-4"], kivi_decode_attention),
+                 "KIVI-2": (CACHES["KIVI-2"], kivi_decode_attention),
+                 "VidKV K1.5 V1.58": (VidKV(), vidkv_decode_attention)}
+XQUANT_KERNEL_CACHES = ("XQuant-4", "XQuant-2")  # op "xquant_decode"
 SMOLLM2 = TransformerConfig(vocab_size=1, d_model=D_MODEL, num_layers=1, num_heads=HEADS,
                             num_kv_heads=KV_HEADS, d_ff=1, head_dim=HEAD_DIM)
 
@@ -50,23 +57,30 @@ def _layer_inputs(x, kernels):
                      norm_scale=jnp.ones((D_MODEL,)), norm_eps=1e-5, rope_theta=1e4)
 
 
-def _xquant_case(settings, context, q):
-  """(jitted step, its arguments) of an XQuant cache holding ``context - 1`` random tokens."""
-  x = benchmarking.random_inputs([jax.ShapeDtypeStruct((1, context, D_MODEL), jnp.float32)])[0]
+def _xquant_cache(settings, context, batch=1, dtype=jnp.float32):
+  """(XQuant cache holding ``context - 1`` random tokens, the random ``[W_k, W_v]``, the last
+  token's X)."""
+  x = benchmarking.random_inputs([jax.ShapeDtypeStruct((batch, context, D_MODEL), dtype)])[0]
   kernels = [w * D_MODEL**-0.5 for w in benchmarking.random_inputs(
       [jax.ShapeDtypeStruct((D_MODEL, KV_HEADS, HEAD_DIM), jnp.float32)] * 2, seed=1)]
-  cache = settings.for_layer(0, SMOLLM2).init(1, context, num_kv_heads=KV_HEADS,
-                                              head_dim=HEAD_DIM).with_weights(*kernels)
+  cache = settings.for_layer(0, SMOLLM2).init(batch, context, num_kv_heads=KV_HEADS,
+                                              head_dim=HEAD_DIM, dtype=dtype)
   cache, _ = jax.jit(lambda c, x: c.prefill_inputs(_layer_inputs(x, kernels),
-                                                   jnp.zeros((1,), jnp.int32), None))(
-                                                       cache, x[:, :-1])
+                                                   jnp.zeros((batch,), jnp.int32), None))(
+                                                       cache.with_weights(*kernels), x[:, :-1])
+  return cache, kernels, x[:, -1:]
+
+
+def _xquant_case(settings, context, q):
+  """(jitted step, its arguments) of an XQuant cache holding ``context - 1`` random tokens."""
+  cache, kernels, x = _xquant_cache(settings, context)
 
   def step(cache, x, q):
     inputs = _layer_inputs(x, kernels)
     cache, _ = cache.append_inputs(inputs, None)
     return cache, cache.attend_inputs(q, inputs, None)
 
-  return step, (cache, x[:, -1:], q)
+  return step, (cache, x, q)
 
 
 def measure(contexts, repeats: int) -> list[dict]:
@@ -95,24 +109,32 @@ def measure(contexts, repeats: int) -> list[dict]:
 
 
 def measure_kernel(contexts, repeats: int, batch: int = 8) -> list[dict]:
-  """Median ``attend`` time of the Pallas GPU decode kernel vs the XLA path, per KIVI width."""
+  """Median ``attend`` time of the Pallas GPU decode kernels vs the XLA path, per cache."""
   rows = []
   for context in contexts:
     k, v = benchmarking.random_inputs([jax.ShapeDtypeStruct(
         (batch, context, KV_HEADS, HEAD_DIM), jnp.bfloat16)] * 2)
     q = benchmarking.random_inputs([jax.ShapeDtypeStruct((batch, 1, HEADS, HEAD_DIM),
                                                          jnp.bfloat16)])[0]
-    for name in ("KIVI-4", "KIVI-2"):
-      cache = CACHES[name].init(batch, context, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                                dtype=jnp.bfloat16)
+    for name, (settings, attention) in KERNEL_CACHES.items():
+      cache = settings.init(batch, context, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                            dtype=jnp.bfloat16)
       cache = jax.jit(lambda c, k, v: c.prefill(k, v, jnp.zeros((batch,), jnp.int32)))(cache, k, v)
-      times = {impl: benchmarking.time_call(jax.jit(functools.partial(
-          kivi_decode_attention, implementation=impl)), cache, q, repeats=repeats).median_s
-               for impl in ("xla", "pallas_gpu")}
-      rows.append({"cache": name, "context": context, "xla_ms": times["xla"] * 1e3,
-                   "pallas_gpu_ms": times["pallas_gpu"] * 1e3,
-                   "speedup": times["xla"] / times["pallas_gpu"]})
+      rows.append(_kernel_row(name, context, attention, (cache, q), repeats))
+    for name in XQUANT_KERNEL_CACHES:  # keys rematerialized in-kernel from the latent stream
+      cache, kernels, x = _xquant_cache(CACHES[name], context, batch, jnp.bfloat16)
+      attention = functools.partial(xquant_decode_attention, inputs=_layer_inputs(x, kernels))
+      rows.append(_kernel_row(name, context, attention, (cache, q), repeats))
   return rows
+
+
+def _kernel_row(name, context, attention, args, repeats: int) -> dict:
+  """Median time of ``attention(*args, implementation=...)`` by XLA and by the GPU kernel."""
+  times = {impl: benchmarking.time_call(jax.jit(functools.partial(
+      attention, implementation=impl)), *args, repeats=repeats).median_s
+           for impl in ("xla", "pallas_gpu")}
+  return {"cache": name, "context": context, "xla_ms": times["xla"] * 1e3,
+          "pallas_gpu_ms": times["pallas_gpu"] * 1e3, "speedup": times["xla"] / times["pallas_gpu"]}
 
 
 def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -121,10 +143,12 @@ def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
     rows = measure_kernel((4096,) if quick else (4096, 8192, 16384, 32768),
                           repeats=3 if quick else 20)
     written += benchmarking.write_results(
-        "kvcache_decode_gpu", rows, title="KIVI decode attention on GPU: Pallas kernel vs XLA",
+        "kvcache_decode_gpu", rows,
+        title="KIVI, VidKV and XQuant decode attention on GPU: Pallas kernels vs XLA",
         columns=["cache", "context", "xla_ms", "pallas_gpu_ms", "speedup"], directory=out_dir,
-        notes=("attend only (one layer, SmolLM2 geometry, batch 8, bf16, G=32, R=128), median "
-               "of repeats; default split heuristic."),
+        notes=("attend only (one layer, SmolLM2 geometry, batch 8, bf16, G=32, R=128; VidKV "
+               "key_bits 1.5; XQuant: latent stream, G=64, R=0, keys rematerialized in the "
+               "kernel), median of repeats; default split heuristic."),
         formatters={"xla_ms": "{:.3f}".format, "pallas_gpu_ms": "{:.3f}".format,
                     "speedup": "{:.2f}x".format})
   contexts = (256, 512) if quick else (1024, 2048, 4096, 8192)

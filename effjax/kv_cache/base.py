@@ -121,6 +121,13 @@ class KVCache(flax.struct.PyTreeNode, abc.ABC):
     K/V. ``scale`` defaults to ``head_dim ** -0.5``.
     """
 
+  def decode_attention(self, q: Float[Array, "batch seq heads head_dim"], *,
+                       scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
+    """:meth:`attend` as a decoding step runs it (:func:`effjax.models.extend`): caches with
+    fused decode kernels (KIVI, VidKV) choose an implementation through ``effjax.dispatch``;
+    the others attend directly."""
+    return self.attend(q, scale=scale)
+
   def nbytes(self) -> int:
     """Bytes of every array in the cache (codes, scales, bookkeeping), per layer."""
     return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(self))

@@ -49,7 +49,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache import quant
-from effjax.kv_cache.attention import blockwise_decode_attention
+from effjax.kv_cache.attention import blockwise_decode_attention, kivi_decode_attention
 from effjax.kv_cache.base import (
     StreamingQuantizedCache,
     check_group_and_residual,
@@ -311,6 +311,12 @@ class KIVICache(StreamingQuantizedCache):
             cache.v_window, v[:, None].astype(cache.v_window.dtype),
             (0, cache.length % (cache.residual + 1), 0, 0)),
         length=cache.length + 1)
+
+  def decode_attention(self, q: Float[Array, "batch seq heads head_dim"], *,
+                       scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
+    """:func:`effjax.kv_cache.attention.kivi_decode_attention`: the fused decode kernels where
+    ``effjax.dispatch`` picks them, else :meth:`attend`."""
+    return kivi_decode_attention(self, q, scale=scale)
 
   def attend(self, q: Float[Array, "batch seq heads head_dim"], *,
              scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:

@@ -53,7 +53,9 @@ channel masks ``batch * (S / G) * H * W(D, 1) * 4``; value codes
 and values ``2 * batch * R * H * D * itemsize``; ``start`` and 2 int32 counters. At ``D = 64``,
 ``G = 32``, ``key_bits = 1.5``: keys 1.5 + 0.75 (scales) + 0.03 (mask) bits per element, values
 1.67 (3 heads) + 0.5 bits. :meth:`VidKVCache.attend` dequantizes block by block
-(:mod:`effjax.kv_cache.attention`), never a float32 copy of the whole cache.
+(:mod:`effjax.kv_cache.attention`), never a float32 copy of the whole cache;
+:func:`effjax.kv_cache.attention.vidkv_decode_attention` runs it or the fused Pallas decode kernels
+(``pallas_kernels.kv_decode.vidkv_gpu`` / ``vidkv_tpu``), which read the packed codes in place.
 
 Claim (paper): K1.5 / V1.58 with almost no drop from fp16 on LLaVA-OV-7B and Qwen2.5-VL-7B on six
 video benchmarks.
@@ -73,7 +75,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache import quant
-from effjax.kv_cache.attention import blockwise_decode_attention
+from effjax.kv_cache.attention import blockwise_decode_attention, vidkv_decode_attention
 from effjax.kv_cache.base import (
     StreamingQuantizedCache,
     check_group_and_residual,
@@ -274,6 +276,16 @@ class VidKVCache(StreamingQuantizedCache):
     values = quant.dequantize_ternary_groups(v_codes, params["v_scale"], axis=1, group_size=group)
     return keys, values
 
+  def key_transform(self) -> Float[Array, "head_dim head_dim"]:
+    """float32 ``blockdiag(I_hot, M)``, ``M`` the inverse real FFT of ``n`` points as a matrix
+    (``x = c @ M``): a decoded key in stored order (2-bit channels, then 1-bit coefficients)
+    times it is the anomalous, then the normal channels. The Pallas decode kernels' constant."""
+    head_dim, hot = self.k_residual.shape[3], self.hot_channels
+    out = jnp.eye(head_dim, dtype=jnp.float32)
+    if hot < head_dim:
+      out = out.at[hot:, hot:].set(inverse_real_fft(jnp.eye(head_dim - hot, dtype=jnp.float32)))
+    return out
+
   def _real(self, slots: jax.Array) -> jax.Array:
     """``[batch, T, 1, 1]``: which slots hold real tokens (not left padding)."""
     return (slots[None, :] >= self.start[:, None])[:, :, None, None]
@@ -338,6 +350,12 @@ class VidKVCache(StreamingQuantizedCache):
         v_residual=lax.dynamic_update_slice(cache.v_residual,
                                             v[:, None].astype(cache.v_residual.dtype), row),
         length=cache.length + 1)
+
+  def decode_attention(self, q: Float[Array, "batch seq heads head_dim"], *,
+                       scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
+    """:func:`effjax.kv_cache.attention.vidkv_decode_attention`: the fused decode kernels where
+    ``effjax.dispatch`` picks them, else :meth:`attend`."""
+    return vidkv_decode_attention(self, q, scale=scale)
 
   def attend(self, q: Float[Array, "batch seq heads head_dim"], *,
              scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:

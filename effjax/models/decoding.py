@@ -8,7 +8,8 @@ each layer's post-RoPE keys and values through that layer's :class:`effjax.kv_ca
   ``attention_fn`` (e.g. flash attention: O(prompt) memory), masking left padding with segment
   ids;
 * :func:`extend` stores the new tokens' K/V with ``cache.append`` and attends with
-  ``cache.attend`` (one token per decoding step, GQA without repeating K/V).
+  ``cache.decode_attention`` (one token per decoding step, GQA without repeating K/V; the fused
+  decode kernels where a cache has them and ``effjax.dispatch`` picks them).
 
 Caches that store the layer input instead of K/V (:class:`effjax.kv_cache.LayerInputCache`,
 XQuant) get it as :class:`effjax.kv_cache.LayerInputs`: the router intercepts each
@@ -181,7 +182,8 @@ def extend(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
     Memory: the caches' ``attend`` (FullKVCache: ``batch * heads * seq * max_len`` floats).
   """
   router = _CacheRouter(
-      caches, lambda cache, k, v: cache.append(k, v), lambda cache, q, k, v, **kw: cache.attend(q),
+      caches, lambda cache, k, v: cache.append(k, v),
+      lambda cache, q, k, v, **kw: cache.decode_attention(q),
       lambda cache, inputs, previous: cache.append_inputs(inputs, previous),
       lambda cache, q, k, v, inputs, previous, **kw: cache.attend_inputs(q, inputs, previous))
   return router.run(model, params, tokens, positions)

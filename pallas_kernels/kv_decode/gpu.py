@@ -37,9 +37,26 @@ from jaxtyping import Array, Float, Int, UInt32
 from pallas_kernels.interpret import gpu_interpret
 from pallas_kernels.kv_decode import common
 
-_MIN_TILE = 16
+MIN_TILE = 16
 _TARGET_PROGRAMS = 264  # 2 per SM of an H100/H200
 _MIN_GROUPS_PER_SPLIT = 8
+
+
+def check_tiles(head_dim: int, group_size: int) -> None:
+  """Raises NotImplementedError unless ``head_dim`` and G are Triton tiles (powers of two >=
+  :data:`MIN_TILE`)."""
+  for name, value in (("head_dim", head_dim), ("group_size", group_size)):
+    if value < MIN_TILE or value & (value - 1):
+      raise NotImplementedError(f"Triton decode kernel needs {name} a power of two >= "
+                                f"{MIN_TILE}, got {value}")
+
+
+def splits_or_default(num_splits: int | None, q, k_codes, group_size: int) -> int:
+  """``num_splits``, or :func:`default_num_splits` for ``q`` over ``k_codes [batch, slots,
+  kv_heads, ...]`` when None."""
+  if num_splits is not None:
+    return num_splits
+  return default_num_splits(q.shape[0], k_codes.shape[2], k_codes.shape[1], group_size)
 
 
 def default_num_splits(batch: int, kv_heads: int, slots: int, group_size: int) -> int:
@@ -84,19 +101,12 @@ def decode_partials(
     ValueError: the arrays do not have KIVI's layout.
   """
   interpret = gpu_interpret(interpret)
-  batch, seq, heads, head_dim = q.shape
-  slots, kv_heads = k_codes.shape[1:3]
-  if num_splits is None:
-    num_splits = default_num_splits(batch, kv_heads, slots, group_size)
+  num_splits = splits_or_default(num_splits, q, k_codes, group_size)
   common.check(q, k_codes, k_scale, v_codes, v_scale, key_bits=key_bits, value_bits=value_bits,
                group_size=group_size, num_splits=num_splits)
-  for name, value in (("head_dim", head_dim), ("group_size", group_size)):
-    if value < _MIN_TILE or value & (value - 1):
-      raise NotImplementedError(f"Triton decode kernel needs {name} a power of two >= "
-                                f"{_MIN_TILE}, got {value}")
-  settings = common.Settings(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
-                             head_dim=head_dim, group=heads // kv_heads, seq=seq,
-                             num_splits=num_splits, scale=float(scale))
+  check_tiles(q.shape[3], group_size)
+  settings = common.Settings(key_bits=key_bits, value_bits=value_bits, **common.geometry(
+      q, k_codes.shape[2], group_size=group_size, num_splits=num_splits, scale=scale))
   return _decode_jit(settings, interpret, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                      start, end)
 
@@ -104,9 +114,7 @@ def decode_partials(
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _decode_jit(settings: common.Settings, interpret: bool, q, k_codes, k_scale, k_zero, v_codes,
                 v_scale, v_zero, start, end):
-  batch, slots, kv_heads = k_codes.shape[:3]
-  rows = max(_MIN_TILE, 1 << (settings.rows - 1).bit_length())
-  queries = common.group_queries(q, kv_heads, settings.scale, rows)
+  batch = q.shape[0]
   bounds = jnp.stack([start.astype(jnp.int32),
                       jnp.broadcast_to(end.astype(jnp.int32), (batch,))], axis=1)
 
@@ -115,58 +123,98 @@ def _decode_jit(settings: common.Settings, interpret: bool, q, k_codes, k_scale,
                         lambda b, h, s: (b, 0, h, 0))
 
   cache = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+  return launch(functools.partial(_kernel, settings), settings, interpret, q, cache,
+                [cache_spec(x) for x in cache], bounds, "kivi_decode")
+
+
+def launch(kernel, settings: common.Geometry, interpret: bool, q, inputs, in_specs, bounds,
+           name: str):
+  """``pallas_call`` of a decode kernel on grid ``(batch, kv_heads, num_splits)``.
+
+  ``kernel(q_ref, *input_refs, bounds_ref, o_ref, lse_ref)`` gets its kv head's grouped queries
+  ``[rows, head_dim]`` (:func:`common.group_queries`, rows a power of two >= 16), the ``inputs``
+  blocked by ``in_specs`` and its batch row of ``bounds [batch, n]``; returns
+  :func:`common.ungroup`'s per-split outputs and LSEs.
+  """
+  batch, kv_heads = q.shape[0], q.shape[2] // settings.group
+  rows = max(MIN_TILE, 1 << (settings.rows - 1).bit_length())
+  queries = common.group_queries(q, kv_heads, settings.scale, rows)
+  shape = (batch, kv_heads, settings.num_splits, rows)
   out, lse = pl.pallas_call(
-      functools.partial(_kernel, settings),
+      kernel,
       grid=(batch, kv_heads, settings.num_splits),
       in_specs=[pl.BlockSpec((None, None, rows, settings.head_dim), lambda b, h, s: (b, h, 0, 0)),
-                *(cache_spec(x) for x in cache),
-                pl.BlockSpec((None, 2), lambda b, h, s: (b, 0))],
+                *in_specs, pl.BlockSpec((None, bounds.shape[1]), lambda b, h, s: (b, 0))],
       out_specs=[pl.BlockSpec((None, None, None, rows, settings.head_dim),
                               lambda b, h, s: (b, h, s, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))],
-      out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, settings.num_splits, rows,
-                                       settings.head_dim), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, kv_heads, settings.num_splits, rows), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((*shape, settings.head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct(shape, jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
-      name="kivi_decode",
-  )(queries, *cache, bounds)
+      name=name,
+  )(queries, *inputs, bounds)
   return common.ungroup(settings, out, lse)
 
 
 def _kernel(settings: common.Settings, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,
             bounds_ref, o_ref, lse_ref):
   """One (row, kv head, split): online softmax over its share of the filled key groups."""
+  size = settings.group_size
+  lane = lax.broadcasted_iota(jnp.int32, (1, settings.head_dim), 1)
+  group_of_lane = lane // size  # value scales: one per G channels
+
+  def load_group(j):
+    slots = pl.ds(j * size, size)
+    k = (_unpack(kc_ref, slots, lane, settings.key_bits).astype(jnp.float32)
+         * ks_ref[j, :].astype(jnp.float32)[None, :] + kz_ref[j, :].astype(jnp.float32)[None, :])
+    v = (_unpack(vc_ref, slots, lane, settings.value_bits).astype(jnp.float32)
+         * columns(vs_ref, slots, group_of_lane).astype(jnp.float32)
+         + columns(vz_ref, slots, group_of_lane).astype(jnp.float32))
+    return k, v
+
+  flash_decode(settings, q_ref, bounds_ref[0], bounds_ref[1], load_group, o_ref, lse_ref)
+
+
+def flash_decode(settings: common.Geometry, q_ref, first, end, load_group, o_ref, lse_ref, *,
+                 last=None) -> None:
+  """One program's split: float32 online softmax of its query rows over its share of the key
+  groups overlapping slots ``[first, end)``, then its normalized output and natural-log LSE.
+
+  Split-K: the ``num_splits`` programs of a (row, kv head) share the traced filled range
+  ``[first // G, ceil(end / G))`` of groups equally, so an empty or short cache does no work past
+  its length.
+
+  Args:
+    load_group: ``j -> (k, v)``, float32 ``[G, head_dim]`` keys and values of group ``j``.
+    last: None (every row sees every slot of the range) or the slot of query 0: query row ``r``
+      then sees slots up to ``last + r // group`` only (causal, several queries).
+  """
   size, splits = settings.group_size, settings.num_splits
-  first, end = bounds_ref[0], bounds_ref[1]
   lo = first // size
   hi = jnp.maximum((end + size - 1) // size, lo)
   per_split = (hi - lo + splits - 1) // splits
   begin = lo + pl.program_id(2) * per_split
   stop = jnp.minimum(begin + per_split, hi)
   q = q_ref[...]
-  lane = lax.broadcasted_iota(jnp.int32, (1, settings.head_dim), 1)
-  group_of_lane = lane // size  # value scales: one per G channels
+  rows = q.shape[0]
+  row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
 
   def step(j, carry):
     m, l, acc = carry
-    slots = pl.ds(j * size, size)
-    k = (_unpack(kc_ref, slots, lane, settings.key_bits).astype(jnp.float32)
-         * ks_ref[j, :].astype(jnp.float32)[None, :] + kz_ref[j, :].astype(jnp.float32)[None, :])
+    k, v = load_group(j)
     slot = j * size + lax.broadcasted_iota(jnp.int32, (size,), 0)
-    visible = (slot >= first) & (slot < end)
-    logits = jnp.where(visible[None, :], _dot(q, k, trans_b=True), -jnp.inf)
+    in_range = (slot >= first) & (slot < end)
+    visible = in_range[None, :] if last is None else common.visible_to_rows(
+        slot[None, :], row, first, end, last, settings.group)
+    logits = jnp.where(visible, common.dot(q, k, trans_b=True), -jnp.inf)
     m_new = jnp.maximum(m, logits.max(axis=1))
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing stay at 0
     p = jnp.exp(logits - shift[:, None])
     rescale = jnp.exp(m - shift)
-    v = (_unpack(vc_ref, slots, lane, settings.value_bits).astype(jnp.float32)
-         * _columns(vs_ref, slots, group_of_lane).astype(jnp.float32)
-         + _columns(vz_ref, slots, group_of_lane).astype(jnp.float32))
-    v = jnp.where(visible[:, None], v, 0.0)  # 0 * garbage stays 0
-    return m_new, rescale * l + p.sum(axis=1), rescale[:, None] * acc + _dot(p, v)
+    v = jnp.where(in_range[:, None], v, 0.0)  # 0 * garbage stays 0
+    return m_new, rescale * l + p.sum(axis=1), rescale[:, None] * acc + common.dot(p, v)
 
-  rows = q.shape[0]
   init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
           jnp.zeros((rows, settings.head_dim), jnp.float32))
   m, l, acc = lax.fori_loop(begin, stop, step, init)
@@ -176,7 +224,7 @@ def _kernel(settings: common.Settings, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs
   lse_ref[...] = jnp.where(seen, m + jnp.log(l), -jnp.inf)
 
 
-def _columns(ref, slots: pl.Slice, column_of_lane):
+def columns(ref, slots: pl.Slice, column_of_lane):
   """``[G, head_dim]``: lane ``c`` of slot row ``t`` is ``ref[t, column_of_lane[c]]``, one
   column load and select per column of ``ref`` (Triton has no lane gather)."""
   shape = (slots.size, column_of_lane.shape[1])
@@ -190,12 +238,7 @@ def _columns(ref, slots: pl.Slice, column_of_lane):
 def _unpack(ref, slots, lane, bits: int):
   """int32 ``[G, head_dim]`` codes of the slots from their packed uint32 words."""
   per_word = 32 // bits
-  words = _columns(ref, slots, lane // per_word)
+  words = columns(ref, slots, lane // per_word)
   shift = ((lane % per_word) * bits).astype(jnp.uint32)
   return ((words >> shift) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
 
-
-def _dot(a, b, *, trans_b: bool = False):
-  """2-D float32 matmul at IEEE precision (not TF32)."""
-  return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())),
-                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)

@@ -40,3 +40,30 @@ def outlier_normal(seed: int, *shape: int) -> jax.Array:
   x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
   x[..., 1] = x[..., 1] * 10 + 5
   return jnp.asarray(x)
+
+
+def filled_cache(cache_type, *, max_len: int, prompt: int, appended: int, start=(0, 5),
+                 kv_heads: int = 2, head_dim: int = 32, dtype=jnp.float32, seed: int = 0):
+  """A ``cache_type`` cache (KIVI(...), VidKV(...)) after a left-padded prefill of ``prompt``
+  random tokens and one append of ``appended`` more; key channel 3 is an outlier (x8)."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+  shape = (len(start), prompt + appended, kv_heads, head_dim)
+  k, v = (jax.random.normal(key, shape, dtype) for key in keys)
+  k = k.at[..., 3].mul(8.0)
+  cache = cache_type.init(len(start), max_len, num_kv_heads=kv_heads, head_dim=head_dim,
+                          dtype=dtype)
+
+  @jax.jit
+  def fill(cache, k, v):
+    cache = cache.prefill(k[:, :prompt], v[:, :prompt], jnp.asarray(start, jnp.int32))
+    return cache.append(k[:, prompt:], v[:, prompt:]) if appended else cache
+
+  return fill(cache, k, v)
+
+
+def cache_queries(cache, seq: int, group: int, seed: int = 1) -> jax.Array:
+  """Random queries ``[batch, seq, kv_heads * group, head_dim]`` for ``cache`` (its residual's
+  geometry and dtype)."""
+  batch, _, kv_heads, head_dim = cache.k_residual.shape
+  return jax.random.normal(jax.random.PRNGKey(seed), (batch, seq, kv_heads * group, head_dim),
+                           cache.k_residual.dtype)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cache_test_utils import cache_queries, filled_cache
 
 from effjax import dispatch
 from effjax.kv_cache import KIVI
@@ -24,34 +25,16 @@ from pallas_kernels.kv_decode import common, gpu, tpu
 KV_HEADS, HEAD_DIM, GROUP_SIZE, RESIDUAL = 2, 32, 16, 32
 
 
-def _cache(bits, value_bits, *, max_len, prompt, appended, start=(0, 5), head_dim=HEAD_DIM,
-           group_size=GROUP_SIZE, dtype=jnp.float32, seed=0):
+def _cache(bits, value_bits, *, head_dim=HEAD_DIM, group_size=GROUP_SIZE, **fill):
   """A KIVI cache after a left-padded prefill of ``prompt`` tokens and ``appended`` decode steps."""
-  keys = jax.random.split(jax.random.PRNGKey(seed), 2)
-  shape = (len(start), prompt + appended, KV_HEADS, head_dim)
-  k, v = (jax.random.normal(key, shape, dtype) for key in keys)
-  k = k.at[..., 3].mul(8.0)  # an outlier key channel, as KIVI's per-channel keys expect
-  cache = KIVI(bits=bits, value_bits=value_bits, group_size=group_size, residual=RESIDUAL).init(
-      len(start), max_len, num_kv_heads=KV_HEADS, head_dim=head_dim, dtype=dtype)
-
-  @jax.jit
-  def fill(cache, k, v):
-    cache = cache.prefill(k[:, :prompt], v[:, :prompt], jnp.asarray(start, jnp.int32))
-    return cache.append(k[:, prompt:], v[:, prompt:]) if appended else cache
-
-  return fill(cache, k, v)
+  return filled_cache(KIVI(bits=bits, value_bits=value_bits, group_size=group_size,
+                           residual=RESIDUAL), kv_heads=KV_HEADS, head_dim=head_dim, **fill)
 
 
 def _attend(cache, q, implementation, num_splits=None):
   """``kivi_decode_attention`` under ``jit`` (the interpreters trace once)."""
   return jax.jit(lambda cache, q: kivi_decode_attention(
       cache, q, implementation=implementation, num_splits=num_splits))(cache, q)
-
-
-def _queries(cache, seq, group, seed=1):
-  batch, _, kv_heads, head_dim = cache.k_residual.shape
-  return jax.random.normal(jax.random.PRNGKey(seed), (batch, seq, kv_heads * group, head_dim),
-                           cache.k_residual.dtype)
 
 
 # (bits, value_bits, GQA group, queries, max_len, prompt, appended, num_splits): filled prefix
@@ -68,7 +51,7 @@ GPU_CASES = [
                          GPU_CASES)
 def test_gpu_kernel_matches_xla(bits, value_bits, group, seq, max_len, prompt, appended, splits):
   cache = _cache(bits, value_bits, max_len=max_len, prompt=prompt, appended=appended)
-  q = _queries(cache, seq, group)
+  q = cache_queries(cache, seq, group)
   expected = _attend(cache, q, "xla")
   with interpret_mode():
     out = _attend(cache, q, "pallas_gpu", splits)
@@ -84,7 +67,7 @@ def test_tpu_kernel_matches_xla(monkeypatch, bits, value_bits, group, seq, promp
   monkeypatch.setattr(tpu, "_TARGET_BLOCK", 8 * GROUP_SIZE)  # several blocks at a small size
   cache = _cache(bits, value_bits, max_len=512, prompt=prompt, appended=appended)
   assert tpu.block_slots(cache.k_codes.shape[1], GROUP_SIZE) == 128
-  q = _queries(cache, seq, group)
+  q = cache_queries(cache, seq, group)
   expected = _attend(cache, q, "xla")
   with interpret_mode():
     out = _attend(cache, q, "pallas_tpu", splits)
@@ -94,7 +77,7 @@ def test_tpu_kernel_matches_xla(monkeypatch, bits, value_bits, group, seq, promp
 def test_splits_do_not_change_the_result():
   """The log-sum-exp combination is exact: 1 split and 7 splits (some empty) agree."""
   cache = _cache(2, 2, max_len=200, prompt=150, appended=3)
-  q = _queries(cache, 1, 3)
+  q = cache_queries(cache, 1, 3)
   with interpret_mode():
     one, many = (_attend(cache, q, "pallas_gpu", n) for n in (1, 7))
   np.testing.assert_allclose(one, many, atol=1e-6, rtol=1e-6)
@@ -117,11 +100,11 @@ def test_combine_of_parts_is_attention_over_their_union():
 
 def test_fallbacks():
   """Off its hardware a kernel defers to the next implementation; 16-bit (unquantized) caches
-  and more than R + 1 queries are XLA only; CPU's default is XLA."""
-  assert dispatch.default_order("kivi_decode", "cpu") == ("xla",)
-  assert dispatch.default_order("kivi_decode", "gpu")[0] == "pallas_gpu"
+  and more than R + 1 queries are XLA only; every platform's default is XLA."""
+  for platform in ("cpu", "gpu", "tpu"):  # the kernels are opt-in until timed on hardware
+    assert dispatch.default_order("kivi_decode", platform) == ("xla",)
   cache = _cache(2, 2, max_len=200, prompt=60, appended=0)
-  q = _queries(cache, 1, 1)
+  q = cache_queries(cache, 1, 1)
   with pytest.raises(dispatch.NoImplementationError, match="needs a GPU"):
     _attend(cache, q, "pallas_gpu")
   np.testing.assert_array_equal(_attend(cache, q, ("pallas_gpu", "xla")), _attend(cache, q, "xla"))
@@ -132,7 +115,7 @@ def test_fallbacks():
 
 def test_kernel_rejects_a_wrong_layout():
   cache = _cache(2, 2, max_len=200, prompt=60, appended=0)
-  q = _queries(cache, 1, 1)
+  q = cache_queries(cache, 1, 1)
   with pytest.raises(ValueError, match="k_codes"):
     gpu.decode_partials(q, cache.v_codes[..., :1], cache.k_scale, cache.k_zero, cache.v_codes,
                         cache.v_scale, cache.v_zero, cache.start, jnp.int32(0), key_bits=2,
@@ -179,7 +162,7 @@ def test_tpu_kernel_lowers_for_tpu(monkeypatch, bits, head_dim):
 def test_gpu_kernel_compiled(bits):
   """The compiled Triton kernel (default splits) against XLA, SmolLM2's head geometry."""
   cache = _cache(bits, bits, max_len=4096, prompt=3000, appended=5, head_dim=64, group_size=32)
-  q = _queries(cache, 1, 3)
+  q = cache_queries(cache, 1, 3)
   expected = _attend(cache, q, "xla")
   out = _attend(cache, q, "pallas_gpu")
   np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
