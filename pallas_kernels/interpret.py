@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,15 +89,32 @@ def require_tpu_or_interpret() -> Any:
   return False
 
 
+# XLA CPU runtime threads the Mosaic GPU interpreter needs (see :func:`hopper_interpret`).
+HOPPER_INTERPRETER_THREADS = 16
+
+
 def hopper_interpret(interpret: bool | None) -> Any:
   """The ``interpret`` argument of a Mosaic GPU (Hopper) kernel.
 
   Returns the Mosaic GPU interpreter's parameters when asked explicitly or inside
   :func:`interpret_mode`, False on a GPU of compute capability 9.x; raises NotImplementedError
   anywhere else (another GPU generation, no GPU), so dispatch moves on.
+
+  Threads: jax 0.10's interpreter runs each warpgroup of a CTA as its own XLA CPU computation,
+  blocked in host callbacks at barriers, plus the computation that waits for them; XLA's CPU
+  runtime runs them on a thread pool sized to the machine's cores. With 2 cores the pool can be
+  full of blocked computations while the warpgroup they wait for cannot start: a hang that
+  depends on timing (observed in 3 of 4 runs of one kernel). Set the environment variable
+  ``NPROC`` (read by XLA when it creates the CPU client, so before jax first runs anything) to
+  at least :data:`HOPPER_INTERPRETER_THREADS`, as ``tests/conftest.py`` does.
   """
   interpret = interpreting() if interpret is None else interpret
   if interpret:
+    threads = os.environ.get("NPROC") or os.cpu_count() or 1
+    if int(threads) < HOPPER_INTERPRETER_THREADS:
+      warnings.warn(f"the Mosaic GPU interpreter may hang with {threads} XLA CPU threads; set "
+                    f"NPROC={HOPPER_INTERPRETER_THREADS} before jax starts (see "
+                    "pallas_kernels.interpret.hopper_interpret)", RuntimeWarning, stacklevel=2)
     # Not exported publicly by jax 0.10; the interpreter simulates warpgroups, TMA and barriers.
     from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
     settings = _INTERPRET.get()

@@ -1,6 +1,9 @@
 """pytest setup: 8 simulated CPU devices, device markers, a strict-dtype-promotion fixture.
 
-XLA_FLAGS must be set before jax is imported, so this module does it first. Tests marked ``gpu``
+XLA_FLAGS must be set before jax is imported, so this module does it first; likewise ``NPROC``
+(:data:`pallas_kernels.interpret.HOPPER_INTERPRETER_THREADS`: the Mosaic GPU interpreter needs
+more XLA CPU runtime threads than a 2-core machine gets by default, see
+:func:`pallas_kernels.interpret.hopper_interpret`). Tests marked ``gpu``
 or ``tpu`` are skipped unless that accelerator is the default backend; ``slow`` tests are
 deselected by the default ``-m 'not slow'`` in pyproject.toml (run them with ``pytest -m slow``).
 """
@@ -11,6 +14,7 @@ SIMULATED_DEVICES = 8
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""),
      f"--xla_force_host_platform_device_count={SIMULATED_DEVICES}"]).strip()
+os.environ.setdefault("NPROC", "16")  # = pallas_kernels.interpret.HOPPER_INTERPRETER_THREADS
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402

@@ -36,8 +36,17 @@ mask. Both consumers run every step of their tile, so on the band's edges one ma
 block fully masked for its rows. Garbage (NaN) in keys and values no query sees, and in queries
 and output cotangents that see no key, is zeroed in XLA before the kernels (those positions are
 contiguous for a band, and known statically): a zero probability times NaN in ``wgmma`` would
-otherwise be NaN. Segment ids are not supported: :func:`attention` raises
-``NotImplementedError`` and dispatch falls through to the Triton kernels.
+otherwise be NaN.
+
+Segment ids (packed rows): each consumer reads its rows' ids and, per step, the streamed block's
+ids (64-128 int32, L2-resident) from global memory straight into registers (no ring operand, no
+barrier); every block is then masked (``q_id == kv_id``, with the band). Block skipping as the Triton
+kernels: per tile, the ``[min, max]`` id interval is compared in XLA with the other side's
+per-block intervals, and the tile streams only the blocks from the first to the last overlapping
+one, intersected with its band (for sorted ids, exactly the blocks that share a segment). The
+XLA zeroing also covers rows whose segment id the other side lacks (a padding segment): keys of
+an id no query has, queries of an id no key has (found by sorting, O(n log n)). Not covered: NaN
+in a key that shares an id with some query but lies outside every such query's band.
 
 Head dims above 128 take the Triton backward of :mod:`.gpu` (the backward tiles would overflow
 shared memory).
@@ -138,12 +147,10 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
     natural-log LSE ``[b, h, q_len]`` (-inf for queries that see no key); differentiable.
 
   Raises:
-    NotImplementedError: not on a Hopper GPU (and not interpreting), float32 inputs, head dims
-      above 256, or segment ids (dispatch then tries the next implementation).
+    NotImplementedError: not on a Hopper GPU (and not interpreting), float32 inputs or head
+      dims above 256 (dispatch then tries the next implementation).
   """
   interpret = hopper_interpret(interpret)
-  if q_segment_ids is not None or kv_segment_ids is not None:
-    raise NotImplementedError("the Hopper kernel does not support segment ids")
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
     raise NotImplementedError(f"the Hopper kernel takes bfloat16/float16 q, k, v, got "
                               f"{q.dtype}, {k.dtype}, {v.dtype}")
@@ -157,8 +164,9 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
                     f"None, got {config!r}")
   call = _Call(mask=masks.MaskSpec.create(q.shape[1], k.shape[1], causal=causal, window=window),
                scale=float(scale), softcap=softcap, group=q.shape[2] // k.shape[2],
-               config=config, interpret=interpret)
-  out, lse = _attention_jit(call, *_zero_unseen(call.mask, q, k, v))
+               segments=q_segment_ids is not None, config=config, interpret=interpret)
+  ids = _segment_ids(q_segment_ids, kv_segment_ids)
+  out, lse = _attention_jit(call, *_zero_unseen(call.mask, q, k, v, ids), ids)
   return (out, lse) if return_lse else out
 
 
@@ -169,6 +177,7 @@ class _Call:
   scale: float
   softcap: float | None
   group: int  # query heads per kv head
+  segments: bool
   config: HopperConfig
   interpret: Any  # False, or the interpreter's parameters
 
@@ -189,17 +198,75 @@ def _seen(mask: masks.MaskSpec, side: str) -> tuple[int, int] | None:
   return None if (start, stop) == (0, length) else (start, max(stop, start))
 
 
-def _zero_rows(x, seen: tuple[int, int] | None):
-  """``x [b, len, h, d]`` with rows outside ``seen`` set to zero (NaN included)."""
-  if seen is None:
+_SegmentIds = tuple[jax.Array, jax.Array] | None  # (q ids [b, q_len], kv ids [b, kv_len]) int32
+
+
+def _segment_ids(q_segment_ids, kv_segment_ids) -> _SegmentIds:
+  if q_segment_ids is None:
+    return None
+  return q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+
+
+def _has_partner(ids: jax.Array, other: jax.Array) -> jax.Array:
+  """``[b, n]``: whether ``ids[b, i]`` occurs in ``other[b]`` (a sort and a binary search per
+  row, no ``[n, m]`` comparison)."""
+  def row(ids, other):
+    other = jnp.sort(other)
+    return other[jnp.clip(jnp.searchsorted(other, ids), 0, other.size - 1)] == ids
+  return jax.vmap(row)(ids, other)
+
+
+def _zero_rows(x, seen: tuple[int, int] | None, partnered: jax.Array | None = None):
+  """``x [b, len, h, d]`` with rows outside ``seen`` or not ``partnered [b, len]`` set to zero
+  (NaN included)."""
+  if seen is None and partnered is None:
     return x
-  position = jnp.arange(x.shape[1])[None, :, None, None]
-  return jnp.where((position >= seen[0]) & (position < seen[1]), x, jnp.zeros((), x.dtype))
+  keep = jnp.ones((1, x.shape[1]), bool) if partnered is None else partnered
+  if seen is not None:
+    position = jnp.arange(x.shape[1])[None, :]
+    keep &= (position >= seen[0]) & (position < seen[1])
+  return jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype))
 
 
-def _zero_unseen(mask: masks.MaskSpec, q, k, v):
+def _zero_unseen(mask: masks.MaskSpec, q, k, v, ids: _SegmentIds):
+  """q, k, v with the rows no partner sees zeroed: outside the band, or (segment ids) of an id
+  the other side lacks."""
+  q_partnered, kv_partnered = (None, None) if ids is None else (
+      _has_partner(ids[0], ids[1]), _has_partner(ids[1], ids[0]))
   seen_keys = _seen(mask, "kv")
-  return _zero_rows(q, _seen(mask, "q")), _zero_rows(k, seen_keys), _zero_rows(v, seen_keys)
+  return (_zero_rows(q, _seen(mask, "q"), q_partnered), _zero_rows(k, seen_keys, kv_partnered),
+          _zero_rows(v, seen_keys, kv_partnered))
+
+
+def _id_intervals(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """Per block of ``ids [b, n * block]``: ``(min, max)``, each ``[b, n]``."""
+  blocks = ids.reshape(ids.shape[0], -1, block)
+  return blocks.min(-1), blocks.max(-1)
+
+
+def _segment_ranges(tile_ids: jax.Array, streamed_ids: jax.Array, block: int) -> jax.Array:
+  """``[b, tiles, 2]`` int32: per ``TILE`` rows of ``tile_ids``, the ``[first, stop)`` blocks of
+  ``block`` streamed positions whose id intervals overlap the tile's (``[0, 0)``: none). Memory:
+  a ``[b, tiles, blocks]`` boolean."""
+  lo, hi = _id_intervals(tile_ids, TILE)
+  block_lo, block_hi = _id_intervals(streamed_ids, block)
+  overlap = (lo[:, :, None] <= block_hi[:, None, :]) & (block_lo[:, None, :] <= hi[:, :, None])
+  found = overlap.any(-1)
+  first = jnp.where(found, jnp.argmax(overlap, -1), 0)
+  stop = jnp.where(found, overlap.shape[-1] - jnp.argmax(overlap[..., ::-1], -1), 0)
+  return jnp.stack([first, stop], -1).astype(jnp.int32)
+
+
+def _segment_inputs(ids: _SegmentIds, q_pad: int, kv_pad: int, block: int, *,
+                    keys_streamed: bool) -> tuple[jax.Array, ...]:
+  """A kernel's segment inputs: ``(own ids, streamed ids, ranges)`` (empty without ids), ids
+  edge-padded (padding rows are masked by the length bounds anyway)."""
+  if ids is None:
+    return ()
+  q_ids = gpu.pad_axis(ids[0], 1, q_pad, mode="edge")
+  kv_ids = gpu.pad_axis(ids[1], 1, kv_pad, mode="edge")
+  own, streamed = (q_ids, kv_ids) if keys_streamed else (kv_ids, q_ids)
+  return own, streamed, _segment_ranges(own, streamed, block)
 
 
 def _padded(x, length_multiple: int):
@@ -209,31 +276,42 @@ def _padded(x, length_multiple: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(call: _Call, q, k, v):
-  return _forward(call, q, k, v)
+def _attention(call: _Call, q, k, v, ids: _SegmentIds):
+  return _forward(call, q, k, v, ids)
 
 
-def _attention_fwd(call: _Call, q, k, v):
-  out, lse = _forward(call, q, k, v)
-  return (out, lse), (q, k, v, out, lse)
+def _attention_fwd(call: _Call, q, k, v, ids: _SegmentIds):
+  out, lse = _forward(call, q, k, v, ids)
+  return (out, lse), (q, k, v, ids, out, lse)
 
 
 def _attention_bwd(call: _Call, residuals, cotangents):
-  q, k, v, out, lse = residuals
+  return (*_backward(call, residuals, cotangents), None)
+
+
+def _backward(call: _Call, residuals, cotangents):
+  q, k, v, ids, out, lse = residuals
   if max(q.shape[3], v.shape[3]) > _MAX_BACKWARD_HEAD_DIM:  # over shared memory: Triton's
     triton = gpu.Call.create(call.mask, scale=call.scale, softcap=call.softcap,
                              heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[3],
-                             segments=False, block_sizes=None, interpret=bool(call.interpret))
-    return gpu.backward(triton, (q, k, v, None, None, out, lse), cotangents)
+                             segments=call.segments, block_sizes=None,
+                             interpret=bool(call.interpret))
+    return gpu.backward(triton, (q, k, v, *(ids or (None, None)), out, lse), cotangents)
   d_out, d_lse = cotangents
-  d_out = _zero_rows(d_out, _seen(call.mask, "q"))
+  d_out = _zero_rows(d_out, _seen(call.mask, "q"),
+                     None if ids is None else _has_partner(ids[0], ids[1]))
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   pad_stats = lambda x: gpu.pad_axis(x, 2, gpu.round_up(x.shape[2], TILE))
   lse2 = pad_stats(jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E))  # rows that see no key
   delta = pad_stats(delta - d_lse)
   qp, dop, kp, vp = (_padded(x, TILE) for x in (q, d_out, k, v))
-  dq = _dq_kernel(call, qp, kp, vp, dop, lse2, delta)
-  dk, dv = _dkv_kernel(call, qp, kp, vp, dop, lse2, delta)
+  q_pad, kv_pad = qp.shape[1], kp.shape[1]
+  dq = _dq_kernel(call, qp, kp, vp, dop, lse2, delta,
+                  *_segment_inputs(ids, q_pad, kv_pad, call.config.block_kv_dq,
+                                   keys_streamed=True))
+  dk, dv = _dkv_kernel(call, qp, kp, vp, dop, lse2, delta,
+                       *_segment_inputs(ids, q_pad, kv_pad, call.config.block_q_dkv,
+                                        keys_streamed=False))
   unpad = lambda x, like: x[:, :like.shape[1], :, :like.shape[3]]
   return unpad(dq, q), unpad(dk, k), unpad(dv, v)
 
@@ -242,9 +320,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 _attention_jit = jax.jit(_attention, static_argnums=0)
 
 
-def _forward(call: _Call, q, k, v):
+def _forward(call: _Call, q, k, v, ids: _SegmentIds):
   """Pads, runs the kernel, unpads: ``([b, q_len, h, dv] in q's dtype, [b, h, q_len])``."""
-  out, lse2 = _forward_kernel(call, *(_padded(x, TILE) for x in (q, k, v)))
+  qp, kp, vp = (_padded(x, TILE) for x in (q, k, v))
+  out, lse2 = _forward_kernel(call, qp, kp, vp,
+                              *_segment_inputs(ids, qp.shape[1], kp.shape[1],
+                                               call.config.block_kv, keys_streamed=True))
   lse = jnp.where(lse2 == -jnp.inf, -jnp.inf, lse2 * _LN2)
   return out[:, :q.shape[1], :, :v.shape[3]], lse[:, :, :q.shape[1]]
 
@@ -268,10 +349,12 @@ class _Ops:
     return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
   def vector(self, ref, along: int):
-    """A 1-D shared-memory vector laid out to broadcast along dimension ``along`` of a tile."""
+    """A 1-D shared- or global-memory vector laid out to broadcast along dimension ``along`` of
+    a tile (from global memory: plain per-thread loads, no TMA)."""
     if self.interpret:
       return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(along))
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(along),
+                      optimized=ref.memory_space != plgpu.GMEM)
 
   def zeros(self, shape):
     return self.layout(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
@@ -390,6 +473,25 @@ def _band_loop(step: Callable[..., Any], first, count, whole: tuple[Any, Any], c
   return lax.fori_loop(hi, first + count, masked, carry)
 
 
+def _unmasked(call: _Call, full_range: tuple[Any, Any], block: int, first, count):
+  """:func:`_whole`, or no block at all with segment ids (every block is masked)."""
+  if call.segments:
+    return first, first
+  return _whole(full_range, block, first, count)
+
+
+def _key_block_mask(call: _Call, ops: _Ops, segments: _Segments | None, own_ids, b, row0,
+                    block_kv: int) -> Callable[[Any], Any]:
+  """Forward and dq: ``j -> [ROWS, block_kv]`` visibility of key block ``j`` to the consumer's
+  rows from ``row0``: the band and, with segment ids, equal ids."""
+  shape = (ROWS, block_kv)
+
+  def visible(j):
+    ok = call.mask.allowed_broadcast(row0 + ops.iota(shape, 0), j * block_kv + ops.iota(shape, 1))
+    return ok if segments is None else ok & segments.same(ops, own_ids, b, j * block_kv, shape)
+  return visible
+
+
 def _launch(call: _Call, body, out_type, scratch: dict[str, Any], grid, grid_names, name: str):
   def entry(*refs, **scratch_refs):
     body(*refs, **scratch_refs)
@@ -417,6 +519,40 @@ def _produce_key_blocks(ring: _Ring, k_ref, v_ref, b, kv_head, first, count, blo
                lambda t: (k_ref.at[keys(t)], v_ref.at[keys(t)]))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Segments:
+  """A kernel's segment ids in global memory (:func:`_segment_inputs`): ``own [b, pad]``, the
+  ids of the CTA's tile side (queries, or keys for dk/dv), ``streamed [b, pad]``, the side the
+  ring streams, ``ranges [b, tiles, 2]`` (:func:`_segment_ranges`). The consumers read ids
+  straight from global memory into registers (64-128 int32 per step, L2-resident), not through
+  the ring: no barriers."""
+  own: Any
+  streamed: Any
+  ranges: Any
+
+  @classmethod
+  def split(cls, call: _Call, refs: Sequence[Any]):
+    """``(segments or None, the remaining refs)`` of the refs after a kernel's fixed inputs."""
+    if not call.segments:
+      return None, refs
+    return cls(*refs[:3]), refs[3:]
+
+  def narrow(self, first, count, b, tile):
+    """The block range ``(first, count)`` cut to the blocks sharing an id interval with the tile."""
+    lo = jnp.maximum(first, self.ranges[b, tile, 0])
+    return lo, jnp.maximum(jnp.minimum(first + count, self.ranges[b, tile, 1]) - lo, 0)
+
+  def own_ids(self, ops: _Ops, b, start):
+    """The ids of the consumer's ``ROWS`` rows from ``start``, a per-row register vector."""
+    return ops.vector(self.own.at[b, pl.ds(start, ROWS)], 1)
+
+  def same(self, ops: _Ops, own_ids, b, start, shape):
+    """``[ROWS, block]``: own id == the id of streamed position ``start + column``."""
+    streamed = ops.vector(self.streamed.at[b, pl.ds(start, shape[1])], 0)
+    return (lax.broadcast_in_dim(own_ids, shape, [0])
+            == lax.broadcast_in_dim(streamed, shape, [1]))
+
+
 def _consumer_registers():
   plgpu.set_max_registers(232, action="increase")  # 2 x 128 x 232 + 128 x 40 <= 64K
 
@@ -441,14 +577,16 @@ def _stage(scratch: dict[str, Any], name: str, wg):
 # Kernels (on padded inputs: lengths multiples of 128, head dims of 64)
 
 
-def _forward_kernel(call: _Call, q, k, v):
+def _forward_kernel(call: _Call, q, k, v, *segment_inputs):
   """Output ``[b, q_pad, h, dv]`` and base-2 LSE ``[b, h, q_pad]``."""
   batch, q_pad, heads, d = q.shape
   dv = v.shape[-1]
   mask, block_kv, dtype, ops = call.mask, call.config.block_kv, q.dtype, _Ops(bool(call.interpret))
   ping_pong = call.config.ping_pong
 
-  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, **scratch):
+  def body(q_ref, k_ref, v_ref, *refs, **scratch):
+    segments, (out_ref, lse_ref) = _Segments.split(call, refs)
+
     def rendezvous():
       if ping_pong:
         plgpu.barrier_arrive(scratch["schedule"])
@@ -458,6 +596,8 @@ def _forward_kernel(call: _Call, q, k, v):
     wg = lax.axis_index("wg")
     ring = _ring(scratch, call.config.stages)
     first, count = _blocks(mask.kv_range(tile * TILE, tile * TILE + TILE), block_kv)
+    if segments:
+      first, count = segments.narrow(first, count, b, tile)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -466,6 +606,7 @@ def _forward_kernel(call: _Call, q, k, v):
       rows = pl.ds(row0, ROWS)
       q_smem = scratch["q"].at[wg]
       _load_own_tiles([(q_ref.at[b, rows, h], q_smem)], scratch["own_loaded"], wg)
+      own_ids = segments and segments.own_ids(ops, b, row0)
 
       def step(j, carry, *, masked: bool):
         acc, m, l = carry
@@ -474,10 +615,7 @@ def _forward_kernel(call: _Call, q, k, v):
         s, _ = _logits(call, ops.mma(q_smem, k_t, (ROWS, block_kv), while_running=rendezvous))
         ring.release(t, 0)
         if masked:
-          shape = (ROWS, block_kv)
-          visible = mask.allowed_broadcast(row0 + ops.iota(shape, 0),
-                                           j * block_kv + ops.iota(shape, 1))
-          s = jnp.where(visible, s, -jnp.inf)
+          s = jnp.where(visible(j), s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw no key yet
         alpha = jnp.exp2(m - m_safe)
@@ -494,11 +632,12 @@ def _forward_kernel(call: _Call, q, k, v):
         ring.release(t, 1)
         return acc, m_new, l
 
+      visible = _key_block_mask(call, ops, segments, own_ids, b, row0, block_kv)
       reduced = plgpu.Layout.WGMMA.reduce(1)
       carry = (ops.zeros((ROWS, dv)),
                ops.layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduced),
                ops.layout(jnp.zeros((ROWS,), jnp.float32), reduced))
-      whole = _whole(mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
+      whole = _unmasked(call, mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
       pl.when(wg == 1)(rendezvous)  # the second consumer starts half a step behind
       acc, m, l = _band_loop(step, first, count, whole, carry)
       pl.when(wg == 0)(rendezvous)  # ... and the first meets its last one
@@ -527,21 +666,25 @@ def _forward_kernel(call: _Call, q, k, v):
   out_type = [jax.ShapeDtypeStruct((batch, q_pad, heads, dv), dtype),
               jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)]
   return _launch(call, body, out_type, scratch, (q_pad // TILE, heads, batch),
-                 ("tiles", "heads", "batch"), "flash_attention_hopper_forward")(q, k, v)
+                 ("tiles", "heads", "batch"), "flash_attention_hopper_forward")(
+                     q, k, v, *segment_inputs)
 
 
-def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
+def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta, *segment_inputs):
   """``dq [b, q_pad, h, d]`` in q's dtype."""
   batch, q_pad, heads, d = q.shape
   dv = v.shape[-1]
   mask, block_kv, dtype = call.mask, call.config.block_kv_dq, q.dtype
   ops = _Ops(bool(call.interpret))
 
-  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, **scratch):
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, **scratch):
+    segments, (dq_ref,) = _Segments.split(call, refs)
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
     wg = lax.axis_index("wg")
     ring = _ring(scratch, call.config.stages)
     first, count = _blocks(mask.kv_range(tile * TILE, tile * TILE + TILE), block_kv)
+    if segments:
+      first, count = segments.narrow(first, count, b, tile)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -553,6 +696,8 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
              (lse_ref.at[b, h, rows], scratch["lse"].at[wg]),
              (delta_ref.at[b, h, rows], scratch["delta"].at[wg])]
       _load_own_tiles(own, scratch["own_loaded"], wg)
+      own_ids = segments and segments.own_ids(ops, b, row0)
+      visible = _key_block_mask(call, ops, segments, own_ids, b, row0, block_kv)
       q_smem, do_smem = scratch["q"].at[wg], scratch["do"].at[wg]
       lse = ops.vector(scratch["lse"].at[wg], 1)
       delta = ops.vector(scratch["delta"].at[wg], 1)
@@ -563,10 +708,7 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
         k_t = ops.transposed(k_smem, _stage(scratch, "k_t", wg))
         s, d_cap = _logits(call, ops.mma(q_smem, k_t, (ROWS, block_kv)))
         if masked:
-          shape = (ROWS, block_kv)
-          visible = mask.allowed_broadcast(row0 + ops.iota(shape, 0),
-                                           j * block_kv + ops.iota(shape, 1))
-          s = jnp.where(visible, s, -jnp.inf)
+          s = jnp.where(visible(j), s, -jnp.inf)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
         v_t = ops.transposed(ring.acquire(t, 1), _stage(scratch, "v_t", wg))
         dp = ops.mma(do_smem, v_t, (ROWS, block_kv))
@@ -579,7 +721,7 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
         ring.release(t, 0)
         return dq
 
-      whole = _whole(mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
+      whole = _unmasked(call, mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
       dq = _band_loop(step, first, count, whole, ops.zeros((ROWS, d)))
       q_smem[...] = (dq * call.scale).astype(dtype)
       plgpu.commit_smem()
@@ -600,10 +742,10 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta):
   out_type = jax.ShapeDtypeStruct(q.shape, dtype)
   return _launch(call, body, out_type, scratch, (q_pad // TILE, heads, batch),
                  ("tiles", "heads", "batch"), "flash_attention_hopper_dq")(
-                     q, k, v, d_out, lse2, delta)
+                     q, k, v, d_out, lse2, delta, *segment_inputs)
 
 
-def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
+def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta, *segment_inputs):
   """``dk [b, kv_pad, kv_h, d]`` and ``dv [b, kv_pad, kv_h, dv]`` in k's dtype."""
   batch, q_pad, heads, d = q.shape
   kv_pad, kv_heads, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -611,11 +753,14 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
   ops = _Ops(bool(call.interpret))
   group = call.group
 
-  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, **scratch):
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, **scratch):
+    segments, (dk_ref, dv_ref) = _Segments.split(call, refs)
     b, kv_head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
     wg = lax.axis_index("wg")
     ring = _ring(scratch, call.config.stages)
     first, count = _blocks(mask.q_range(tile * TILE, tile * TILE + TILE), block_q)
+    if segments:
+      first, count = segments.narrow(first, count, b, tile)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -625,7 +770,8 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
       k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
       _load_own_tiles([(k_ref.at[b, keys, kv_head], k_smem), (v_ref.at[b, keys, kv_head], v_smem)],
                       scratch["own_loaded"], wg)
-      whole = _whole(mask.q_full_range(key0, key0 + ROWS), block_q, first, count)
+      own_ids = segments and segments.own_ids(ops, b, key0)
+      whole = _unmasked(call, mask.q_full_range(key0, key0 + ROWS), block_q, first, count)
 
       def step(i, carry, *, g, masked: bool):
         dk, dv_acc = carry
@@ -637,6 +783,8 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
           shape = (ROWS, block_q)
           visible = mask.allowed_broadcast(i * block_q + ops.iota(shape, 1),
                                            key0 + ops.iota(shape, 0))
+          if segments:
+            visible &= segments.same(ops, own_ids, b, i * block_q, shape)
           s_t = jnp.where(visible, s_t, -jnp.inf)
         lse = ops.vector(ring.acquire(t, 2), 0)
         p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
@@ -689,4 +837,4 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta):
   out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)]
   return _launch(call, body, out_type, scratch, (kv_pad // TILE, kv_heads, batch),
                  ("tiles", "heads", "batch"), "flash_attention_hopper_dkv")(
-                     q, k, v, d_out, lse2, delta)
+                     q, k, v, d_out, lse2, delta, *segment_inputs)

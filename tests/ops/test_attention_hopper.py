@@ -21,8 +21,8 @@ from pallas_kernels.interpret import interpret_mode
 
 SMALL = hopper.HopperConfig(block_kv=64)
 
-# What the kernel supports: 16-bit inputs, causal/window bands, softcap, GQA, any lengths, head
-# dims <= 256.
+# What the kernel supports: 16-bit inputs, causal/window bands, segment ids, softcap, GQA, any
+# lengths, head dims <= 256.
 CASES = [
     pytest.param(Case(128, 128, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16"),
                  marks=pytest.mark.slow),
@@ -31,6 +31,10 @@ CASES = [
     Case(65, 129, head_dim=64, v_head_dim=128, kv_heads=1, batch=1, dtype="bfloat16"),
     pytest.param(Case(320, 320, head_dim=64, kv_heads=1, batch=1, window=(140, 5),
                       softcap=20.0, dtype="bfloat16"), marks=pytest.mark.slow),
+    # Packed rows: 3 segments over 2 query tiles, so tiles skip key blocks of other segments.
+    Case(130, 200, head_dim=64, kv_heads=1, batch=1, segments=3, dtype="bfloat16"),
+    pytest.param(Case(257, 300, head_dim=64, group=2, kv_heads=1, batch=1, segments=4,
+                      causal=True, dtype="bfloat16"), marks=pytest.mark.slow),
 ]
 
 
@@ -85,7 +89,10 @@ def test_window_and_softcap_forward_in_the_interpreter():
 @pytest.mark.parametrize("q_len, kv_len, options", [
     (40, 57, dict(window=(3, 0), causal=True)),  # keys left of every window
     pytest.param(70, 20, dict(causal=True), marks=pytest.mark.slow),  # 50 queries see no key
-], ids=["window", "causal"])
+    # Trailing padding segments: keys 45.. of an id no query has, queries 30.. of an id no key has.
+    (40, 57, dict(causal=False, q_segment_ids=np.array([[0] * 30 + [2] * 10], np.int32),
+                  kv_segment_ids=np.array([[0] * 45 + [1] * 12], np.int32))),
+], ids=["window", "causal", "segments"])
 def test_garbage_no_query_or_key_sees_does_not_leak(q_len, kv_len, options):
   """NaN planted in keys/values no query sees and in queries/cotangents that see no key: the
   outputs and gradients equal those with zeros planted, and are finite."""
@@ -93,6 +100,8 @@ def test_garbage_no_query_or_key_sees_does_not_leak(q_len, kv_len, options):
   allowed = masks.MaskSpec.create(q_len, kv_len, causal=options["causal"],
                                   window=options.get("window")).allowed(
                                       np.arange(q_len), np.arange(kv_len))
+  if "q_segment_ids" in options:
+    allowed &= options["q_segment_ids"][0, :, None] == options["kv_segment_ids"][0, None, :]
   unseen_keys = jnp.asarray(~allowed.any(0))[None, :, None, None]
   unseen_queries = jnp.asarray(~allowed.any(1))[None, :, None, None]
   assert unseen_keys.any() or unseen_queries.any()
@@ -132,10 +141,9 @@ def test_dispatch_reaches_the_kernel_in_interpret_mode():
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(segments=2), ["segment ids"]),
     (dict(dtype="float32"), ["float32"]),
     (dict(head_dim=320), ["256", "320"]),
-], ids=["segments", "float32", "head_dim"])
+], ids=["float32", "head_dim"])
 def test_unsupported_calls_fall_through(change, words):
   """NotImplementedError names the feature; dispatch then runs the next implementation."""
   dtype = change.pop("dtype", "bfloat16")
@@ -172,7 +180,9 @@ def test_bad_config_raises(change, words):
     (dict(), 64, 64, 256, 256), (dict(causal=True), 128, 128, 200, 300),
     (dict(causal=True), 256, 256, 128, 128), (dict(), 64, 128, 128, 192),
     (dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500),
-    (dict(causal=True, config=hopper.HopperConfig(ping_pong=True)), 128, 128, 256, 512)])
+    (dict(causal=True, config=hopper.HopperConfig(ping_pong=True)), 128, 128, 256, 512),
+    (dict(causal=True, segments=True), 128, 128, 300, 300),
+    (dict(segments=True), 256, 256, 128, 200)])  # the Triton backward with segment ids
 def test_lowers_to_mosaic_gpu(monkeypatch, options, head_dim, v_head_dim, q_len, kv_len):
   """The three kernels lower to Mosaic GPU for CUDA on this CPU-only machine (warpgroups, TMA,
   wgmma, register layouts, the shared-memory budget), with the compiled code path: register and
@@ -181,12 +191,17 @@ def test_lowers_to_mosaic_gpu(monkeypatch, options, head_dim, v_head_dim, q_len,
   q = jax.ShapeDtypeStruct((2, q_len, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, kv_len, 2, head_dim), jnp.bfloat16)
   v = jax.ShapeDtypeStruct((2, kv_len, 2, v_head_dim), jnp.bfloat16)
+  options = dict(options)
+  ids = ((jax.ShapeDtypeStruct((2, q_len), jnp.int32), jax.ShapeDtypeStruct((2, kv_len), jnp.int32))
+         if options.pop("segments", False) else (None, None))
 
-  def forward_backward(q, k, v):
-    out, vjp = jax.vjp(lambda q, k, v: hopper.attention(q, k, v, scale=0.1, **options), q, k, v)
+  def forward_backward(q, k, v, q_ids, kv_ids):
+    out, vjp = jax.vjp(lambda q, k, v: hopper.attention(
+        q, k, v, scale=0.1, q_segment_ids=q_ids, kv_segment_ids=kv_ids, **options), q, k, v)
     return out, vjp(out)
 
-  text = jax.jit(forward_backward).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+  text = jax.jit(forward_backward).trace(q, k, v, *ids).lower(
+      lowering_platforms=("cuda",)).as_text()
   hopper_backward = max(head_dim, v_head_dim) <= 128  # else the Triton backward
   assert text.count("custom_call @mosaic_gpu") == (3 if hopper_backward else 1)
   assert text.count("custom_call @__gpu$xla.gpu.triton") == (0 if hopper_backward else 2)
