@@ -3,8 +3,9 @@ plain ``jnp.fft`` convolution and the direct convolution.
 
 Implementations, causal mode, kernel length N: ``plain jnp.fft`` (the baseline; safari's
 ``irfft(rfft(u, 2N) * rfft(k, 2N))[:N]`` with an autodiff backward), effjax ``xla_fft`` and
-``butterfly`` (Monarch DFT), on GPU the fused Pallas kernel ``pallas_gpu`` (N <= 2048), on TPU
-the fused Pallas kernel ``pallas_tpu`` (every N; on other backends its rows say it was not run),
+``butterfly`` (Monarch DFT), on GPU the fused Pallas kernel ``pallas_gpu`` (one pass up to
+N = 2048, FlashButterfly's three passes above, up to ``PALLAS_MAX_SEQ``), on TPU the fused
+Pallas kernel ``pallas_tpu`` (every N; on other backends its rows say it was not run),
 and on CPU the direct depthwise convolution (effjax's float32 ``reference``, O(N^2) per channel;
 timed only up to ``DIRECT_TIMED_UP_TO``).
 
@@ -14,6 +15,9 @@ timed only up to ``DIRECT_TIMED_UP_TO``).
 * GPU or TPU (detected from the backend): bfloat16 inputs (float32 kernel and transforms), H=768,
   B*N = 2^17 tokens (B=128 at 1K, 2 at 64K), N = 1K..64K; absolute median ms and the ratio to the
   baseline. A time budget (no new size after ``GPU_BUDGET_S``) keeps the suite under 2 minutes.
+  On GPU, at N = ``GATED_SEQ`` only, H3-style gated rows ``u * conv(u * u)`` (both gates, here
+  the input itself, loaded once per gate as separate arrays would be): ``plain jnp.fft, gated``
+  (their baseline), ``xla_fft`` and ``pallas_gpu`` (gates in the kernel's loads and stores).
 
 Every timed row also records the relative error of its outputs (gradients for
 forward+backward) against the baseline run in float32, so a fast but wrong configuration shows.
@@ -32,16 +36,20 @@ import jax.numpy as jnp
 from effjax import benchmarking, dispatch
 from effjax.ops.long_conv import long_conv
 from effjax.ops.long_conv.reference import fft_conv
+from pallas_kernels.long_conv import gpu
 
 BASELINE = "plain jnp.fft"
 DIRECT = "direct (reference f32)"
 DIRECT_TIMED_UP_TO = 2048
-PALLAS_MAX_SEQ = 2048  # the fused kernel's largest causal length (transform size 4096)
+PALLAS_MAX_SEQ = gpu.largest_size() // 2  # the fused GPU kernel's largest causal length
 GPU_TOKENS, GPU_CHANNELS = 1 << 17, 768  # also the TPU setup
 TPU_KERNEL = "effjax pallas_tpu"
 CPU_BATCH, CPU_CHANNELS = 2, 32
-# Sizes in the order measured: the ends and the middle first, in case the time budget runs out.
-SEQ_LENS = tuple(1024 << i for i in (0, 6, 2, 4, 1, 3, 5))
+# Sizes in the order measured: 1K, 64K and 16K first (pallas_gpu one- and three-pass), in case
+# the time budget runs out.
+SEQ_LENS = tuple(1024 << i for i in (0, 6, 4, 2, 1, 3, 5))
+GATED = ", gated"  # suffix of the H3-style gated rows (GPU, N = GATED_SEQ)
+GATED_SEQ = 1024
 GPU_BUDGET_S = 70.0  # no new size is started after this long (the GPU check allows 2 minutes)
 
 
@@ -57,7 +65,18 @@ def implementations(platform: str, seq_len: int) -> dict[str, Callable[..., jax.
     impls[f"effjax {name}"] = functools.partial(long_conv, mode="causal", implementation=name)
   if platform == "cpu":
     impls[DIRECT] = functools.partial(long_conv, mode="causal", implementation="reference")
+  if platform == "gpu" and seq_len == GATED_SEQ:
+    gated = {BASELINE: fft_conv, "effjax xla_fft": functools.partial(long_conv,
+                                                                    implementation="xla_fft"),
+             "effjax pallas_gpu": functools.partial(long_conv, implementation="pallas_gpu")}
+    for name, conv in gated.items():
+      impls[name + GATED] = functools.partial(_gated, conv)
   return impls
+
+
+def _gated(conv, u, kernel):
+  """H3's ``q * conv(k * v)`` with ``q = k = v = u``."""
+  return conv(u, kernel, mode="causal", pre_gate=u, post_gate=u)
 
 
 def _forward_backward(conv):
@@ -88,8 +107,10 @@ def measure(seq_lens, *, batch_for: Callable[[int], int], channels: int, dtype, 
     kernel = kernel * jnp.exp(-jnp.arange(seq_len, dtype=jnp.float32) / (seq_len / 8)) / 8
     baseline_times = {}
     for pass_name, wrap in (("forward", lambda f: f), ("forward+backward", _forward_backward)):
-      expected = jax.jit(wrap(impls[BASELINE]))(u.astype(jnp.float32), kernel)
+      expected = {baseline: jax.jit(wrap(impls[baseline]))(u.astype(jnp.float32), kernel)
+                  for baseline in (BASELINE, BASELINE + GATED) if baseline in impls}
       for name, conv in impls.items():
+        baseline = BASELINE + GATED if name.endswith(GATED) else BASELINE
         row = {"implementation": name, "seq_len": seq_len, "batch": batch, "pass": pass_name,
                "temp_bytes": None, "median_ms": None, "time_vs_baseline": None,
                "relative_error": None, "error": None}
@@ -103,12 +124,13 @@ def measure(seq_lens, *, batch_for: Callable[[int], int], channels: int, dtype, 
           row["temp_bytes"] = None if memory is None else int(memory.temp_size_in_bytes)
           if name != DIRECT or seq_len <= DIRECT_TIMED_UP_TO:
             timing = benchmarking.time_call(compiled, u, kernel, repeats=repeats)
-            baseline_times.setdefault(pass_name, timing.median_s)  # the baseline runs first
+            # Each baseline runs before the rows compared with it.
+            baseline_times.setdefault((pass_name, baseline), timing.median_s)
             row.update(median_ms=timing.median_s * 1e3,
-                       time_vs_baseline=timing.median_s / baseline_times[pass_name],
-                       relative_error=_relative_error(compiled(u, kernel), expected))
+                       time_vs_baseline=timing.median_s / baseline_times[pass_name, baseline],
+                       relative_error=_relative_error(compiled(u, kernel), expected[baseline]))
         except Exception as error:  # pylint: disable=broad-except
-          if name == BASELINE:
+          if name in (BASELINE, BASELINE + GATED):
             raise
           # One failing implementation (e.g. a kernel on a new GPU) must not lose the others' rows.
           row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -135,8 +157,9 @@ def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
   rows = measure(seq_lens, platform=platform, **setup)
   notes += (" temp = scratch bytes per device from `memory_analysis()` of the compiled program; "
             f"time = median of repeats and its ratio to `{BASELINE}` in the same run "
-            "(< 1 is faster); relative_error = max abs difference of the outputs (forward) or of "
-            f"du, dk (forward+backward) from `{BASELINE}` run in float32, over their max abs.")
+            "(< 1 is faster; gated rows against the gated baseline); relative_error = max abs "
+            "difference of the outputs (forward) or of du, dk (forward+backward) from their "
+            "baseline run in float32, over their max abs.")
   formatters = {"temp_bytes": benchmarking.format_bytes,
                 "median_ms": lambda v: "-" if v is None else f"{v:.2f}",
                 "time_vs_baseline": lambda v: "-" if v is None else f"{v:.2f}x",

@@ -18,17 +18,26 @@ one batch row. With the on-chip size ``m = n1 * n2`` (``j = j1 n2 + j2``,
 Stage matrices are complex, as separate real and imaginary float32 arrays; every dot is float32
 at ``precision=HIGHEST`` (12 real matmuls per block for a real signal: 2 + 4 forward, 4 + 2
 inverse; 16 for a complex one). Strided loads and stores do the Monarch permutations ``P`` in
-VMEM, so HBM sees one read of the signal and one write of the result per element (4 + 4 bytes),
-plus the kernel spectrum (8 bytes per element and channel, read once per channel block) and the
-stage matrices (``16 n n1`` bytes, once; XLA computes them at each call from exactly reduced
-integer exponents).
+VMEM. In one pass the kernel reads the caller's ``[batch, seq, channels]`` arrays (signal and
+gates, ``seq <= m``, their own dtype) as ``(m, Cb)`` blocks reaching past the array's end (rows
+``>= seq`` are masked to zero after the strided load; lanes past the last channel are per-lane
+garbage, never stored, as the DFTs contract rows only), multiplies by the pre-gate in stage 1,
+and stores ``post_gate * (z + skip * v)`` in the output dtype from the inverse stage 1 (the skip
+term reloads the signal rows from VMEM); an absent option is neither an operand nor a load. So
+HBM sees one read of the signal and one write of the result per element (2 + 2 bytes in
+bfloat16, plus 2 per gate) where XLA's padding, gating, window and cast around the kernel moved
+about 20 bytes, plus the kernel spectrum (8 bytes per element and channel, read once per channel
+block) and the stage matrices (``16 n n1`` bytes, once; XLA computes them at each call from
+exactly reduced integer exponents).
 
 Multi-pass (FlashButterfly's scheme for sequences that do not fit on chip): ``n = n0 * m`` with
 ``j = j0 m + j'``, ``k = k0 + n0 k'``. Pass 1 is the size-``n0`` DFT over ``j0``, one XLA matmul
 ``F0 [n0, n0] @ x [n0, m * channels]`` (real in, complex out); pass 2 is the fused kernel above
 run on each row ``k0`` (complex in and out), with the outer twiddles ``W_n^{k0 j'}`` folded into
 its ``G`` and ``conj(G)^T`` matrices; pass 3 is the real part of ``conj(F0) @ z``. HBM traffic
-per element: 4 + 8 (pass 1), 8 + 8 (pass 2), 8 + 4 (pass 3) bytes, against 8 for one pass.
+per element: 4 + 8 (pass 1), 8 + 8 (pass 2), 8 + 4 (pass 3) bytes, against 8 for one pass. The
+pre-gate, the zero padding, the window, skip, post-gate and cast are elementwise XLA work on the
+inputs of pass 1 and the output of pass 3, left to XLA to fuse into those matmuls.
 
 VMEM budget per program (float32, ``Cb`` = 128 lanes, ``m`` rows; :func:`vmem_bytes`): the
 double-buffered signal and output blocks ``2 * 2 * 512 m`` bytes (twice that for complex ones);
@@ -55,11 +64,12 @@ Mosaic's own compiler or timed on a TPU: its speed, the cost of the strided subl
 the MXU efficiency of the small ``[n1, n1] @ [n1, Cb]`` stage-1 dots are unmeasured.
 
 This module never imports effjax: effjax computes the kernel spectrum (the Monarch transform of
-factors :func:`factors`), the padding, gates and the backward around it.
+factors :func:`factors`) and the backward (more calls of :func:`fft_conv`) around it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -72,7 +82,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
 from pallas_kernels.interpret import require_tpu_or_interpret
-from pallas_kernels.long_conv import dft
+from pallas_kernels.long_conv import dft, gating
 
 _LANES = 128
 _SUBLANES = 8
@@ -175,21 +185,46 @@ def _dot(a, b):
                          preferred_element_type=jnp.float32)
 
 
-def _kernel(*refs, n1: int, n2: int, complex_signal: bool):
-  if complex_signal:
-    (x_re, x_im, k_re, k_im, g_re, g_im, gt_re, gt_im, f2_re, f2_im, o_re, o_im,
-     t_re, t_im) = refs
-  else:
-    x_re, k_re, k_im, g_re, g_im, gt_re, gt_im, f2_re, f2_im, o_re, t_re, t_im = refs
-    x_im = o_im = None
+@dataclasses.dataclass(frozen=True)
+class _Edge(gating.Options):
+  """The one-pass kernel reading and writing HBM's ``[batch, seq, channels]`` arrays directly:
+  an ``(m, Cb)`` block of a batch row (rows beyond ``seq`` and lanes beyond ``channels`` are
+  outside the array: their loads are masked to zero by row, the lanes are per-channel garbage
+  that is never stored), with the optional gates and skip."""
+  seq: int
+
+  def load(self, refs, rows, first_row):
+    """``v = pre_gate * x`` at the strided ``rows`` (row ``first_row + i * stride``), float32,
+    zero from ``seq`` on."""
+    v = refs["x"][rows, :].astype(jnp.float32)
+    if self.pre_gate:
+      v = v * refs["pre_gate"][rows, :].astype(jnp.float32)
+    row = lax.broadcasted_iota(jnp.int32, v.shape, 0) * rows.stride + first_row
+    return jnp.where(row < self.seq, v, 0.0)
+
+  def store(self, refs, rows, first_row, z):
+    """Stores ``post_gate * (z + skip * v)`` at ``rows`` in the output's dtype."""
+    if self.skip:
+      z = z + refs["skip"][...] * self.load(refs, rows, first_row)
+    if self.post_gate:
+      z = z * refs["post_gate"][rows, :].astype(jnp.float32)
+    refs["out"][rows, :] = z.astype(refs["out"].dtype)
+
+
+def _kernel(*refs, names, n1: int, n2: int, edge: _Edge | None):
+  """``edge`` None: a complex signal (pass 2 of three); else a real one from and to HBM."""
+  refs = dict(zip(names, refs))
+  g_re, g_im, gt_re, gt_im = refs["g_re"], refs["g_im"], refs["gt_re"], refs["gt_im"]
+  t_re, t_im, k_re, k_im = refs["t_re"], refs["t_im"], refs["k_re"], refs["k_im"]
 
   def forward_stage1(j2, carry):
     rows = pl.ds(j2, n1, stride=n2)
-    a_re, gr, gi = x_re[rows, :], g_re[j2], g_im[j2]
-    if complex_signal:
-      a_im = x_im[rows, :]
+    gr, gi = g_re[j2], g_im[j2]
+    if edge is None:
+      a_re, a_im = refs["x_re"][rows, :], refs["x_im"][rows, :]
       b_re, b_im = _dot(gr, a_re) - _dot(gi, a_im), _dot(gr, a_im) + _dot(gi, a_re)
     else:
+      a_re = edge.load(refs, rows, j2)
       b_re, b_im = _dot(gr, a_re), _dot(gi, a_re)
     block = pl.ds(pl.multiple_of(j2 * n1, _SUBLANES), n1)
     t_re[block, :] = b_re
@@ -199,7 +234,7 @@ def _kernel(*refs, n1: int, n2: int, complex_signal: bool):
   def stage2(k1, carry):
     rows = pl.ds(k1, n2, stride=n1)
     a_re, a_im = t_re[rows, :], t_im[rows, :]
-    fr, fi = f2_re[...], f2_im[...]
+    fr, fi = refs["f2_re"][...], refs["f2_im"][...]
     b_re, b_im = _dot(fr, a_re) - _dot(fi, a_im), _dot(fr, a_im) + _dot(fi, a_re)
     block = pl.ds(pl.multiple_of(k1 * n2, _SUBLANES), n2)
     kr, ki = k_re[block, :], k_im[block, :]
@@ -212,9 +247,12 @@ def _kernel(*refs, n1: int, n2: int, complex_signal: bool):
     block = pl.ds(pl.multiple_of(j2 * n1, _SUBLANES), n1)
     a_re, a_im, gr, gi = t_re[block, :], t_im[block, :], gt_re[j2], gt_im[j2]
     rows = pl.ds(j2, n1, stride=n2)
-    o_re[rows, :] = _dot(gr, a_re) - _dot(gi, a_im)
-    if complex_signal:
-      o_im[rows, :] = _dot(gr, a_im) + _dot(gi, a_re)
+    z = _dot(gr, a_re) - _dot(gi, a_im)
+    if edge is None:
+      refs["o_re"][rows, :] = z
+      refs["o_im"][rows, :] = _dot(gr, a_im) + _dot(gi, a_re)
+    else:
+      edge.store(refs, rows, j2, z)
     return carry
 
   lax.fori_loop(0, n2, forward_stage1, 0)
@@ -222,82 +260,126 @@ def _kernel(*refs, n1: int, n2: int, complex_signal: bool):
   lax.fori_loop(0, n2, inverse_stage1, 0)
 
 
-def _fused(signal: tuple[jax.Array, ...], k_re, k_im, n0: int, n1: int, n2: int, interpret: Any
-           ) -> tuple[jax.Array, ...]:
-  """The on-chip kernel on ``signal`` (re[, im]) ``[batch, n0, m, channels]``, row ``k0`` with
-  the spectrum rows ``[n0, m, channels]`` and the stage matrices of ``k0``."""
-  batch, _, m, channels = signal[0].shape
+def _fused(signal: tuple[jax.Array, ...], k_re, k_im, n0: int, n1: int, n2: int, interpret: Any,
+           edge: _Edge | None = None, gates: dict[str, jax.Array | None] | None = None,
+           dtype: Any = jnp.float32) -> tuple[jax.Array, ...]:
+  """The on-chip kernel: ``edge`` None: on the complex ``signal`` (re, im)
+  ``[batch, n0, m, channels]``, row ``k0`` with the spectrum rows ``[n0, m, channels]`` and the
+  stage matrices of ``k0``; else (``n0 = 1``) on the real ``signal`` (x,) ``[batch, seq,
+  channels]`` with ``gates``, storing ``[batch, seq, channels]`` in ``dtype``."""
+  m, lanes = k_re.shape[1:]
+  batch, channels = signal[0].shape[0], signal[0].shape[-1]
   block = min(channels, _LANES)
-  complex_signal = len(signal) == 2
   once = dict(pipeline_mode=pl.Buffered(1))
-  data = pl.BlockSpec((None, None, m, block), lambda k0, c, b: (b, k0, 0, c))
   spectrum = pl.BlockSpec((None, m, block), lambda k0, c, b: (k0, 0, c), **once)
   stage = pl.BlockSpec((None, n2, n1, n1), lambda k0, c, b: (k0, 0, 0, 0), **once)
   matrix = pl.BlockSpec((n2, n2), lambda k0, c, b: (0, 0), **once)
-  shape = jax.ShapeDtypeStruct(signal[0].shape, jnp.float32)
+  if edge is None:
+    data = pl.BlockSpec((None, None, m, block), lambda k0, c, b: (b, k0, 0, c))
+    names, arrays, specs = ["x_re", "x_im"], list(signal), [data] * 2
+    out_names, out_specs = ["o_re", "o_im"], [data] * 2
+    out_shape = [jax.ShapeDtypeStruct(signal[0].shape, jnp.float32)] * 2
+  else:
+    data = pl.BlockSpec((None, m, block), lambda k0, c, b: (b, 0, c))
+    names, arrays = ["x", *edge.names()], [signal[0], *(gates[n] for n in edge.names())]
+    specs = [data] * len(arrays)
+    if edge.skip:  # [1, lanes] float32, a lane vector per channel block
+      skip = gates["skip"].astype(jnp.float32)
+      arrays[-1] = jnp.pad(skip, (0, lanes - len(skip)))[None]
+      specs[-1] = pl.BlockSpec((1, block), lambda k0, c, b: (0, c))
+    out_names, out_specs = ["out"], [data]
+    out_shape = [jax.ShapeDtypeStruct(signal[0].shape, dtype)]
+  names += ["k_re", "k_im", "g_re", "g_im", "gt_re", "gt_im", "f2_re", "f2_im"]
   # Every grid axis is parallel (no carried state). Not told to the TPU interpreter: it does not
   # extend the semantics over the grid axes vmap adds (jax 0.10.2); Mosaic's lowering does.
   semantics = None if interpret else (pltpu.PARALLEL,) * 3
   return pl.pallas_call(
-      functools.partial(_kernel, n1=n1, n2=n2, complex_signal=complex_signal),
-      grid=(n0, channels // block, batch),
-      in_specs=[data] * len(signal) + [spectrum] * 2 + [stage] * 4 + [matrix] * 2,
-      out_specs=[data] * len(signal),
-      out_shape=[shape] * len(signal),
+      functools.partial(_kernel, names=(*names, *out_names, "t_re", "t_im"), n1=n1, n2=n2,
+                        edge=edge),
+      grid=(n0, lanes // block, batch),
+      in_specs=specs + [spectrum] * 2 + [stage] * 4 + [matrix] * 2,
+      out_specs=out_specs,
+      out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((m, block), jnp.float32)] * 2,
       compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
       interpret=interpret,
-      name="long_conv_fused_fft_complex" if complex_signal else "long_conv_fused_fft",
-  )(*signal, k_re, k_im, *_stage_matrices(n0, n1, n2), *dft.dft(n2))
+      name="long_conv_fused_fft" if edge is not None else "long_conv_fused_fft_complex",
+  )(*arrays, k_re, k_im, *_stage_matrices(n0, n1, n2), *dft.dft(n2))
 
 
-def fft_conv(x: Float[Array, "batch n channels"], k_hat_re: Float[Array, "n channels"],
-             k_hat_im: Float[Array, "n channels"], *, interpret: Any = None
-             ) -> Float[Array, "batch n channels"]:
-  """Circular convolution ``real(ifft(fft(x) * k_hat))`` of every ``(batch, channel)`` signal.
+def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "n channels"],
+             k_hat_im: Float[Array, "n channels"], *, n: int | None = None,
+             pre_gate: Float[Array, "batch seq channels"] | None = None,
+             post_gate: Float[Array, "batch seq channels"] | None = None,
+             skip: Float[Array, " channels"] | None = None, dtype: Any = jnp.float32,
+             interpret: Any = None) -> Float[Array, "batch seq channels"]:
+  """Gated circular convolution: rows ``[0, seq)`` of ``post_gate * (z + skip * v)``, ``z =
+  real(ifft(fft(v) * k_hat))`` of size ``n`` with ``v = pre_gate * x`` zero-extended to ``n``
+  rows, for every ``(batch, channel)`` signal.
+
+  One pass does the zero extension, the gates, the skip term and the cast in the kernel's loads
+  and stores (see the module docstring); three passes do them in the XLA matmuls of passes 1
+  and 3. A None option costs no load.
 
   Args:
-    x: float32 ``[batch, n, channels]``, ``n`` accepted by :func:`factors`.
+    x: ``[batch, seq, channels]``, any float dtype, ``seq <= n``.
     k_hat_re, k_hat_im: float32 ``[n, channels]``, the kernel spectrum in digit-reversed layout
       for :func:`factors` ``(n_a, ..., n_r)``: row ``k_a m_a + ... + k_r`` (``m_i`` the product of
       the factors after ``n_i``) holds the DFT at ``k_a + n_a k_b + ...`` (the Monarch transform's
       ``[n_a, ..., n_r, channels]`` spectrum, reshaped).
+    n: the transform size, accepted by :func:`factors`; None: ``seq``.
+    pre_gate, post_gate: None or ``[batch, seq, channels]`` (any float dtype).
+    skip: None or ``[channels]``.
+    dtype: the result's dtype.
     interpret: ``pallas_call``'s ``interpret`` (``pltpu.InterpretParams`` or False); None asks
       :func:`pallas_kernels.interpret.require_tpu_or_interpret`.
 
   Returns:
-    float32 ``[batch, n, channels]``.
+    ``[batch, seq, channels]`` in ``dtype``.
 
   Raises:
     NotImplementedError: off a TPU unless in ``pallas_kernels.interpret.interpret_mode()``, or
       ``n`` has no :func:`factors`.
+    ValueError: ``seq > n``, or a gate, skip or the spectrum has the wrong shape.
   """
   if interpret is None:
     interpret = require_tpu_or_interpret()
-  batch, n, channels = x.shape
+  batch, seq, channels = x.shape
+  n = seq if n is None else n
   split = factors(n)
   if split is None:
     raise NotImplementedError(f"fused TPU FFT conv needs n accepted by factors() (one pass: a "
                               f"multiple of 64 up to about 2048; else n0 * m, n0 <= {MAX_N0}), "
                               f"got n={n}")
+  flags = gating.Options.check(x, n, pre_gate, post_gate, skip)
   if k_hat_re.shape != (n, channels) or k_hat_im.shape != (n, channels):
     raise ValueError(f"kernel spectrum must have shape {(n, channels)}, got {k_hat_re.shape} and "
                      f"{k_hat_im.shape}")
   lanes = channels if channels < _LANES else -(-channels // _LANES) * _LANES
-  pad = ((0, 0),) * (x.ndim - 1) + ((0, lanes - channels),)
-  x, k_hat_re, k_hat_im = (jnp.pad(a, pad[-a.ndim:]) for a in (x, k_hat_re, k_hat_im))
+  pad = lambda a: jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((0, lanes - a.shape[-1]),))
   n0, n1, n2 = split if len(split) == 3 else (1, *split)
   m = n1 * n2
-  k_re, k_im = (k.reshape(n0, m, lanes) for k in (k_hat_re, k_hat_im))
+  k_re, k_im = (pad(k).reshape(n0, m, lanes) for k in (k_hat_re, k_hat_im))
   if n0 == 1:
-    (y,) = _fused((x.reshape(batch, 1, m, lanes),), k_re, k_im, n0, n1, n2, interpret)
-  else:
-    f0_re, f0_im = dft.dft(n0)
-    rows = x.reshape(batch, n0, m * lanes)
-    first = lambda f: jnp.einsum("pq,bqr->bpr", f, rows, precision=_HIGHEST)
-    signal = tuple(first(f).reshape(batch, n0, m, lanes) for f in (f0_re, f0_im))
-    z_re, z_im = (z.reshape(batch, n0, m * lanes)
-                  for z in _fused(signal, k_re, k_im, n0, n1, n2, interpret))
-    y = (jnp.einsum("pq,bqr->bpr", f0_re, z_re, precision=_HIGHEST)
-         + jnp.einsum("pq,bqr->bpr", f0_im, z_im, precision=_HIGHEST))
-  return y.reshape(batch, n, lanes)[..., :channels]
+    edge = _Edge(seq=seq, **flags)
+    gates = dict(pre_gate=pre_gate, post_gate=post_gate, skip=skip)
+    (y,) = _fused((x,), k_re, k_im, n0, n1, n2, interpret, edge, gates, dtype)
+    return y
+  # Passes 1 and 3 are XLA matmuls: the gates, padding and window fuse into them.
+  f0_re, f0_im = dft.dft(n0)
+  v = x.astype(jnp.float32)
+  if pre_gate is not None:
+    v = v * pre_gate.astype(jnp.float32)
+  rows = pad(jnp.pad(v, ((0, 0), (0, n - seq), (0, 0)))).reshape(batch, n0, m * lanes)
+  first = lambda f: jnp.einsum("pq,bqr->bpr", f, rows, precision=_HIGHEST)
+  signal = tuple(first(f).reshape(batch, n0, m, lanes) for f in (f0_re, f0_im))
+  z_re, z_im = (z.reshape(batch, n0, m * lanes)
+                for z in _fused(signal, k_re, k_im, n0, n1, n2, interpret))
+  y = (jnp.einsum("pq,bqr->bpr", f0_re, z_re, precision=_HIGHEST)
+       + jnp.einsum("pq,bqr->bpr", f0_im, z_im, precision=_HIGHEST))
+  y = y.reshape(batch, n, lanes)[:, :seq, :channels]
+  if skip is not None:
+    y = y + skip.astype(jnp.float32) * v
+  if post_gate is not None:
+    y = y * post_gate.astype(jnp.float32)
+  return y.astype(dtype)

@@ -15,12 +15,14 @@ import functools
 import itertools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from effjax import testing
 from effjax.ops.long_conv import MODES, long_conv
+from effjax.ops.long_conv.api import normalize_arguments
 from effjax.ops.long_conv.reference import fft_conv
 
 REFERENCE = jax.jit(functools.partial(long_conv, implementation="reference"),
@@ -97,6 +99,75 @@ SLOW_BF16_CASES = [Case(seq, mode, dtype="bfloat16", skip=True, gates=True,
                    for seq, mode in itertools.product(LENGTHS, MODES)] + [
                        Case(100, "causal", dtype="bfloat16", kernel_dtype="bfloat16", skip=True),
                        Case(1024, "circular", dtype="bfloat16", gates=True)]
+
+
+def slow(test):
+  """A copy of the inherited ``test`` marked slow, for one subclass: ``pytest.mark.slow(test)``
+  marks the shared function itself, so in every class that inherits it."""
+  @functools.wraps(test)
+  def copy(self, *args, **kwargs):
+    return test(self, *args, **kwargs)
+  return pytest.mark.slow(copy)
+
+
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          yield from _equations(inner)
+
+
+def signal_operands(fn, *args) -> tuple[list[int], int]:
+  """``fn``'s jaxpr: for each ``pallas_call``, how many of its operands have u's
+  ``[batch, seq, channels]`` shape (the signal, gates or cotangent it loads itself), and how
+  many elementwise ``mul`` outside the kernels touch such an array (gating done in XLA)."""
+  shape = args[0].shape
+  operands, multiplies = [], 0
+  for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    shapes = [getattr(var.aval, "shape", None) for var in eqn.invars]
+    if eqn.primitive.name == "pallas_call":
+      operands.append(shapes.count(shape))
+    elif eqn.primitive.name == "mul" and shape in shapes:
+      multiplies += 1
+  return operands, multiplies
+
+
+def numpy_gated_circular_conv(x, kernel, n, pre_gate=None, post_gate=None, skip=None):
+  """Rows ``[0, seq)`` of ``post_gate * (circ_n(v, kernel) + skip * v)``, ``v = pre_gate * x``
+  zero-extended to ``n`` rows, in float64 (the fused kernels' contract)."""
+  f64 = lambda a: np.asarray(a, np.float64)
+  v = f64(x) if pre_gate is None else f64(x) * f64(pre_gate)
+  seq = v.shape[1]
+  padded = np.pad(v, ((0, 0), (0, n - seq), (0, 0)))
+  z = np.fft.irfft(np.fft.rfft(padded, axis=1) * np.fft.rfft(f64(kernel), axis=0), n,
+                   axis=1)[:, :seq]
+  if skip is not None:
+    z = z + f64(skip) * v
+  return z if post_gate is None else z * f64(post_gate)
+
+
+def gated_kernel_inputs(seq, n, channels, dtype, pre, post, skip):
+  """``(x, kernel [n, channels], pre_gate, post_gate, skip)``, absent options None."""
+  keys = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(keys[0], (2, seq, channels), dtype)
+  kernel = jax.random.normal(keys[1], (n, channels), jnp.float32) / np.sqrt(n)
+  gate = lambda key, on: jax.random.normal(key, x.shape, dtype) if on else None
+  skip = jax.random.normal(keys[4], (channels,), jnp.float32) if skip else None
+  return x, kernel, gate(keys[2], pre), gate(keys[3], post), skip
+
+
+def gated_loss(conv, mode):
+  """``sum(y^2)`` of ``conv(u, kernel, mode=, skip=, pre_gate=, post_gate=)`` (options None when
+  not given), for gradients with respect to every input."""
+  def loss(u, kernel, skip=None, pre_gate=None, post_gate=None):
+    options = normalize_arguments(u, kernel, mode=mode, skip=skip, pre_gate=pre_gate,
+                                  post_gate=post_gate)
+    return jnp.sum(conv(u, kernel, **options).astype(jnp.float32) ** 2)
+  return loss
 
 
 def _positional(fn, mode):
@@ -187,11 +258,16 @@ class LongConvTestBase:
       assert jacobian[future].max() > 0.01 * scale
 
   def test_jit_and_vmap(self):
-    u, kernel, skip, pre_gate, _ = Case(50, "bidirectional", skip=True, gates=True).inputs()
+    self.check_jit_and_vmap(Case(50, "bidirectional", skip=True, gates=True))
+
+  def check_jit_and_vmap(self, case: Case) -> None:
+    """vmap over two kernels of the value and gradients equals the unbatched calls (``case``
+    with skip and gates)."""
+    u, kernel, skip, pre_gate, _ = case.inputs()
     kernels = jnp.stack([kernel, kernel[:, ::-1]])
 
     def loss(u, kernel, skip, pre_gate):
-      y = self.conv(u, kernel, mode="bidirectional", skip=skip, pre_gate=pre_gate)
+      y = self.conv(u, kernel, mode=case.mode, skip=skip, pre_gate=pre_gate)
       return jnp.sum(y * y)
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))

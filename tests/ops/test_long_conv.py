@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from long_conv_test_base import (DEFAULT_CASES, FEW_CASES, PLAIN_FFT, REFERENCE, Case,
-                                 LongConvTestBase, _positional)
+from long_conv_test_base import (DEFAULT_BF16_CASES, DEFAULT_CASES, FEW_CASES, PLAIN_FFT,
+                                 REFERENCE, Case, LongConvTestBase, _positional,
+                                 gated_kernel_inputs, gated_loss, numpy_gated_circular_conv,
+                                 signal_operands, slow)
 
 from effjax import dispatch, testing
 from effjax.ops.long_conv import butterfly, long_conv
@@ -34,7 +36,7 @@ class TestButterfly(LongConvTestBase):
 class _Variant(LongConvTestBase):
   """A variant of an implementation: the full case list only in the slow run."""
 
-  test_matches_reference = pytest.mark.slow(LongConvTestBase.test_matches_reference)
+  test_matches_reference = slow(LongConvTestBase.test_matches_reference)
 
   @pytest.mark.parametrize("case", FEW_CASES, ids=str)
   def test_matches_reference_few(self, case):
@@ -59,24 +61,22 @@ class TestButterflyLearnedAtDft(_Variant):
 
 
 class TestPallasGpuInterpret(_Variant):
-  """The fused Pallas GPU kernel in interpret mode (transform sizes 256..4096). The interpreter
-  runs the grid sequentially: two cases by default, the rest in the slow run."""
+  """The fused Pallas GPU kernel in interpret mode (one pass up to 4096 points, three passes
+  above: see test_long_conv_multipass.py). The interpreter runs the grid sequentially: two cases
+  by default, the rest in the slow run."""
   implementation = "pallas_gpu"
-  test_matches_reference_few = pytest.mark.slow(_Variant.test_matches_reference_few)
-  test_causality = pytest.mark.slow(_Variant.test_causality)
-  test_jit_and_vmap = pytest.mark.slow(_Variant.test_jit_and_vmap)
+  test_matches_reference_few = slow(_Variant.test_matches_reference_few)
+  test_causality = slow(_Variant.test_causality)
+  test_jit_and_vmap = slow(_Variant.test_jit_and_vmap)
 
   def conv(self, u, kernel, **options):
     with interpret_mode():
       return super().conv(u, kernel, **options)
 
-  def check(self, case):
-    if case.seq > 2048:
-      pytest.skip("the fused kernel serves transform sizes up to 4096 (seq <= 2048)")
-    super().check(case)
-
-  @pytest.mark.parametrize("case", FEW_CASES[:2], ids=str)
-  def test_matches_reference_two(self, case):
+  @pytest.mark.parametrize("case", [*FEW_CASES[:2], DEFAULT_BF16_CASES[0]], ids=str)
+  def test_matches_reference_default(self, case):
+    """Causal and (one pass, gates on chip, bfloat16 rule) bidirectional; folded circular (gates
+    in XLA)."""
     self.check(case)
 
 
@@ -92,49 +92,105 @@ def test_fused_kernel_is_a_circular_convolution(n, channels):
   np.testing.assert_allclose(y, expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("n, channels", [(256, 768), (4096, 3)])
-def test_fused_gpu_kernel_lowers_to_triton(monkeypatch, n, channels):
-  """Forward and backward lower to Triton IR for CUDA on this CPU-only machine: every primitive
-  of the kernel (reshapes, 3-D transposes, 3xTF32 dots) has a Triton lowering; n = 256 with 768
-  channels: 24 programs of 32 channels per batch row."""
+GATE_FLAGS = [(True, False, False), (False, True, False), (False, False, True),
+              (True, True, True)]
+
+
+@pytest.mark.parametrize("pre, post, skip", GATE_FLAGS, ids=str)
+@pytest.mark.parametrize("seq, n, channels, dtype", [(200, 256, 5, jnp.float32),
+                                                     (300, 512, 40, jnp.bfloat16)])
+def test_fused_gpu_kernel_gates_on_chip(seq, n, channels, dtype, pre, post, skip):
+  """The one-pass kernel reads ``[batch, seq, channels]`` (zero rows up to n and channel blocks
+  by masked loads), applies each option on its own and all together, stores u's dtype."""
+  x, kernel, pre_gate, post_gate, skip = gated_kernel_inputs(seq, n, channels, dtype, pre, post,
+                                                             skip)
+  spectrum = jnp.swapaxes(butterfly.Butterfly(n, gpu.split(n)).forward(kernel), 0, 1)
+  y = gpu.fft_conv(x, spectrum.real, spectrum.imag, n=n, pre_gate=pre_gate, post_gate=post_gate,
+                   skip=skip, dtype=dtype, interpret=True)
+  assert y.shape == x.shape and y.dtype == dtype
+  expected = numpy_gated_circular_conv(x, kernel, n, pre_gate, post_gate, skip)
+  tolerance = 2e-5 if dtype == jnp.float32 else 1e-2 * np.abs(expected).max()
+  np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=tolerance)
+
+
+def _gated_args(seq, channels, mode, kernel_len, dtype):
+  """Shapes of ``(u, kernels [2, ...], skip, pre_gate, post_gate)`` for the lowering tests."""
+  u = jax.ShapeDtypeStruct((2, seq, channels), dtype)
+  return (u, jax.ShapeDtypeStruct((2, channels, kernel_len), jnp.float32),
+          jax.ShapeDtypeStruct((channels,), jnp.float32), u, u)
+
+
+@pytest.mark.parametrize("n, channels, gated", [(256, 768, False), (4096, 3, False),
+                                                (1024, 130, True)])
+def test_fused_gpu_kernel_lowers_to_triton(monkeypatch, n, channels, gated):
+  """Forward and backward, vmapped over two kernels, lower to Triton IR for CUDA on this CPU-only
+  machine: every primitive of the kernel (reshapes, 3-D transposes, 3xTF32 dots, masked gathers
+  and scatters) has a Triton lowering; n = 256 with 768 channels: 24 programs of 32 channels per
+  batch row. Gated (both gates and skip, all differentiated): a third kernel call recomputes the
+  forward for the post-gate's gradient."""
   monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
   seq = n // 2
-  u = jax.ShapeDtypeStruct((2, seq, channels), jnp.bfloat16)
-  kernel = jax.ShapeDtypeStruct((channels, seq), jnp.float32)
-
-  def loss(u, kernel):
-    y = pallas_gpu_impl.long_conv(u, kernel, **normalize_arguments(u, kernel, mode="causal"))
-    return jnp.sum(y.astype(jnp.float32) ** 2)
-
-  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(u, kernel).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert text.count('name = "long_conv_fused_fft"') == 2  # forward and dv
-
-
-def test_pallas_gpu_falls_through_beyond_its_sizes():
-  u, kernel, *_ = Case(2049, "causal", channels=2, batch=1).inputs()  # needs 4097 points
-  with interpret_mode():
-    with pytest.raises(NotImplementedError, match="256..4096"):
-      long_conv(u, kernel, implementation="pallas_gpu")
-    np.testing.assert_array_equal(long_conv(u, kernel, implementation=("pallas_gpu", "xla_fft")),
-                                  long_conv(u, kernel, implementation="xla_fft"))
+  args = _gated_args(seq, channels, "causal", seq, jnp.bfloat16)[:5 if gated else 2]
+  grad = jax.grad(gated_loss(pallas_gpu_impl.long_conv, "causal"), argnums=range(len(args)))
+  grad = jax.vmap(grad, in_axes=(None, 0, *[None] * (len(args) - 2)))
+  text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count('name = "long_conv_fused_fft"') == (3 if gated else 2)  # forward and dv
 
 
 class TestPallasTpuInterpret(_Variant):
   """The fused Pallas TPU kernel in the TPU interpreter (about 15 s a case on 2 cores): a
   one-pass case with gates and a three-pass case by default, the rest in the slow run."""
   implementation = "pallas_tpu"
-  test_matches_reference_few = pytest.mark.slow(_Variant.test_matches_reference_few)
-  test_causality = pytest.mark.slow(_Variant.test_causality)
-  test_jit_and_vmap = pytest.mark.slow(_Variant.test_jit_and_vmap)
+  test_matches_reference_few = slow(_Variant.test_matches_reference_few)
+  test_causality = slow(_Variant.test_causality)
+  test_jit_and_vmap = slow(_Variant.test_jit_and_vmap)
 
   def conv(self, u, kernel, **options):
     with interpret_mode():
       return super().conv(u, kernel, **options)
 
-  @pytest.mark.parametrize("case", [FEW_CASES[0], DEFAULT_CASES[7]], ids=str)
-  def test_matches_reference_two(self, case):
+  @pytest.mark.parametrize("case", [
+      FEW_CASES[0], DEFAULT_BF16_CASES[0],  # one pass, gates on chip; the bfloat16 rule
+      Case(2100, "causal", kernel_len=50, skip=True, gates=True, batch=1, channels=2),  # 3 passes
+  ], ids=str)
+  def test_matches_reference_default(self, case):
     self.check(case)
+
+
+@pytest.mark.parametrize("pre, post, skip", GATE_FLAGS[1:], ids=str)
+def test_fused_tpu_kernel_gates_on_chip(pre, post, skip):
+  """One pass from ``[batch, seq, channels]`` (seq 300 of 320 rows, 130 channels: the second
+  lane block lies partly outside the array) with each option, bfloat16 in and out."""
+  n, seq, channels = 320, 300, 130
+  x, kernel, pre_gate, post_gate, skip = gated_kernel_inputs(seq, n, channels, jnp.bfloat16,
+                                                             pre, post, skip)
+  with interpret_mode():
+    y = tpu.fft_conv(x, *_digit_reversed_spectrum(kernel), n=n, pre_gate=pre_gate,
+                     post_gate=post_gate, skip=skip, dtype=jnp.bfloat16)
+  assert y.shape == x.shape and y.dtype == jnp.bfloat16
+  expected = numpy_gated_circular_conv(x, kernel, n, pre_gate, post_gate, skip)
+  np.testing.assert_allclose(np.asarray(y, np.float32), expected,
+                             atol=1e-2 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("mode, kernel_len, forward, backward", [
+    ("bidirectional", 41, ([3], 0), [3, 2, 3]),
+    ("causal", 300, ([3], 0), [3, 2, 3]),
+    ("circular", 40, ([0], 3), [0, 0, 0]),  # folded (n > seq): gates, pad and fold in XLA
+])
+def test_gates_reach_the_kernel(implementation, mode, kernel_len, forward, backward):
+  """In the forward jaxpr the kernel gets u and both gates itself (three ``[batch, seq,
+  channels]`` operands) and no XLA multiply touches them; the backward has the forward, the
+  ``dv`` call (cotangent and post-gate) and the post-gate's gradient (u, pre-gate, cotangent)."""
+  case = Case(300, mode, kernel_len=kernel_len, skip=True, gates=True, channels=5)
+  args = case.inputs()
+  conv = functools.partial(long_conv, implementation=implementation)
+  loss = gated_loss(conv, mode)
+  with interpret_mode():
+    assert signal_operands(_positional(conv, mode), *args) == forward
+    operands, _ = signal_operands(jax.grad(loss, argnums=range(5)), *args)
+  assert operands == backward
 
 
 @pytest.mark.tpu
@@ -191,26 +247,26 @@ def _tpu_kernel_calls(text: str) -> int:
   return text.count("call @tpu_custom_call")
 
 
-@pytest.mark.parametrize("seq, channels, mode, dtype", [
-    (1000, 256, "causal", jnp.bfloat16), (1500, 130, "bidirectional", jnp.float32)],
-    ids=["one_pass_bf16", "three_pass_f32"])
-def test_pallas_tpu_lowers_for_tpu(monkeypatch, seq, channels, mode, dtype):
+@pytest.mark.parametrize("seq, channels, mode, dtype, gated", [
+    (1000, 256, "causal", jnp.bfloat16, False), (1500, 130, "bidirectional", jnp.float32, False),
+    (1000, 130, "causal", jnp.bfloat16, True), (1500, 130, "bidirectional", jnp.float32, True)],
+    ids=["one_pass_bf16", "three_pass_f32", "one_pass_gated_bf16", "three_pass_gated_f32"])
+def test_pallas_tpu_lowers_for_tpu(monkeypatch, seq, channels, mode, dtype, gated):
   """Forward and backward, vmapped over two kernels, lower to Mosaic for TPU (``jax.export``, no
   TPU needed): Pallas' TPU lowering checks the block shapes against the (8, 128) tiling, the
   strided loads and stores, every op in the kernel body and the grid axis vmap adds. Mosaic's own
-  compiler runs only on a TPU."""
+  compiler runs only on a TPU. Gated (both gates and skip; 130 channels: a lane block partly
+  outside the array): a third call recomputes the forward for the post-gate's gradient."""
   monkeypatch.setattr(pallas_tpu_impl, "require_tpu_or_interpret", lambda: False)
-  u = jax.ShapeDtypeStruct((2, seq, channels), dtype)
-  kernels = jax.ShapeDtypeStruct((2, channels, seq if mode == "causal" else 2 * seq - 1), dtype)
-
-  def loss(u, kernel):
-    y = pallas_tpu_impl.long_conv(u, kernel, **normalize_arguments(u, kernel, mode=mode))
-    return jnp.sum(y.astype(jnp.float32) ** 2)  # needs y: the forward kernel stays
-
-  grads = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0))
-  exported = jax.export.export(jax.jit(grads), platforms=["tpu"])(u, kernels)
+  kernel_len = seq if mode == "causal" else 2 * seq - 1
+  args = _gated_args(seq, channels, mode, kernel_len, dtype)[:5 if gated else 2]
+  if not gated:  # a kernel in u's dtype
+    args = (args[0], jax.ShapeDtypeStruct(args[1].shape, dtype))
+  grad = jax.grad(gated_loss(pallas_tpu_impl.long_conv, mode), argnums=range(len(args)))
+  grads = jax.vmap(grad, in_axes=(None, 0, *[None] * (len(args) - 2)))
+  exported = jax.export.export(jax.jit(grads), platforms=["tpu"])(*args)
   text = exported.mlir_module()
-  assert _tpu_kernel_calls(text) == 2  # forward and dv; dk is XLA's
+  assert _tpu_kernel_calls(text) == (3 if gated else 2)  # forward and dv; dk is XLA's
   assert ("long_conv_fused_fft_complex" in text) == (mode != "causal")
 
 

@@ -1,16 +1,27 @@
 """``long_conv`` with the fused Pallas GPU kernel (:mod:`pallas_kernels.long_conv.gpu`).
 
 The transform size is the next power of two ``>=`` the linear-convolution length (at least 256;
-circular mode uses ``seq`` itself when it is one); sizes above 4096 (causal ``seq > 2048``)
-raise ``NotImplementedError`` so dispatch falls through to ``xla_fft``. The kernel spectrum
-``[n2, n1, channels]`` is computed by the Monarch transform of :mod:`butterfly` (small: one
-signal per channel); blocks of channels of a batch row (channels last, no transpose) are then
-transformed, multiplied and transformed back in one kernel: one HBM read and one write per
-element instead of the FFT convolution's round trips through complex64 spectra.
+circular mode uses ``seq`` itself when it is one) that :func:`pallas_kernels.long_conv.gpu.factors`
+splits: up to 4096 points (causal ``seq <= 2048``) in one pass, blocks of channels of a batch row
+(channels last, no transpose) transformed, multiplied and transformed back in one kernel (one HBM
+read and one write per element instead of the FFT convolution's round trips through complex64
+spectra); above that, up to 262144 points (causal ``seq <= 131072``), FlashButterfly's three
+passes (``n = n0 * m``: outer size-``n0`` DFTs with twiddles, the fused kernel on each complex row
+of ``m <= 4096`` points, the inverse outer DFTs; 40 bytes of HBM traffic per element instead of
+8). Longer calls raise ``NotImplementedError`` so dispatch falls through to ``xla_fft``. The
+kernel spectrum (``[n2, n1, channels]``, or ``[n0, n2, n1, channels]``) is computed by the
+Monarch transform of :mod:`butterfly` with the kernel's factors (small: one signal per channel).
 
-Backward (``custom_vjp``, residuals: the inputs): ``dv`` is the same fused kernel run on the
-padded cotangent with the conjugate kernel spectrum (a correlation); ``dk``, a sum over the
-batch, uses the ``rfft`` path of :mod:`xla_fft`.
+The kernels load ``u`` and the gates from ``[batch, seq, channels]`` and store ``y`` in u's dtype
+themselves (zero rows up to ``n`` and the output window by masked loads and stores; gates and
+skip on chip, pre-gate in the one-pass load or pass 1, post-gate and skip in the one-pass store
+or pass 3), except a folded circular window (``n > seq``), gated in XLA around the kernel.
+
+Backward (:func:`spectral.fused_long_conv`, one ``custom_vjp`` with the TPU kernel, residuals:
+the inputs): ``dv`` is the same fused kernel run on the cotangent with the post-gate as its
+pre-gate and the conjugate kernel spectrum (a correlation), the post-gate's gradient the forward
+kernel recomputed with the cotangent as its post-gate; ``dk``, a sum over the batch, uses the
+``rfft`` path of :mod:`xla_fft`.
 """
 
 from __future__ import annotations
@@ -28,14 +39,22 @@ from pallas_kernels.long_conv import gpu
 MIN_SIZE = gpu.MIN_TILE * gpu.MIN_TILE
 
 
-def _power_of_two(length: int) -> int:
-  return max(MIN_SIZE, 1 << max(length - 1, 0).bit_length())
+def _size(length: int, max_on_chip: int) -> int:
+  """The least power of two ``>= max(length, MIN_SIZE)`` that :func:`gpu.factors` splits."""
+  n = max(MIN_SIZE, 1 << max(length - 1, 0).bit_length())
+  while n <= gpu.largest_size(max_on_chip) and gpu.factors(n, max_on_chip) is None:
+    n *= 2
+  if n > gpu.largest_size(max_on_chip):
+    raise NotImplementedError(f"the fused GPU kernel serves transforms of up to "
+                              f"{gpu.largest_size(max_on_chip)} points; this call needs {length}")
+  return n
 
 
 @dataclasses.dataclass(frozen=True)
 class _GpuKernel:
   """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.gpu.fft_conv`."""
   n: int
+  max_on_chip: int
   interpret: bool
 
   @property
@@ -43,14 +62,16 @@ class _GpuKernel:
     return RealFFT(self.n)
 
   def spectrum(self, kernel_t, plan: spectral.Plan):
-    """``(re, im)`` float32 ``[n2, n1, channels]`` in the kernel's digit-reversed layout."""
-    spectrum = Butterfly(plan.n, gpu.split(plan.n)).forward(spectral.pad_kernel(kernel_t, plan))
-    spectrum = jnp.swapaxes(spectrum, 0, 1)
+    """``(re, im)`` float32 ``[*n0, n2, n1, channels]`` in the kernel's digit-reversed layout."""
+    factors = gpu.factors(self.n, self.max_on_chip)
+    spectrum = Butterfly(self.n, factors).forward(spectral.pad_kernel(kernel_t, plan))
+    spectrum = jnp.swapaxes(spectrum, -3, -2)
     return spectrum.real, spectrum.imag
 
-  def convolve(self, x: Float[Array, "batch n channels"], k_re, k_im
-               ) -> Float[Array, "batch n channels"]:
-    return gpu.fft_conv(x, k_re, k_im, interpret=self.interpret)
+  def convolve(self, x: Float[Array, "batch seq channels"], k_re, k_im, **options
+               ) -> Float[Array, "batch seq channels"]:
+    return gpu.fft_conv(x, k_re, k_im, n=self.n, max_on_chip=self.max_on_chip,
+                        interpret=self.interpret, **options)
 
 
 def long_conv(
@@ -62,19 +83,27 @@ def long_conv(
     pre_gate: Float[Array, "batch seq channels"] | None = None,
     post_gate: Float[Array, "batch seq channels"] | None = None,
     interpret: bool | None = None,
+    max_on_chip: int = gpu.MAX_ON_CHIP,
 ) -> Float[Array, "batch seq channels"]:
   """Fused-kernel long convolution; arguments as validated by ``effjax.long_conv``.
 
+  Args:
+    interpret: run the kernels in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
+    max_on_chip: the largest transform done in one pass, a power of two in ``[256, 4096]``; a
+      smaller one makes longer transforms three passes of ``n0 >= 16`` rows (tests reach the
+      three-pass scheme at 4096 points with 256).
+
   Raises:
-    NotImplementedError: off a GPU (unless interpreting), or a transform size above 4096.
+    NotImplementedError: off a GPU (unless interpreting), or a transform size above
+      ``64 * max_on_chip`` (262144).
   """
+  if not isinstance(max_on_chip, int) or gpu.split(max_on_chip) is None:
+    raise ValueError(f"max_on_chip must be a power of two in [{MIN_SIZE}, {gpu.MAX_ON_CHIP}], "
+                     f"got {max_on_chip!r}")
   interpret = gpu.gpu_interpret(interpret)  # off a GPU, not interpreting: NotImplementedError
   seq = u.shape[1]
-  plan = spectral.Plan.create(mode, seq, kernel.shape[1], _power_of_two,
-                              exact_circular=gpu.split(seq) is not None)
-  if gpu.split(plan.n) is None:
-    raise NotImplementedError(f"the fused kernel holds transforms of 256..4096 points; this call "
-                              f"needs {plan.n} (seq={seq}, kernel_len={kernel.shape[1]}, {mode})")
-  conv = spectral.fused_conv(plan, _GpuKernel(plan.n, interpret))
-  return spectral.gated_long_conv(u, kernel, conv=conv, skip=skip, pre_gate=pre_gate,
-                                  post_gate=post_gate)
+  plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, max_on_chip),
+                              exact_circular=gpu.factors(seq, max_on_chip) is not None)
+  return spectral.fused_long_conv(u, kernel, plan=plan,
+                                  fused=_GpuKernel(plan.n, max_on_chip, interpret), skip=skip,
+                                  pre_gate=pre_gate, post_gate=post_gate)

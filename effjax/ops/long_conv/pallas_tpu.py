@@ -8,16 +8,18 @@ Longer calls raise ``NotImplementedError`` so dispatch falls through to ``butter
 
 The kernel spectrum ``[n, channels]`` comes from the Monarch transform of :mod:`butterfly` with the
 kernel's factors (small: one signal per channel); each block of 128 channels of a batch row is
-then transformed, multiplied and transformed back on chip. Padding ``P``, the output window
-``S``, the gates and the skip term are XLA elementwise work around the kernel (fused by XLA with
-the pad/slice copies), in :func:`spectral.gated_long_conv`; the kernel itself reads 4 and writes 4
-bytes per element in one pass. A bfloat16 forward thus moves about 2 + 4 (gate, cast and pad) +
-8 (kernel) + 4 + 2 (window, skip, post-gate, cast) = 20 bytes per element where a kernel that also
-padded, windowed and gated on chip would move 4 (no gates): not done yet.
+then transformed, multiplied and transformed back on chip. In one pass the kernel reads ``u``
+and the gates from ``[batch, seq, channels]`` and writes ``y`` in u's dtype itself (padding
+``P``, window ``S``, gates, skip and cast on chip): a bfloat16 forward moves 2 + 2 bytes per
+element (2 more per gate) where the XLA pad, gate, window and cast around the previous kernel
+moved about 20. Three passes gate, pad and window in the XLA matmuls of passes 1 and 3; a
+folded circular window (``n > seq``) gates in XLA around the kernel.
 
-Backward (:func:`spectral.fused_conv`, residuals: the inputs): ``dv`` is the same kernel run on
-``S^T dy`` with the conjugate spectrum; ``dk`` (a sum over the batch) uses the Monarch transform
-of :mod:`butterfly` in XLA (its own split of ``n``, else the kernel's factors), pairs of the batch
+Backward (:func:`spectral.fused_long_conv`, one ``custom_vjp`` with the GPU kernel, residuals:
+the inputs): ``dv`` is the same kernel run on the cotangent with the post-gate as its pre-gate
+and the conjugate spectrum, the post-gate's gradient the forward kernel recomputed with the
+cotangent as its post-gate; ``dk`` (a sum over the batch) uses the Monarch transform of
+:mod:`butterfly` in XLA (its own split of ``n``, else the kernel's factors), pairs of the batch
 packed into complex signals.
 """
 
@@ -53,9 +55,9 @@ class _TpuKernel:
     spectrum = spectrum.reshape(self.n, spectrum.shape[-1])
     return spectrum.real, spectrum.imag
 
-  def convolve(self, x: Float[Array, "batch n channels"], k_re, k_im
-               ) -> Float[Array, "batch n channels"]:
-    return tpu.fft_conv(x, k_re, k_im, interpret=self.interpret)
+  def convolve(self, x: Float[Array, "batch seq channels"], k_re, k_im, **options
+               ) -> Float[Array, "batch seq channels"]:
+    return tpu.fft_conv(x, k_re, k_im, n=self.n, interpret=self.interpret, **options)
 
 
 def _size(length: int) -> int:
@@ -85,6 +87,5 @@ def long_conv(
   seq = u.shape[1]
   plan = spectral.Plan.create(mode, seq, kernel.shape[1], _size,
                               exact_circular=tpu.factors(seq) is not None)
-  conv = spectral.fused_conv(plan, _TpuKernel(plan.n, interpret))
-  return spectral.gated_long_conv(u, kernel, conv=conv, skip=skip, pre_gate=pre_gate,
-                                  post_gate=post_gate)
+  return spectral.fused_long_conv(u, kernel, plan=plan, fused=_TpuKernel(plan.n, interpret),
+                                  skip=skip, pre_gate=pre_gate, post_gate=post_gate)
