@@ -50,6 +50,9 @@ SWEEP_HOPPER = {
                                                                           block_q_dkv=128),
     "hopper bwd 3 stages": hopper.HopperConfig(stages=3, block_kv=64),
     "hopper fwd ping-pong": hopper.HopperConfig(ping_pong=True),
+    "hopper fwd overlap": hopper.HopperConfig(overlap=True),
+    "hopper fwd overlap, 64 keys, 3 stages": hopper.HopperConfig(block_kv=64, stages=3,
+                                                                 overlap=True),
 }
 
 

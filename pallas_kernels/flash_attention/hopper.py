@@ -12,8 +12,17 @@ on H100 (up to 740 TFLOP/s bf16 forward, 75% of peak) from three ideas, two of t
   arrivals) for the producer to refill: loads of step ``t + stages`` overlap the math of step
   ``t``. The producer hands its registers to the consumers (``setmaxnreg`` 40 vs 232).
 * ping-pong scheduling of the two consumers in the forward (one's softmax under the other's
-  GEMMs): ``HopperConfig(ping_pong=True)``, opt-in until timed. Not yet: the intra-warpgroup
-  overlap of a block's softmax with the next block's GEMM.
+  GEMMs): ``HopperConfig(ping_pong=True)``, opt-in until timed.
+* intra-warpgroup overlap in the forward (FA3 section 3.2): ``HopperConfig(overlap=True)``, opt-in
+  until timed, exclusive with ``ping_pong``. Step ``j`` of a consumer issues ``S_j = Q K_j^T``,
+  then ``P_{j-1} V_{j-1}``, waits for ``S_j`` alone (``wgmma`` groups retire in order) and runs
+  its softmax while the PV GEMM runs (prologue: block ``first``'s softmax; epilogue: the last PV;
+  a tile without blocks skips all three). Register cost: ``S_j`` (float32), ``P_{j-1}`` (16-bit, a
+  ``wgmma`` operand until the GEMM ends) and two float32 ``[64, dv]`` tiles (O and the fresh PV
+  product: O is rescaled and added to as in the plain schedule, which keeps the two schedules
+  bitwise equal) live at once per consumer, 64 rows: at ``block_kv = dv = 128``, ~224 of the 232
+  registers a thread gets, so spills are possible. The producer refills each operand's slot as
+  soon as that operand is released (K early, V late), so 2 stages suffice.
 
 Softmax in base 2 with the scale folded: ``P = exp2(S * scale * log2(e) - m)``, one FMA before
 the MUFU ``ex2``; the LSE is returned in natural log.
@@ -40,8 +49,8 @@ otherwise be NaN.
 
 Segment ids (packed rows): each consumer reads its rows' ids and, per step, the streamed block's
 ids (64-128 int32, L2-resident) from global memory straight into registers (no ring operand, no
-barrier); every block is then masked (``q_id == kv_id``, with the band). Block skipping as the Triton
-kernels: per tile, the ``[min, max]`` id interval is compared in XLA with the other side's
+barrier); every block is then masked (``q_id == kv_id``, with the band). Block skipping as the
+Triton kernels: per tile, the ``[min, max]`` id interval is compared in XLA with the other side's
 per-block intervals, and the tile streams only the blocks from the first to the last overlapping
 one, intersected with its band (for sorted ids, exactly the blocks that share a segment). The
 XLA zeroing also covers rows whose segment id the other side lacks (a padding segment): keys of
@@ -108,12 +117,18 @@ class HopperConfig:
     ping_pong: forward only, FlashAttention-3's schedule: the two consumers rendezvous twice per
       step, offset by one, so one's softmax runs while the other's GEMMs hold the tensor cores
       (FA3 reports ~10% at head_dim 128 on H100). Off by default until measured here.
+    overlap: forward only, FlashAttention-3's intra-warpgroup pipelining: a consumer issues
+      block ``j``'s ``Q K^T`` and block ``j - 1``'s ``P V`` together and runs the softmax of the
+      former under the latter. Excludes ``ping_pong``. Any ``stages``: a consumer holds
+      ``K_j`` and ``V_{j-1}`` (different slots), and ``K_j``'s slot is refilled once
+      ``K_{j-2}`` is released, early in step ``j - 2``. Off by default until measured here.
   """
   block_kv: int = 128
   block_kv_dq: int = 64
   block_q_dkv: int = 64
   stages: int = 2
   ping_pong: bool = False
+  overlap: bool = False
 
   def __post_init__(self):
     for name in ("block_kv", "block_kv_dq", "block_q_dkv"):
@@ -122,8 +137,12 @@ class HopperConfig:
         raise ValueError(f"HopperConfig.{name} must be one of {_BLOCKS}, got {value!r}")
     if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 2:
       raise ValueError(f"HopperConfig.stages must be an int >= 2, got {self.stages!r}")
-    if not isinstance(self.ping_pong, bool):
-      raise ValueError(f"HopperConfig.ping_pong must be a bool, got {self.ping_pong!r}")
+    for name in ("ping_pong", "overlap"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"HopperConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.ping_pong and self.overlap:
+      raise ValueError("HopperConfig.ping_pong and HopperConfig.overlap are exclusive (the "
+                       "ping-pong rendezvous are placed for the plain schedule), got both True")
 
 
 def default_config(head_dim: int) -> HopperConfig:
@@ -381,6 +400,41 @@ class _Ops:
       return acc_ref[...]
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
+  def mma_pair(self, first, second: Callable[[], tuple[Any, Any]], second_shape,
+               on_first: Callable[[Any], Any]):
+    """Two products into fresh float32 accumulators, both in flight at once: issues ``a @ b``
+    of ``first = (a, b, shape)``, then that of ``second()`` (a callable: it may wait for its
+    operands while the first runs) into ``second_shape``; ``on_first`` runs on the first product
+    (waited for alone: ``wgmma`` groups complete in order) while the second is in flight.
+
+    Returns:
+      ``(on_first(first product), second product)``.
+    """
+    a, b, first_shape = first
+
+    def run(first_ref, second_ref):
+      plgpu.wgmma(first_ref, a, b)
+      plgpu.wgmma(second_ref, *second())
+      return on_first(plgpu.wgmma_accumulator_load(first_ref, wait_n=1)), second_ref[...]
+    return pl.run_scoped(run, plgpu.ACC(first_shape, jnp.float32),
+                         plgpu.ACC(second_shape, jnp.float32))
+
+
+def _online_softmax(s, m, l):
+  """One online-softmax step on base-2 logits ``s [ROWS, block]`` given the running max ``m``
+  and row sums ``l`` (``[ROWS]``): ``(p, alpha, new m, new l)``, ``p = exp2(s - new m)`` (float32)
+  and ``alpha = exp2(m - new m)`` the factor for the output so far (0 while a row saw no key)."""
+  m_new = jnp.maximum(m, s.max(axis=1))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw no key yet
+  alpha = jnp.exp2(m - m_safe)
+  p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+  return p, alpha, m_new, l * alpha + p.sum(axis=1)
+
+
+def _rescale(acc, alpha):
+  """``acc [ROWS, dv] * alpha [ROWS]`` per row."""
+  return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
 
 def _logits(call: _Call, s):
   """Base-2 logits of ``s = q.k`` (scaled, softcapped), and ``d logits / d (scale q.k)``
@@ -401,10 +455,14 @@ class _Ring:
 
   def produce(self, steps, max_steps: int, sources: Callable[[Any], Sequence[Any]]):
     """Producer side: loads step ``t``'s blocks (``sources(t)``: one global slice per operand)
-    into slot ``t % stages`` once the consumers released it, for ``t < steps``; then waits for
-    the last releases too (every barrier phase is observed once)."""
-    def load(t, slot):
-      for source, buffer, loaded in zip(sources(t), self.buffers, self.loaded):
+    into slot ``t % stages``, each operand once the consumers released its slot, for
+    ``t < steps``; then waits for the last releases too (every barrier phase is observed once).
+    Per operand: a block released early (K in the forward) is refilled before a later one."""
+    def load(t, slot, refill: bool):
+      for source, buffer, loaded, consumed in zip(sources(t), self.buffers, self.loaded,
+                                                  self.consumed):
+        if refill:
+          plgpu.barrier_wait(consumed.at[slot])
         plgpu.copy_gmem_to_smem(source, buffer.at[slot], loaded.at[slot])
 
     def wait_consumed(t):
@@ -412,12 +470,11 @@ class _Ring:
         plgpu.barrier_wait(consumed.at[lax.rem(t, self.stages)])
 
     for slot in range(min(self.stages, max_steps)):  # static slices must stay in bounds
-      pl.when(slot < steps)(functools.partial(load, slot, slot))
+      pl.when(slot < steps)(functools.partial(load, slot, slot, False))
 
     @pl.loop(self.stages, jnp.maximum(steps, self.stages))
     def _refill(t):
-      wait_consumed(t - self.stages)
-      load(t, lax.rem(t, self.stages))
+      load(t, lax.rem(t, self.stages), True)
 
     pl.loop(jnp.maximum(steps - self.stages, 0), steps)(wait_consumed)
 
@@ -465,8 +522,9 @@ def _whole(full_range: tuple[Any, Any], block: int, first, count):
 
 def _band_loop(step: Callable[..., Any], first, count, whole: tuple[Any, Any], carry):
   """Runs ``step(j, carry, masked=...)`` over blocks ``[first, first + count)``, without a mask
-  on the ``whole`` ones."""
-  lo, hi = whole
+  on the ``whole`` ones (a range, clipped to those blocks)."""
+  lo = jnp.clip(whole[0], first, first + count)
+  hi = jnp.clip(whole[1], lo, first + count)
   masked, unmasked = (functools.partial(step, masked=flag) for flag in (True, False))
   carry = lax.fori_loop(first, lo, masked, carry)
   carry = lax.fori_loop(lo, hi, unmasked, carry)
@@ -608,29 +666,73 @@ def _forward_kernel(call: _Call, q, k, v, *segment_inputs):
       _load_own_tiles([(q_ref.at[b, rows, h], q_smem)], scratch["own_loaded"], wg)
       own_ids = segments and segments.own_ids(ops, b, row0)
 
+      def scores(j, s, *, masked: bool):
+        """Base-2 logits of key block ``j`` from ``s = q.k``, masked if asked."""
+        s, _ = _logits(call, s)
+        return jnp.where(visible(j), s, -jnp.inf) if masked else s
+
+      def block_scores(j, *, masked: bool, while_running=None):
+        """Acquires key block ``j``, ``S = Q K_j^T``, releases it: :func:`scores`."""
+        t = j - first
+        k_t = ops.transposed(ring.acquire(t, 0), _stage(scratch, "k_t", wg))
+        s = ops.mma(q_smem, k_t, (ROWS, block_kv), while_running=while_running)
+        ring.release(t, 0)
+        return scores(j, s, masked=masked)
+
       def step(j, carry, *, masked: bool):
         acc, m, l = carry
         t = j - first
-        k_t = ops.transposed(ring.acquire(t, 0), _stage(scratch, "k_t", wg))
-        s, _ = _logits(call, ops.mma(q_smem, k_t, (ROWS, block_kv), while_running=rendezvous))
-        ring.release(t, 0)
-        if masked:
-          s = jnp.where(visible(j), s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw no key yet
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p, alpha, m, l = _online_softmax(
+            block_scores(j, masked=masked, while_running=rendezvous), m, l)
         p = ops.operand(p.astype(dtype), _stage(scratch, "p", wg))
         if ping_pong:  # softmax done; take the tensor cores once the other consumer's GEMM is out
           plgpu.barrier_arrive(scratch["schedule"])
         v_smem = ring.acquire(t, 1)
         if ping_pong:
           plgpu.barrier_wait(scratch["schedule"])
-        acc = acc + ops.mma(p, v_smem, (ROWS, dv))
+        acc = _rescale(acc, alpha) + ops.mma(p, v_smem, (ROWS, dv))
         ring.release(t, 1)
-        return acc, m_new, l
+        return acc, m, l
+
+      def overlapped_step(j, carry, *, masked: bool):
+        """Issues ``S_j = Q K_j^T`` then ``P_{j-1} V_{j-1}``, runs the softmax of ``S_j`` while
+        the latter is in flight. ``carry``: O of the blocks before ``j - 1``, the factor ``alpha``
+        that rescales it to the running max, that max, the row sums and ``P_{j-1}`` (O is
+        rescaled and added to in one expression, as in :func:`step`: the same rounding)."""
+        acc, alpha, m, l, p = carry
+        t = j - first
+        k_t = ops.transposed(ring.acquire(t, 0), _stage(scratch, "k_t", wg))
+        p_operand = ops.operand(p, _stage(scratch, "p", wg))
+
+        def softmax(s):
+          ring.release(t, 0)
+          return _online_softmax(scores(j, s, masked=masked), m, l)
+        (p, alpha_next, m, l), pv = ops.mma_pair(
+            (q_smem, k_t, (ROWS, block_kv)), lambda: (p_operand, ring.acquire(t - 1, 1)),
+            (ROWS, dv), softmax)
+        ring.release(t - 1, 1)
+        return _rescale(acc, alpha) + pv, alpha_next, m, l, p.astype(dtype)
+
+      def first_step(j, carry, *, masked: bool):
+        """The pipeline's prologue: block ``j``'s softmax, no PV GEMM yet."""
+        acc, _, m, l, _ = carry
+        p, alpha, m, l = _online_softmax(block_scores(j, masked=masked), m, l)
+        return acc, alpha, m, l, p.astype(dtype)
+
+      def overlapped(carry):
+        """The pipelined loop (needs ``count >= 1``): block ``first``'s softmax, the overlapped
+        steps, the last block's PV GEMM. Each block masked or not as in the plain schedule."""
+        acc, m, l = carry
+        placeholders = (ops.layout(jnp.ones((ROWS,), jnp.float32), reduced),
+                        ops.zeros((ROWS, block_kv)).astype(dtype))  # alpha, P: replaced
+        acc, alpha, m, l, p = _band_loop(first_step, first, 1, whole,
+                                         (acc, placeholders[0], m, l, placeholders[1]))
+        acc, alpha, m, l, p = _band_loop(overlapped_step, first + 1, count - 1, whole,
+                                         (acc, alpha, m, l, p))
+        last = count - 1
+        pv = ops.mma(ops.operand(p, _stage(scratch, "p", wg)), ring.acquire(last, 1), (ROWS, dv))
+        ring.release(last, 1)
+        return _rescale(acc, alpha) + pv, m, l
 
       visible = _key_block_mask(call, ops, segments, own_ids, b, row0, block_kv)
       reduced = plgpu.Layout.WGMMA.reduce(1)
@@ -639,7 +741,10 @@ def _forward_kernel(call: _Call, q, k, v, *segment_inputs):
                ops.layout(jnp.zeros((ROWS,), jnp.float32), reduced))
       whole = _unmasked(call, mask.kv_full_range(row0, row0 + ROWS), block_kv, first, count)
       pl.when(wg == 1)(rendezvous)  # the second consumer starts half a step behind
-      acc, m, l = _band_loop(step, first, count, whole, carry)
+      if call.config.overlap:
+        acc, m, l = lax.cond(count > 0, overlapped, lambda carry: carry, carry)
+      else:
+        acc, m, l = _band_loop(step, first, count, whole, carry)
       pl.when(wg == 0)(rendezvous)  # ... and the first meets its last one
       seen = l > 0
       inverse = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)

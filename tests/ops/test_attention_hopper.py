@@ -119,16 +119,30 @@ def test_garbage_no_query_or_key_sees_does_not_leak(q_len, kv_len, options):
     assert np.isfinite(np.asarray(got, np.float32)).all()
 
 
-@pytest.mark.parametrize("q_len, kv_len, causal", [(256, 200, True), (100, 300, True)])
-def test_ping_pong_schedule_in_the_interpreter(q_len, kv_len, causal):
-  """The two consumers' extra rendezvous pair up (the interpreter fails on a barrier phase that
-  is not observed, and would hang on one that never completes); same output as without."""
-  q, k, v, options = Case(q_len, kv_len, head_dim=64, group=2, kv_heads=1, batch=1, causal=causal,
-                          dtype="bfloat16").inputs()
-  run = lambda config: hopper.attention(q, k, v, config=config, interpret=True,
-                                        **normalize_arguments(q, k, v, **options))
-  np.testing.assert_array_equal(run(hopper.HopperConfig(block_kv=64, ping_pong=True)),
-                                run(SMALL))
+@pytest.mark.parametrize("schedule, q_len, kv_len, options", [
+    (dict(ping_pong=True), 256, 200, dict(group=2, causal=True)),
+    (dict(ping_pong=True), 100, 300, dict(group=2, causal=True)),
+    # Tile 0 streams no block, tile 1 one (the prologue and epilogue only).
+    (dict(overlap=True), 256, 64, dict(causal=True)),
+    (dict(overlap=True, stages=3), 100, 300, dict(group=2, causal=True)),  # 5 steps, GQA
+    # Blocks skipped on both sides of the band, a whole block first (tile 0, second consumer).
+    pytest.param(dict(overlap=True), 320, 320, dict(window=(140, 5), softcap=20.0),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(overlap=True), 257, 300, dict(group=2, segments=4, causal=True),
+                 marks=pytest.mark.slow),
+], ids=lambda x: "-".join(map(str, x.items())) if isinstance(x, dict) else str(x))
+def test_ping_pong_and_overlap_schedules_in_the_interpreter(schedule, q_len, kv_len, options):
+  """The opt-in schedules' extra rendezvous and reordered ring accesses pair up (the
+  interpreter fails on a barrier phase that is not observed, and would hang on one that never
+  completes); the same output and LSE as the plain schedule, bitwise."""
+  q, k, v, options = Case(q_len, kv_len, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16",
+                          **options).inputs()
+  run = lambda **config: hopper.attention(
+      q, k, v, config=hopper.HopperConfig(block_kv=64, **config), interpret=True,
+      **normalize_arguments(q, k, v, return_lse=True, **options))
+  plain = {"stages": schedule["stages"]} if "stages" in schedule else {}
+  for got, want in zip(run(**schedule), run(**plain)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_dispatch_reaches_the_kernel_in_interpret_mode():
@@ -168,6 +182,8 @@ def test_off_hopper_it_falls_through():
     (dict(block_q_dkv=256), ["block_q_dkv", "256"]),
     (dict(stages=1), ["stages", "2", "1"]),
     (dict(ping_pong=1), ["ping_pong", "bool"]),
+    (dict(overlap="yes"), ["overlap", "bool", "yes"]),
+    (dict(ping_pong=True, overlap=True), ["ping_pong", "overlap", "exclusive"]),
 ])
 def test_bad_config_raises(change, words):
   with pytest.raises(ValueError) as raised:
@@ -181,6 +197,10 @@ def test_bad_config_raises(change, words):
     (dict(causal=True), 256, 256, 128, 128), (dict(), 64, 128, 128, 192),
     (dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500),
     (dict(causal=True, config=hopper.HopperConfig(ping_pong=True)), 128, 128, 256, 512),
+    (dict(causal=True, softcap=30.0, config=hopper.HopperConfig(overlap=True)), 128, 128, 256,
+     512),
+    (dict(window=(100, 20), segments=True,
+          config=hopper.HopperConfig(block_kv=64, stages=3, overlap=True)), 128, 128, 200, 300),
     (dict(causal=True, segments=True), 128, 128, 300, 300),
     (dict(segments=True), 256, 256, 128, 200)])  # the Triton backward with segment ids
 def test_lowers_to_mosaic_gpu(monkeypatch, options, head_dim, v_head_dim, q_len, kv_len):
