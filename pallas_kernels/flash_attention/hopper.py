@@ -531,6 +531,19 @@ def _band_loop(step: Callable[..., Any], first, count, whole: tuple[Any, Any], c
   return lax.fori_loop(hi, first + count, masked, carry)
 
 
+def _grid_point(call: _Call, scratch: dict[str, Any], segments: _Segments | None,
+                band_range: Callable[[Any, Any], tuple[Any, Any]], block: int):
+  """This CTA's ``(batch, head, tile, warpgroup)`` indices, its ring, and ``(first, count)`` of
+  the blocks of ``block`` positions its tile streams: those meeting ``band_range`` (a
+  :class:`masks.MaskSpec` range of the tile's ``TILE`` positions), cut to the blocks sharing an id
+  interval with the tile when there are segment ids."""
+  b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+  first, count = _blocks(band_range(tile * TILE, tile * TILE + TILE), block)
+  if segments:
+    first, count = segments.narrow(first, count, b, tile)
+  return (b, h, tile, lax.axis_index("wg")), _ring(scratch, call.config.stages), (first, count)
+
+
 def _unmasked(call: _Call, full_range: tuple[Any, Any], block: int, first, count):
   """:func:`_whole`, or no block at all with segment ids (every block is masked)."""
   if call.segments:
@@ -650,12 +663,8 @@ def _forward_kernel(call: _Call, q, k, v, *segment_inputs):
         plgpu.barrier_arrive(scratch["schedule"])
         plgpu.barrier_wait(scratch["schedule"])
 
-    b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
-    wg = lax.axis_index("wg")
-    ring = _ring(scratch, call.config.stages)
-    first, count = _blocks(mask.kv_range(tile * TILE, tile * TILE + TILE), block_kv)
-    if segments:
-      first, count = segments.narrow(first, count, b, tile)
+    (b, h, tile, wg), ring, (first, count) = _grid_point(call, scratch, segments, mask.kv_range,
+                                                       block_kv)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -784,12 +793,8 @@ def _dq_kernel(call: _Call, q, k, v, d_out, lse2, delta, *segment_inputs):
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, **scratch):
     segments, (dq_ref,) = _Segments.split(call, refs)
-    b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
-    wg = lax.axis_index("wg")
-    ring = _ring(scratch, call.config.stages)
-    first, count = _blocks(mask.kv_range(tile * TILE, tile * TILE + TILE), block_kv)
-    if segments:
-      first, count = segments.narrow(first, count, b, tile)
+    (b, h, tile, wg), ring, (first, count) = _grid_point(call, scratch, segments, mask.kv_range,
+                                                       block_kv)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -860,12 +865,8 @@ def _dkv_kernel(call: _Call, q, k, v, d_out, lse2, delta, *segment_inputs):
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, **scratch):
     segments, (dk_ref, dv_ref) = _Segments.split(call, refs)
-    b, kv_head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
-    wg = lax.axis_index("wg")
-    ring = _ring(scratch, call.config.stages)
-    first, count = _blocks(mask.q_range(tile * TILE, tile * TILE + TILE), block_q)
-    if segments:
-      first, count = segments.narrow(first, count, b, tile)
+    (b, kv_head, tile, wg), ring, (first, count) = _grid_point(call, scratch, segments,
+                                                             mask.q_range, block_q)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
