@@ -13,7 +13,12 @@ Inside ``with interpret_mode():``
 The switch is per kernel family, never jax's global ``force_tpu_interpret_mode``: that would also
 send GPU (Triton) kernels to the TPU interpreter, which rejects them.
 
-Outside it, a kernel whose platform is not the current backend raises ``NotImplementedError`` so
+Inside ``with compile_target("tpu"):`` (or ``"gpu"``) the kernels for that platform are built for
+the real hardware although the host is a CPU: the wrappers get ``interpret=False``, so a
+function can be lowered and compiled ahead of time for a device it does not run on
+(:mod:`pallas_kernels.aot`).
+
+Outside both, a kernel whose platform is not the current backend raises ``NotImplementedError`` so
 that dispatch falls through to the next implementation.
 """
 
@@ -53,6 +58,38 @@ def interpret_mode(*, detect_races: bool = False) -> Iterator[None]:
     _INTERPRET.reset(token)
 
 
+_COMPILE_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pallas_kernels_compile_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(platform: str) -> Iterator[None]:
+  """Builds the compiled (not interpreted) kernels of ``platform`` whatever the backend is.
+
+  For ahead-of-time lowering and compilation on a host without that accelerator
+  (:func:`pallas_kernels.aot.compile_for`): the kernels' wrappers resolve ``interpret`` to False
+  instead of raising ``NotImplementedError``. Nothing inside may run the kernels.
+
+  Args:
+    platform: ``"tpu"`` (Mosaic TPU kernels) or ``"gpu"`` (Triton and Mosaic GPU kernels).
+
+  Raises:
+    ValueError: another platform.
+  """
+  if platform not in ("tpu", "gpu"):
+    raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
+  token = _COMPILE_TARGET.set(platform)
+  try:
+    yield
+  finally:
+    _COMPILE_TARGET.reset(token)
+
+
+def _compiling_for(platform: str) -> bool:
+  """Whether :func:`compile_target` targets ``platform``."""
+  return _COMPILE_TARGET.get() == platform
+
+
 def interpreting() -> bool:
   """Whether :func:`interpret_mode` is active."""
   return _INTERPRET.get() is not None
@@ -61,11 +98,13 @@ def interpreting() -> bool:
 def gpu_interpret(interpret: bool | None) -> bool:
   """Resolves a GPU kernel wrapper's ``interpret`` argument.
 
-  Returns True when asked explicitly or inside :func:`interpret_mode`; returns False on a GPU;
+  Returns True when asked explicitly or inside :func:`interpret_mode`; returns False on a GPU
+  or inside ``compile_target("gpu")``;
   raises NotImplementedError anywhere else, so dispatch moves on to the next implementation.
   """
   interpret = interpreting() if interpret is None else interpret
-  if not interpret and jax.default_backend() not in ("cuda", "rocm", "gpu"):
+  if not interpret and jax.default_backend() not in ("cuda", "rocm", "gpu") and not (
+      _compiling_for("gpu")):
     raise NotImplementedError(
         f"Pallas GPU kernel needs a GPU (backend is {jax.default_backend()!r}); "
         "use interpret=True or pallas_kernels.interpret.interpret_mode() to run it on CPU")
@@ -75,14 +114,15 @@ def gpu_interpret(interpret: bool | None) -> bool:
 def require_tpu_or_interpret() -> Any:
   """The ``interpret`` argument of a TPU kernel's ``pallas_call``.
 
-  Returns ``pltpu.InterpretParams`` inside :func:`interpret_mode`, False on a TPU; raises
+  Returns ``pltpu.InterpretParams`` inside :func:`interpret_mode`, False on a TPU or inside
+  ``compile_target("tpu")``; raises
   NotImplementedError anywhere else, so dispatch moves on to the next implementation.
   """
   settings = _INTERPRET.get()
   if settings is not None:
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
     return pltpu.InterpretParams(detect_races=settings.detect_races)
-  if jax.default_backend() != "tpu":
+  if jax.default_backend() != "tpu" and not _compiling_for("tpu"):
     raise NotImplementedError(
         f"Pallas TPU kernel needs a TPU (backend is {jax.default_backend()!r}); "
         "use pallas_kernels.interpret.interpret_mode() to run it in the TPU interpreter on CPU")
@@ -97,7 +137,8 @@ def hopper_interpret(interpret: bool | None) -> Any:
   """The ``interpret`` argument of a Mosaic GPU (Hopper) kernel.
 
   Returns the Mosaic GPU interpreter's parameters when asked explicitly or inside
-  :func:`interpret_mode`, False on a GPU of compute capability 9.x; raises NotImplementedError
+  :func:`interpret_mode`, False on a GPU of compute capability 9.x or inside
+  ``compile_target("gpu")``; raises NotImplementedError
   anywhere else (another GPU generation, no GPU), so dispatch moves on.
 
   Threads: jax 0.10's interpreter runs each warpgroup of a CTA as its own XLA CPU computation,
@@ -119,6 +160,8 @@ def hopper_interpret(interpret: bool | None) -> Any:
     from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
     settings = _INTERPRET.get()
     return params.InterpretGPUParams(detect_races=bool(settings and settings.detect_races))
+  if _compiling_for("gpu"):
+    return False
   device = jax.devices()[0]
   capability = str(getattr(device, "compute_capability", ""))
   if device.platform != "gpu" or not capability.startswith("9."):

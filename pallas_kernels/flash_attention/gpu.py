@@ -105,15 +105,32 @@ class BlockSizes:
     return max(self.block_kv, self.block_kv_dq, self.block_kv_dkv)
 
 
-def default_block_sizes(q_len: int, kv_len: int, head_dim: int) -> BlockSizes:
+def default_block_sizes(q_len: int, kv_len: int, head_dim: int,
+                        dtype: Any = jnp.bfloat16) -> BlockSizes:
   """The block-size heuristic, capped to the lengths.
 
-  Forward 128 x 64 tiles, backward 64 x 64, 4 warps everywhere; 3 pipeline stages in the forward
-  up to head_dim 64, else 2. Measured on an H200 (benchmarks/attention_gpu.md, S=8k, bf16): with
-  8 warps instead of 4, head_dim 128 forward+backward runs at 185 instead of 337 TFLOP/s, and
-  128 x 128 forward tiles gain under 3%.
+  16-bit inputs up to head_dim 128: forward 128 x 64 tiles, backward 64 x 64, 4 warps
+  everywhere; 3 pipeline stages in the forward up to head_dim 64, else 2. Measured on an H200
+  (benchmarks/attention_gpu.md, S=8k, bf16): with 8 warps instead of 4, head_dim 128
+  forward+backward runs at 185 instead of 337 TFLOP/s, and 128 x 128 forward tiles gain under 3%.
+
+  Not measured on a GPU, chosen from ptxas' register report for sm_90a (the kernels compiled
+  without a GPU, :mod:`pallas_kernels.aot`): above head_dim 128, 8 warps and 32 x 64 dk/dv tiles
+  (no spills; with the 4-warp tiles the forward spilled 3.7 KB per thread, dk/dv 2.3 KB).
+  float32 inputs take half the tiles (64 x 32 forward, 32 x 32 backward; above head dim 128 one
+  stage and 8 warps): with the 16-bit tiles the float32 kernels need more shared memory than an
+  A100 (at head_dim 128) or an H100 (at 256) has, and spill tens of KB per thread (a few KB in
+  dq and dk/dv with these).
   """
-  return BlockSizes(num_stages=3 if head_dim <= 64 else 2).fit(q_len, kv_len)
+  if jnp.dtype(dtype) == jnp.float32:
+    warps, stages = (8, 1) if head_dim > 128 else (4, 2)
+    blocks = BlockSizes(64, 32, 32, 32, 32, 32, num_warps=warps, num_stages=stages,
+                        num_warps_bwd=warps, num_stages_bwd=stages)
+  elif head_dim > 128:
+    blocks = BlockSizes(block_q_dkv=32, num_warps=8, num_warps_bwd=8)
+  else:
+    blocks = BlockSizes(num_stages=3 if head_dim <= 64 else 2)
+  return blocks.fit(q_len, kv_len)
 
 
 def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_ids=None,
@@ -137,8 +154,9 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
   interpret = gpu_interpret(interpret)
   config = Call.create(
       masks.MaskSpec.create(q.shape[1], k.shape[1], causal=causal, window=window),
-      scale=scale, softcap=softcap, heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[-1],
-      segments=q_segment_ids is not None, block_sizes=block_sizes, interpret=interpret)
+      scale=scale, softcap=softcap, heads=q.shape[2], kv_heads=k.shape[2],
+      head_dim=max(q.shape[-1], v.shape[-1]), dtype=q.dtype, segments=q_segment_ids is not None,
+      block_sizes=block_sizes, interpret=interpret)
   out, lse = _attention_jit(config, q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out
 
@@ -157,11 +175,12 @@ class Call:
 
   @classmethod
   def create(cls, mask: masks.MaskSpec, *, scale: float, softcap: float | None, heads: int,
-             kv_heads: int, head_dim: int, segments: bool, block_sizes: BlockSizes | None,
-             interpret: bool) -> Call:
-    """Checks ``block_sizes`` (None: :func:`default_block_sizes`) and fits them to the lengths."""
+             kv_heads: int, head_dim: int, dtype: Any, segments: bool,
+             block_sizes: BlockSizes | None, interpret: bool) -> Call:
+    """Checks ``block_sizes`` (None: :func:`default_block_sizes` for the larger of the query and
+    value head dims and the inputs' ``dtype``) and fits them to the lengths."""
     if block_sizes is None:
-      block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim)
+      block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim, dtype)
     elif not isinstance(block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.gpu.BlockSizes or "
                       f"None, got {block_sizes!r}")

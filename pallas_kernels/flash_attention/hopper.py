@@ -312,7 +312,8 @@ def _backward(call: _Call, residuals, cotangents):
   q, k, v, ids, out, lse = residuals
   if max(q.shape[3], v.shape[3]) > _MAX_BACKWARD_HEAD_DIM:  # over shared memory: Triton's
     triton = gpu.Call.create(call.mask, scale=call.scale, softcap=call.softcap,
-                             heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[3],
+                             heads=q.shape[2], kv_heads=k.shape[2],
+                             head_dim=max(q.shape[3], v.shape[3]), dtype=q.dtype,
                              segments=call.segments, block_sizes=None,
                              interpret=bool(call.interpret))
     return gpu.backward(triton, (q, k, v, *(ids or (None, None)), out, lse), cotangents)

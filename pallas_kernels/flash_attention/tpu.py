@@ -118,7 +118,9 @@ def attention(
 
   Returns:
     The output ``[b, q_len, h, dv]`` in q's dtype, and with ``return_lse`` the float32 LSE
-    ``[b, h, q_len]`` (-inf for queries that see no key); both differentiable.
+    ``[b, h, q_len]`` (-inf for queries that see no key); both differentiable. float16 inputs
+    are computed as float32 (Mosaic has no float16 vector loads on TPU v4 to v6e: the compiler
+    rejects them), through a float32 copy of q, k, v and the output in HBM.
 
   Raises:
     NotImplementedError: not on a TPU and not inside ``pallas_kernels.interpret.interpret_mode``
@@ -134,7 +136,11 @@ def attention(
                    scale=float(scale), softcap=softcap, block_q=block_q, block_kv=block_kv,
                    group=heads // kv_heads, segments=q_segment_ids is not None,
                    interpret=interpret)
+  dtype = q.dtype
+  if dtype == jnp.float16:
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   out, lse = _attention_jit(config, q, k, v, q_segment_ids, kv_segment_ids)
+  out = out.astype(dtype)
   return (out, lse) if return_lse else out
 
 

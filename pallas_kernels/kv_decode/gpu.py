@@ -17,7 +17,9 @@ its length and a long one uses ``batch * kv_heads * num_splits`` programs.
 Memory: HBM traffic is the packed codes plus scales of the filled slots (2-bit, G = 32,
 head_dim 64: 48 bytes per slot and kv head, vs 256 for float16 K/V); the results are
 ``batch * kv_heads * num_splits * rows * (head_dim + 1)`` float32. No full-precision copy of the
-cache exists. Registers hold one ``[G, head_dim]`` float32 key and value tile.
+cache exists. Registers hold one ``[G, head_dim]`` float32 key and value tile; Triton stages the
+dots' operands through 15 to 30 KB of shared memory (head_dim 64 to 128, 2 or 4 bits, measured
+with Triton and ptxas), under :data:`SHARED_MEMORY_BUDGET`.
 
 Limits: Triton tiles need powers of two, so ``head_dim`` and G must be powers of two >= 16 (else
 NotImplementedError, and dispatch falls back to XLA). Float32 dots use IEEE precision.
@@ -38,6 +40,11 @@ from pallas_kernels.interpret import gpu_interpret
 from pallas_kernels.kv_decode import common
 
 MIN_TILE = 16
+# Shared memory a decode kernel may take per program: under the 99 KB an Ada GPU (sm_89: L4,
+# L40S, RTX 4090), the smallest of the supported families, gives one block (A100 163 KB,
+# H100/H200 227 KB), so every kernel compiles for every card. Triton stages dot operands and
+# layout conversions through it: tiles sized to fit, not the card's limit.
+SHARED_MEMORY_BUDGET = 96 * 1024
 _TARGET_PROGRAMS = 264  # 2 per SM of an H100/H200
 _MIN_GROUPS_PER_SPLIT = 8
 
@@ -163,6 +170,7 @@ def _kernel(settings: common.Settings, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs
   size = settings.group_size
   lane = lax.broadcasted_iota(jnp.int32, (1, settings.head_dim), 1)
   group_of_lane = lane // size  # value scales: one per G channels
+  q = q_ref[...]
 
   def load_group(j):
     slots = pl.ds(j * size, size)
@@ -171,12 +179,12 @@ def _kernel(settings: common.Settings, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs
     v = (_unpack(vc_ref, slots, lane, settings.value_bits).astype(jnp.float32)
          * columns(vs_ref, slots, group_of_lane).astype(jnp.float32)
          + columns(vz_ref, slots, group_of_lane).astype(jnp.float32))
-    return k, v
+    return common.dot(q, k, trans_b=True), v
 
-  flash_decode(settings, q_ref, bounds_ref[0], bounds_ref[1], load_group, o_ref, lse_ref)
+  flash_decode(settings, bounds_ref[0], bounds_ref[1], load_group, o_ref, lse_ref)
 
 
-def flash_decode(settings: common.Geometry, q_ref, first, end, load_group, o_ref, lse_ref, *,
+def flash_decode(settings: common.Geometry, first, end, load_group, o_ref, lse_ref, *,
                  last=None) -> None:
   """One program's split: float32 online softmax of its query rows over its share of the key
   groups overlapping slots ``[first, end)``, then its normalized output and natural-log LSE.
@@ -186,7 +194,8 @@ def flash_decode(settings: common.Geometry, q_ref, first, end, load_group, o_ref
   its length.
 
   Args:
-    load_group: ``j -> (k, v)``, float32 ``[G, head_dim]`` keys and values of group ``j``.
+    load_group: ``j -> (logits, v)``: float32 ``[rows, G]`` logits of the (scaled) query rows
+      against group ``j``'s keys, unmasked, and its ``[G, head_dim]`` values.
     last: None (every row sees every slot of the range) or the slot of query 0: query row ``r``
       then sees slots up to ``last + r // group`` only (causal, several queries).
   """
@@ -196,18 +205,17 @@ def flash_decode(settings: common.Geometry, q_ref, first, end, load_group, o_ref
   per_split = (hi - lo + splits - 1) // splits
   begin = lo + pl.program_id(2) * per_split
   stop = jnp.minimum(begin + per_split, hi)
-  q = q_ref[...]
-  rows = q.shape[0]
+  rows = o_ref.shape[0]
   row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
 
   def step(j, carry):
     m, l, acc = carry
-    k, v = load_group(j)
+    logits, v = load_group(j)
     slot = j * size + lax.broadcasted_iota(jnp.int32, (size,), 0)
     in_range = (slot >= first) & (slot < end)
     visible = in_range[None, :] if last is None else common.visible_to_rows(
         slot[None, :], row, first, end, last, settings.group)
-    logits = jnp.where(visible, common.dot(q, k, trans_b=True), -jnp.inf)
+    logits = jnp.where(visible, logits, -jnp.inf)
     m_new = jnp.maximum(m, logits.max(axis=1))
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing stay at 0
     p = jnp.exp(logits - shift[:, None])

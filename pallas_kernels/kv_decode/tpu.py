@@ -22,11 +22,19 @@ DMA: its BlockSpec index is clamped to the split's last block (already resident)
 Memory: HBM reads are the packed codes and scales of the filled blocks (no full-precision copy
 of the cache); results ``batch * num_splits * kv_heads * rows * (head_dim + 128)`` float32 (the
 LSE lane-broadcast). VMEM: the double-buffered code/scale blocks, a few ``[block, head_dim]``
-float32 tiles and the accumulators.
+float32 tiles and the accumulators (kv heads are a loop, not unrolled): compiled for v5e, 4.5 MiB
+of scoped VMEM at 2 bits, ``head_dim = 64``, 3 kv heads, 512 slots per block (5.5 MiB at 4 bits,
+``head_dim = 128``; v5e's default limit is 16 MiB).
 
-Limits: checked in the TPU interpreter and by lowering to Mosaic for TPU (``jax.export``), not
-compiled or timed on a TPU; the one-hot dequantization spends MXU work (about 10 small matmuls
-per kv head and block) that a lane-shuffle version could save.
+float16 scales and zero points: Mosaic rejects float16 vector loads on v4 to v6e ("Invalid vector
+type for load"), so the wrapper passes them as their uint16 bits (:func:`float16_bits`, a free
+bitcast: the cache format and the bytes read stay the same) and the kernel decodes the loaded
+bits to float32 with 32-bit integer ops (:func:`float16_to_float32`, exact).
+
+Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for v4, v5e, v5p
+and v6e (libtpu's compile-only devices, :mod:`pallas_kernels.aot`), not run or timed on a TPU;
+the one-hot dequantization spends MXU work (about 10 small matmuls per kv head and block) that a
+lane-shuffle version could save.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jaxtyping import Array, Float, Int, UInt32
+from jaxtyping import Array, Float, Int, UInt16, UInt32
 
 from pallas_kernels.interpret import require_tpu_or_interpret
 from pallas_kernels.kv_decode import common
@@ -116,6 +124,7 @@ def _decode_jit(settings: common.Settings, block: int, interpret, q, k_codes, k_
   group_rows = block // settings.group_size
   blocked = [(k_codes, block), (k_scale, group_rows), (k_zero, group_rows), (v_codes, block),
              (v_scale, block), (v_zero, block)]
+  blocked = [(float16_bits(x), rows_per_block) for x, rows_per_block in blocked]
   return launch(functools.partial(_kernel, settings, block), settings, block, interpret, q,
                 blocked, [], [start, end], "kivi_decode")
 
@@ -262,9 +271,12 @@ def _kernel(settings: common.Settings, block: int, bounds_ref, q_ref, kc_ref, ks
     value_slot = index * block + lax.broadcasted_iota(jnp.int32, (block, head_dim), 0)
     value_visible = (value_slot >= start) & (value_slot < end)
     slot_to_group = slots_to_groups(block, size)
-    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (
-        ref[...] for ref in (kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref))
-    for h in range(kv_heads):
+    k_codes, v_codes = kc_ref[...], vc_ref[...]
+    k_scale, k_zero, v_scale, v_zero = (as_float32(ref[...]) for ref in (ks_ref, kz_ref, vs_ref,
+                                                                          vz_ref))
+
+    @pl.loop(0, kv_heads)  # a loop, not unrolled: half the VMEM and compile time
+    def _(h):
       k = (_unpack(k_codes, settings.key_bits, h, head_dim).astype(jnp.float32)
            * common.dot(slot_to_group, _head_lanes(k_scale, h, head_dim, 1))
            + common.dot(slot_to_group, _head_lanes(k_zero, h, head_dim, 1)))
@@ -317,6 +329,34 @@ def _unpack(words, bits: int, h: int, head_dim: int):
   lo, hi = word_halves(words, h * -(-head_dim // per_word) + lax.div(lane, per_word))
   word = lo | (hi << 16)
   return lax.shift_right_logical(word, lax.rem(lane, per_word) * bits) & ((1 << bits) - 1)
+
+
+def float16_bits(x: jax.Array) -> jax.Array:
+  """``x`` for a TPU kernel operand: float16 as its uint16 bit patterns (a free bitcast: same
+  bytes in HBM and VMEM), anything else unchanged. Mosaic rejects float16 vector loads on v4 to
+  v6e ("Invalid vector type for load"); the kernel decodes the bits with :func:`as_float32`."""
+  return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.float16 else x
+
+
+def as_float32(x: jax.Array) -> Float[Array, "*shape"]:
+  """A loaded kernel operand as float32: uint16 holds float16 bits (:func:`float16_bits`),
+  decoded by :func:`float16_to_float32`; any other dtype is converted."""
+  return float16_to_float32(x) if x.dtype == jnp.uint16 else x.astype(jnp.float32)
+
+
+def float16_to_float32(bits: UInt16[Array, "*shape"]) -> Float[Array, "*shape"]:
+  """Exact float32 values of float16 bit patterns (uint16), with 32-bit integer ops only:
+  normals re-biased (``<< 13``, exponent + 112), infinities and NaNs (payload kept) re-biased to
+  exponent 255, subnormals ``mantissa * 2**-24`` (a normal float32: nothing relies on float
+  denormals, which TPUs flush), and the sign bit moved to bit 31. Equals numpy's
+  ``float16 -> float32`` bit for bit on all 65536 patterns."""
+  h = bits.astype(jnp.int32)
+  exponent = lax.shift_right_logical(h, 10) & 31
+  rebias = jnp.where(exponent == 31, 255 - 31, 127 - 15) << 23
+  normal = ((h & 0x7FFF) << 13) + rebias
+  subnormal = lax.bitcast_convert_type((h & 1023).astype(jnp.float32) * 2.0**-24, jnp.int32)
+  magnitude = jnp.where(exponent == 0, subnormal, normal)
+  return lax.bitcast_convert_type(magnitude | ((h & 0x8000) << 16), jnp.float32)
 
 
 def _lanes(x, width: int):

@@ -16,15 +16,20 @@ One program per (batch row, kv head, split) holds all ``seq * group`` query rows
 (GQA: the codes are read once per kv head) and walks its share of the quantized slots one key
 group (G slots) at a time (:func:`pallas_kernels.kv_decode.gpu.flash_decode`: float32 online
 softmax, per-split normalized output and natural-log LSE, combined by the caller with
-:func:`pallas_kernels.kv_decode.common.combine`). Per group, in registers:
+:func:`pallas_kernels.kv_decode.common.combine`). The keys are ``k = u T P``: ``u`` the decoded
+stored-order key, ``T = transform`` (the constant ``blockdiag(I_hot, inverse real FFT)``: the
+coefficients back to the normal channels) and ``P [D, D]`` one-hot at ``(position[c], c)`` (the
+channels back in place; ``position`` from the group's mask and its prefix sum, a Triton scan).
+The kernel never forms ``k``: the logits are ``q k^T = (q P^T T^T) u^T``, the queries mapped
+into stored order instead. Per group, in registers, ``_CHUNK`` lanes at a time:
 
-1. keys in stored order: each lane selects its code word (a 2-bit or a 1-bit one), shifts and
-   masks, and decodes ``code * step + zero`` (2-bit lanes) or ``(2 code - 1) * a`` (1-bit lanes);
-2. ``u @ transform`` (``[G, D] @ [D, D]``, the constant ``blockdiag(I_hot, inverse real FFT)``)
-   turns the coefficients back into the normal channels;
-3. the channels go back in place with ``u @ P``, ``P [D, D]`` one-hot at ``(position[c], c)``,
-   where ``position`` comes from the group's mask and its prefix sum (a Triton scan);
-4. values: each lane selects its base-3 word and divides it by its static power of 3,
+1. ``q P^T`` from ``[rows, 32] x [D, 32]`` products with the one-hot columns of 32 channels
+   (one word of the mask each);
+2. a loop over 32-lane chunks: ``(q P^T) @ T[chunk]^T`` (``[rows, D] x [32, D]``), and the keys'
+   chunk in stored order (each lane selects its code word, a 2-bit or a 1-bit one, shifts and
+   masks, and decodes ``code * step + zero`` on 2-bit lanes, ``(2 code - 1) * a`` on 1-bit ones)
+   for the chunk's share of the logits;
+3. values: each lane selects its base-3 word and divides it by its static power of 3,
    ``digit = (word // 3**i) % 3``, ``(digit - 1) * a``.
 
 Queries may be several per row (``seq > 1``): query row ``r`` sees slots up to ``last + r //
@@ -35,10 +40,18 @@ key codes 12 bytes, value codes 13.3 (10 words per token for 3 heads; a program 
 words its head's channels span, neighbours' shared through L2), per-group scales, zero points
 and mask 10.3 amortized: about 36 bytes against 256 for float16 K and V (7x less). No
 full-precision copy of the cache exists; the results are ``batch * kv_heads * num_splits * rows *
-(D + 1)`` float32. Compute per group: two ``[G, D] @ [D, D]`` key matmuls (3xTF32 on tensor cores:
-about float32 accuracy; the interpreter uses float32) besides the attention's two ``[rows, D] x
-[D, G]`` ones (IEEE float32, as KIVI's kernel), so this kernel may be compute-bound where KIVI's is
-bandwidth-bound: not yet timed on a GPU.
+(D + 1)`` float32. Compute per group: the two ``[rows, D] x [D, D]`` query maps (3xTF32 on
+tensor cores: about float32 accuracy; the interpreter uses float32), half the work of mapping
+the keys (``[G, D] @ [D, D]``) while ``rows <= G``, besides the attention's two ``[rows, D] x
+[D, G]`` matmuls (IEEE float32, as KIVI's kernel), so this kernel may be compute-bound where
+KIVI's is bandwidth-bound: not yet timed on a GPU.
+
+Shared memory (Triton stages dot operands through it, 3xTF32 ones split in two): only
+``[D, 32]`` one-hot and transform tiles, and the transform's chunk loop is a loop, not unrolled,
+because Triton hoists loop-invariant loads and their shared-memory copies out of the group loop.
+Measured with Triton and ptxas: 30 KB at ``D = 64``, 54 KB at ``D = 128`` (mapping the keys with
+``[D, D]`` tiles took 218 KB at ``D = 128``, more than an A100 or an L4 gives a block), under
+:data:`pallas_kernels.kv_decode.gpu.SHARED_MEMORY_BUDGET`.
 
 Limits: Triton tiles need powers of two, so ``head_dim`` and G must be powers of two >= 16 (else
 NotImplementedError, and dispatch falls back to XLA).
@@ -52,6 +65,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int, UInt32
 
 from pallas_kernels.interpret import gpu_interpret
@@ -63,6 +77,11 @@ from pallas_kernels.kv_decode.gpu import (
     launch,
     splits_or_default,
 )
+
+# Lanes per step of the key path: one word of the anomalous-channel mask, and [head_dim, 32]
+# one-hot and transform tiles (16 KB at head_dim 128) instead of [head_dim, head_dim] ones
+# (chunk = head_dim when head_dim is 16).
+_CHUNK = 32
 
 
 def decode_partials(
@@ -140,46 +159,63 @@ def _decode_jit(settings: common.VidKVSettings, interpret: bool, q, k_codes, k_s
 
 def _kernel(settings: common.VidKVSettings, precision, q_ref, kc_ref, ks_ref, kz_ref, kh_ref,
             vc_ref, vs_ref, t_ref, bounds_ref, o_ref, lse_ref):
-  """One (row, kv head, split): dequantizes each key group in registers (module docstring)."""
+  """One (row, kv head, split): the logits of each key group from its codes and the queries
+  mapped into stored order, ``chunk`` lanes at a time (module docstring)."""
   size, hot, head_dim = settings.group_size, settings.hot, settings.head_dim
+  chunk = min(_CHUNK, head_dim)
   lane = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
-  key_word, key_shift, key_mask = common.key_code_lanes(lane, hot)
-  two_bit = lane < hot
   flat = pl.program_id(1) * head_dim + lane
   value_word, value_digit = common.value_code_lanes(flat)
   value_power = common.power_of_three(value_digit).astype(jnp.uint32)
   first_word = lax.div(pl.program_id(1) * head_dim, common.TERNARY_PER_WORD)
-  transform = t_ref[...]
-  channel_row = lax.broadcasted_iota(jnp.int32, (head_dim, head_dim), 0)
+  channel = lax.broadcasted_iota(jnp.int32, (head_dim, chunk), 0)
+  starts = range(0, head_dim, chunk)
+  queries = [q_ref[:, pl.ds(c0, chunk)] for c0 in starts]
+
+  def stored_order_keys(j, slots, c0):
+    """float32 ``[G, chunk]``: lanes ``[c0, c0 + chunk)`` of the group's decoded stored-order
+    keys (``code * step + zero`` on 2-bit lanes, ``(2 code - 1) * a`` on 1-bit ones)."""
+    lanes = c0 + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+    key_word, key_shift, key_mask = common.key_code_lanes(lanes, hot)
+    words = columns(kc_ref, slots, key_word)
+    codes = (words >> key_shift.astype(jnp.uint32)) & key_mask.astype(jnp.uint32)
+    a = ks_ref[j, pl.ds(c0, chunk)].astype(jnp.float32)[None, :]
+    two_bit = lanes < hot
+    zero = plgpu.load(kz_ref.at[j, pl.ds(c0, chunk)], mask=two_bit[0], other=0)
+    zero = zero.astype(jnp.float32)[None, :]
+    return codes.astype(jnp.float32) * jnp.where(two_bit, a, 2 * a) + jnp.where(two_bit, zero, -a)
 
   def load_group(j):
     slots = pl.ds(j * size, size)
-    words = columns(kc_ref, slots, key_word)
-    codes = ((words >> key_shift.astype(jnp.uint32)) & key_mask.astype(jnp.uint32))
-    a = ks_ref[j, :].astype(jnp.float32)[None, :]
-    zero = _row(kz_ref, j, hot, lane).astype(jnp.float32)
-    u = codes.astype(jnp.float32) * jnp.where(two_bit, a, 2 * a) + jnp.where(two_bit, zero, -a)
-    mask = _row(kh_ref, j, kh_ref.shape[1], lax.div(lane, 32))
-    anomalous = ((mask >> lax.rem(lane, 32).astype(jnp.uint32)) & 1).astype(jnp.int32)
-    position = common.channel_positions(anomalous, jnp.cumsum(anomalous, axis=1), hot)
-    permutation = jnp.where(channel_row == position, 1.0, 0.0)
-    k = common.dot(common.dot(u, transform, precision=precision), permutation,
-                   precision=precision)
+    # q P^T (P one-hot at (position[c], c)): the queries in the transform's output order.
+    mapped, before = None, 0
+    for c0, q in zip(starts, queries, strict=True):
+      lanes = c0 + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+      anomalous = ((kh_ref[j, c0 // 32] >> lax.rem(lanes, 32).astype(jnp.uint32)) & 1
+                   ).astype(jnp.int32)
+      counted = jnp.cumsum(anomalous, axis=1) + before
+      before = before + anomalous.sum()
+      # channel_positions counts chunk-local lanes: hot + c0 puts normal channel c0 + l at
+      # hot + c0 + l - counted.
+      one_hot = jnp.where(channel == common.channel_positions(anomalous, counted, hot + c0),
+                          1.0, 0.0)
+      part = common.dot(q, one_hot, trans_b=True, precision=precision)
+      mapped = part if mapped is None else mapped + part
+
+    def project(i, logits):  # a loop, not unrolled: one transform tile in shared memory
+      c0 = pl.multiple_of(i * chunk, chunk)
+      stored = common.dot(mapped, t_ref[pl.ds(c0, chunk), :], trans_b=True, precision=precision)
+      return logits + common.dot(stored, stored_order_keys(j, slots, c0), trans_b=True)
+
+    # (q P^T T^T)[:, chunk] . u[:, chunk], summed over the chunks: q . (u T P) without forming k.
+    logits = lax.fori_loop(0, head_dim // chunk, project,
+                           jnp.zeros((q_ref.shape[0], size), jnp.float32))
     digits = (_value_words(vc_ref, slots, value_word, first_word) // value_power) % 3
     v = (digits.astype(jnp.float32) - 1) * vs_ref[j, :].astype(jnp.float32)[None, :]
-    return k, v
+    return logits, v
 
-  flash_decode(settings, q_ref, bounds_ref[0], bounds_ref[1], load_group, o_ref, lse_ref,
+  flash_decode(settings, bounds_ref[0], bounds_ref[1], load_group, o_ref, lse_ref,
                last=bounds_ref[2])
-
-
-def _row(ref, j, width: int, column_of_lane):
-  """``[1, head_dim]`` in ``ref``'s dtype: lane ``c`` is ``ref[j, column_of_lane[c]]`` (0 where
-  no column matches), from ``width`` scalar loads (any ``width``, a power of two or not)."""
-  out = jnp.zeros(column_of_lane.shape, ref.dtype)
-  for column in range(width):
-    out = jnp.where(column_of_lane == column, ref[j, column], out)
-  return out
 
 
 def _value_words(ref, slots: pl.Slice, word_of_lane, first_word):

@@ -25,13 +25,17 @@ Memory: HBM reads are the packed codes, scales, zero points and masks of the fil
 36 bytes per slot and kv head at ``D = 64``, ``G = 32``, ``key_bits = 1.5``, 3 kv heads, against
 256 for float16 K and V; see :mod:`pallas_kernels.kv_decode.vidkv_gpu`); results ``batch *
 num_splits * kv_heads * rows * (D + 128)`` float32. VMEM: the double-buffered blocks, the
-``[block, D]`` key scratch, a few ``[block, D]`` float32 tiles and the accumulators.
+``[block, D]`` key scratch, a few ``[block, D]`` float32 tiles and the accumulators (kv heads are
+a loop, not unrolled): compiled for v5e, 4 MiB of scoped VMEM at ``D = 64``, ``key_bits = 1.5``,
+3 kv heads, 512 slots per block (5.75 MiB at ``D = 128``).
 
-Limits: checked in the TPU interpreter and by lowering to Mosaic for TPU (``jax.export``), not
-compiled or timed on a TPU (Mosaic's own compiler may still reject an op the lowering accepts,
-e.g. the single-row slices of the positions). Per kv head and block the MXU does two ``[block,
-D] @ [D, D]`` float32 matmuls (transform, permutations) and the one-hot gathers, beyond the
-attention's: more than KIVI's kernel; the block's key groups are unrolled.
+float16 steps, zero points and value scales travel as their uint16 bits and are decoded in VMEM,
+as in the KIVI kernel (Mosaic rejects float16 vector loads on v4 to v6e; same bytes read).
+
+Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for v4, v5e, v5p
+and v6e (:mod:`pallas_kernels.aot`), not run or timed on a TPU. Per kv head and block the MXU
+does two ``[block, D] @ [D, D]`` float32 matmuls (transform, permutations) and the one-hot
+gathers, beyond the attention's: more than KIVI's kernel; the block's key groups are unrolled.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from jaxtyping import Array, Float, Int, UInt32
 from pallas_kernels.interpret import require_tpu_or_interpret
 from pallas_kernels.kv_decode import common
 from pallas_kernels.kv_decode.tpu import (
+    as_float32,
     decode_step,
+    float16_bits,
     gather_lanes,
     launch,
     online_update,
@@ -102,6 +108,7 @@ def _decode_jit(settings: common.VidKVSettings, block: int, interpret, q, k_code
   groups = block // settings.group_size
   blocked = [(k_codes, block), (k_scale, groups), (k_zero, groups), (k_hot, groups),
              (v_codes, block), (v_scale, groups)]
+  blocked = [(float16_bits(x), rows_per_block) for x, rows_per_block in blocked]
   return launch(functools.partial(_kernel, settings, block), settings, block, interpret, q,
                 blocked, [transform], [start, end, last], "vidkv_decode",
                 scratch=[pltpu.VMEM((block, settings.head_dim), jnp.float32)])
@@ -129,9 +136,11 @@ def _kernel(settings: common.VidKVSettings, block: int, bounds_ref, q_ref, kc_re
     value_slot = index * block + lax.broadcasted_iota(jnp.int32, (block, head_dim), 0)
     value_visible = (value_slot >= start) & (value_slot < end)
     slot_to_group = slots_to_groups(block, size)
-    k_codes, k_scale, k_zero, k_hot, v_codes, v_scale = (
-        ref[...] for ref in (kc_ref, ks_ref, kz_ref, kh_ref, vc_ref, vs_ref))
-    for h in range(kv_heads):
+    k_codes, k_hot, v_codes = kc_ref[...], kh_ref[...], vc_ref[...]
+    k_scale, k_zero, v_scale = (as_float32(ref[...]) for ref in (ks_ref, kz_ref, vs_ref))
+
+    @pl.loop(0, kv_heads)  # a loop, not unrolled: half the VMEM and compile time
+    def _(h):
       lo, hi = word_halves(k_codes, h * key_words + key_word)
       codes = lax.shift_right_logical(lo | (hi << 16), key_shift) & key_mask
       a = common.dot(slot_to_group, gather_lanes(k_scale, h * head_dim + lane))

@@ -9,8 +9,8 @@ One program per (batch row, kv head, split) walks its share of the filled quanti
    of two and the last block may overrun the slots) and the per-token scales/zeros;
 2. dequantizes code position ``j`` of every word (``(words >> bits * j) & mask``, a
    ``[slots, words]`` tile of channels ``word * 32 / bits + j``) and projects it on the matching
-   rows of this kv head's ``C_k`` (permuted outside): ``32 / bits`` matmuls give both RoPE halves
-   of the keys, no lane gather;
+   rows of this kv head's ``C_k`` (permuted outside): a loop of ``32 / bits`` steps, two
+   matmuls each, gives both RoPE halves of the keys, no lane gather;
 3. rotates the keys at the slots' positions ``max(slot - start, 0)`` (the "rotate half" RoPE of
    ``effjax.nn.rope.apply_rope``; the inverse frequencies come from the caller), takes the logits
    with all ``seq * group`` query rows of the kv head (causal per query: the quantized slots may
@@ -34,12 +34,23 @@ kv head from L2. The work is not: every slot is projected (``width * kv_heads * 
 multiply-adds, 74k for SmolLM2's latents), which makes the kernel compute-bound where KIVI's is
 bandwidth-bound; the float32 matmuls run at IEEE precision (no TF32) to match the XLA path.
 
+Shared memory (Triton stages dot operands through it): the key projection is a loop over code
+positions, not unrolled, because Triton hoists loop-invariant loads and their shared-memory
+copies out of the slot loop: unrolled, all ``2 * 32 / bits`` weight tiles of ``C_k`` were
+resident at once (SmolLM2's 576-wide X stream: 400 KB, more than any GPU has). Looped, it takes
+about ``num_stages`` weight tiles plus one dequantized value tile (:func:`_num_stages`: 16 KB
+for SmolLM2's latents, 52 KB for its X stream at 4 bits, 88 KB for a 1024-wide X stream at
+head_dim 128), under :data:`pallas_kernels.kv_decode.gpu.SHARED_MEMORY_BUDGET`, so it compiles
+for an L4 as for an H100. The weight tiles are re-read from L1/L2 every block.
+
 Limits: ``head_dim / 2`` must be a power of two >= 16 (Triton tiles; else NotImplementedError).
 Segment word tiles are padded to powers of two (lanes past the stream are masked loads, zero
 weights). For a latent stream only the key words are projected and only the value words
-accumulated; an unquantized (16-bit) stream is not served (the caller's XLA path is). Not
-tuned on a GPU: ``_SLOTS`` and 4 warps are guesses, and a wide X stream (SmolLM2's 576 channels
-at 4 bits: 8 accumulators of ``[rows, 128]``) may spill registers.
+accumulated; an unquantized (16-bit) stream is not served (the caller's XLA path is), nor a
+key tile whose weights exceed the shared-memory budget (a 2048-wide X stream at head_dim 128:
+NotImplementedError). Not tuned on a GPU: ``_SLOTS`` and 4 warps are guesses, and a wide X
+stream (SmolLM2's 576 channels at 4 bits: 8 accumulators of ``[rows, 128]``) may spill
+registers.
 """
 
 from __future__ import annotations
@@ -55,9 +66,11 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from pallas_kernels.interpret import gpu_interpret
 from pallas_kernels.kv_decode import common
-from pallas_kernels.kv_decode.gpu import MIN_TILE, default_num_splits
+from pallas_kernels.kv_decode.gpu import MIN_TILE, SHARED_MEMORY_BUDGET, default_num_splits
 
 _SLOTS = 32  # slots per loop step
+_WORD_BYTES = 4  # float32 weights and dequantized tiles, uint32 words
+_SCRATCH = 8 * 1024  # what Triton allocates besides the weight and value tiles (measured)
 
 
 def decode_partials(
@@ -106,8 +119,8 @@ def decode_partials(
     float32 results; the cache is read in place.
 
   Raises:
-    NotImplementedError: off a GPU and not interpreting, or ``head_dim / 2`` not a power of two
-      >= 16.
+    NotImplementedError: off a GPU and not interpreting, ``head_dim / 2`` not a power of two
+      >= 16, or a key weight tile too large for the shared-memory budget (:func:`_num_stages`).
     ValueError: the arrays do not have XQuant's layout.
   """
   interpret = gpu_interpret(interpret)
@@ -125,6 +138,28 @@ def decode_partials(
       num_splits=num_splits, tiles="pow2")
   return _decode_jit(settings, interpret, q, codes, code_scale, code_zero, key_up, inv_freq,
                      start, end, length)
+
+
+def _num_stages(settings: common.XQuantSettings) -> int:
+  """Pipelining depth of the key projection's loop that fits :data:`SHARED_MEMORY_BUDGET`.
+
+  Triton stages each ``[key tile, head_dim / 2]`` weight tile ``W`` of the loop over code
+  positions through shared memory, ``num_stages`` deep, and one ``[_SLOTS, value tile]``
+  dequantized value operand ``Z``: about ``num_stages * W + Z`` plus :data:`_SCRATCH` (measured
+  with Triton and ptxas for sm_80/sm_90). 2 (the next weight tile loads under the current
+  matmul) where that fits, else 1.
+
+  Raises:
+    NotImplementedError: a stream so wide that even one stage does not fit.
+  """
+  weight = settings.key_segment.tile * settings.head_dim // 2 * _WORD_BYTES
+  value = _SLOTS * settings.value_segment.tile * _WORD_BYTES
+  for stages in (2, 1):
+    if stages * weight + value + _SCRATCH <= SHARED_MEMORY_BUDGET:
+      return stages
+  raise NotImplementedError(
+      f"Triton XQuant decode kernel: a {settings.key_segment.tile}-word key tile at head_dim "
+      f"{settings.head_dim} needs more than {SHARED_MEMORY_BUDGET} bytes of shared memory")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -158,7 +193,7 @@ def _decode_jit(settings: common.XQuantSettings, interpret: bool, q, codes, code
       out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, per_word, rows, tile),
                                       jnp.float32),
                  jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=_num_stages(settings)),
       interpret=interpret,
       name="xquant_decode",
   )(queries, codes, code_scale, code_zero, weights,
@@ -187,11 +222,13 @@ def _kernel(settings: common.XQuantSettings, q_ref, codes_ref, scale_ref, zero_r
     stream = _Block(settings, codes_ref, scale_ref, zero_ref, i * _SLOTS,
                     (slot >= first) & (slot < end),
                     {key_segment: bounds_ref[3], value_segment: bounds_ref[4]})
-    k_lo = k_hi = jnp.zeros((_SLOTS, settings.head_dim // 2), jnp.float32)
-    for j in range(per_word):
+
+    def project(j, k):  # a loop, not unrolled: one weight tile in shared memory at a time
       z = stream.dequantize(key_segment, j)
-      k_lo += common.dot(z, w_ref[0, j])
-      k_hi += common.dot(z, w_ref[1, j])
+      return k[0] + common.dot(z, w_ref[0, j]), k[1] + common.dot(z, w_ref[1, j])
+
+    k_lo, k_hi = lax.fori_loop(0, per_word, project,
+                               (jnp.zeros((_SLOTS, settings.head_dim // 2), jnp.float32),) * 2)
     angles = jnp.maximum(slot - first, 0).astype(jnp.float32)[:, None] * inv_freq
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     logits = (common.dot(q_lo, k_lo * cos - k_hi * sin, trans_b=True)
@@ -218,33 +255,32 @@ def _kernel(settings: common.XQuantSettings, q_ref, codes_ref, scale_ref, zero_r
 
 
 class _Block:
-  """One block of ``_SLOTS`` slots of the stream, dequantized lazily per (segment, code
-  position); each segment's words and each scale layout are loaded once per block."""
+  """One block of ``_SLOTS`` slots of the stream: each segment's words (and, when every code
+  position shares its word's scale layout, their float32 scales and zeros) loaded once, before
+  the key projection's loop over code positions; dequantized per (segment, code position)."""
 
   def __init__(self, settings, codes_ref, scale_ref, zero_ref, t0, valid, word0):
     self.settings, self.refs, self.t0 = settings, (codes_ref, scale_ref, zero_ref), t0
-    self.word0 = word0  # segment -> its first word, traced
     self.valid = valid[:, None]  # [slots, 1]: in [start, end)
     self.in_cache = (t0 + lax.broadcasted_iota(jnp.int32, (_SLOTS,), 0)) < codes_ref.shape[0]
-    self.memo = {}
+    self.words = {segment: self._load_words(segment, first)  # segment -> [slots, tile] uint32
+                  for segment, first in word0.items()}
+    self.shared_affine = ({segment: self._affine(segment, 0) for segment in word0}
+                          if settings.scale_variant(1) == 0 else None)
 
-  def _words(self, segment: common.Segment):
-    if segment not in self.memo:
-      lane = lax.broadcasted_iota(jnp.int32, (1, segment.tile), 1)
-      self.memo[segment] = plgpu.load(
-          self.refs[0].at[pl.ds(self.t0, _SLOTS), pl.ds(self.word0[segment], segment.tile)],
-          mask=self.in_cache[:, None] & (lane < segment.words), other=0)
-    return self.memo[segment]
+  def _load_words(self, segment: common.Segment, first):
+    """The segment's ``[slots, tile]`` words from its traced first word ``first``."""
+    lane = lax.broadcasted_iota(jnp.int32, (1, segment.tile), 1)
+    return plgpu.load(self.refs[0].at[pl.ds(self.t0, _SLOTS), pl.ds(first, segment.tile)],
+                      mask=self.in_cache[:, None] & (lane < segment.words), other=0)
 
-  def _affine(self, segment: common.Segment, j: int):
-    """float32 ``[slots, tile]`` scale and zero of code position ``j``'s channels: one masked
-    column load and select per scale column (Triton has no lane gather)."""
-    key = (segment, self.settings.scale_variant(j))
-    if key not in self.memo:
-      lane = lax.broadcasted_iota(jnp.int32, (_SLOTS, segment.tile), 1)
-      column_of_lane = common.group_of_lane(self.settings, segment, lane, key[1])
-      self.memo[key] = tuple(self._columns(ref, column_of_lane) for ref in self.refs[1:])
-    return self.memo[key]
+  def _affine(self, segment: common.Segment, j):
+    """float32 ``[slots, tile]`` scale and zero of code position ``j``'s channels (``j`` static
+    or traced): one masked column load and select per scale column (Triton has no lane
+    gather)."""
+    lane = lax.broadcasted_iota(jnp.int32, (_SLOTS, segment.tile), 1)
+    column_of_lane = common.group_of_lane(self.settings, segment, lane, j)
+    return tuple(self._columns(ref, column_of_lane) for ref in self.refs[1:])
 
   def _columns(self, ref, column_of_lane):
     out = jnp.zeros(column_of_lane.shape, jnp.float32)
@@ -254,10 +290,13 @@ class _Block:
       out = jnp.where(column_of_lane == column, values, out)
     return out
 
-  def dequantize(self, segment: common.Segment, j: int):
-    """float32 ``[slots, tile]`` values of code position ``j`` of the segment's words; 0 on slots
-    outside ``[start, end)`` (0 * garbage stays 0) and on lanes past the stream."""
+  def dequantize(self, segment: common.Segment, j):
+    """float32 ``[slots, tile]`` values of code position ``j`` (static or traced) of the
+    segment's words; 0 on slots outside ``[start, end)`` (0 * garbage stays 0) and on lanes past
+    the stream."""
     bits = self.settings.bits
-    codes = (self._words(segment) >> jnp.uint32(bits * j)) & jnp.uint32((1 << bits) - 1)
-    scale, zero = self._affine(segment, j)
+    codes = (self.words[segment] >> jnp.asarray(bits * j, jnp.uint32)) & jnp.uint32(
+        (1 << bits) - 1)
+    scale, zero = (self._affine(segment, j) if self.shared_affine is None
+                   else self.shared_affine[segment])
     return jnp.where(self.valid, codes.astype(jnp.int32).astype(jnp.float32) * scale + zero, 0.0)

@@ -7,14 +7,18 @@ no DMA, its block index clamped as in :mod:`pallas_kernels.kv_decode.tpu`), with
 online-softmax statistics per kv head in VMEM scratch. Per block, in VMEM:
 
 1. the block's packed words ``[block, words]`` and per-token scales/zeros are DMA'd once for all
-   kv heads (the stream is shared by every kv head: one program per row reads it once);
+   kv heads (the stream is shared by every kv head: one program per row reads it once); the
+   float16 scales/zeros travel as their uint16 bits and are decoded to float32 in VMEM
+   (:func:`pallas_kernels.kv_decode.tpu.float16_to_float32`: Mosaic rejects float16 vector loads
+   on v4 to v6e; same bytes read);
 2. code position ``j`` of every word is a ``[block, words]`` tile (shift and mask, no lane
-   gather); its per-group scales/zeros are broadcast to it by one-hot matmuls (exact);
-3. per kv head: keys ``rope(Z_k C_k)`` as ``32 / bits`` matmuls per RoPE half against the
-   matching rows of ``C_k`` (permuted outside; ``C_k`` stays resident in VMEM, its block index
-   never changes), rotated at ``max(slot - start, 0)``, logits with all ``seq * group`` query rows
-   of the kv head (causal per query), online softmax, and ``p @ Z`` accumulated in the permuted
-   order.
+   gather) written to a VMEM scratch; its per-group scales/zeros are broadcast to it by one-hot
+   matmuls (exact);
+3. per kv head (a loop, as the code positions within it): keys ``rope(Z_k C_k)`` as ``32 /
+   bits`` matmuls per RoPE half against the matching rows of ``C_k`` (permuted outside; ``C_k``
+   stays resident in VMEM, its block index never changes), rotated at ``max(slot - start, 0)``,
+   logits with all ``seq * group`` query rows of the kv head (causal per query), online softmax,
+   and ``p @ Z`` accumulated in the permuted order.
 
 Why all kv heads in one program (unlike the GPU kernel): the block is in VMEM anyway and every kv
 head reads all its channels, so one program per (row, split) reads the stream from HBM exactly
@@ -23,15 +27,16 @@ once; splitting by kv head would multiply HBM reads by ``kv_heads`` (TPU has no 
 HBM bytes read per slot: as the GPU kernel (SmolLM2 latents, G = 64: 216 at 4 bits, 120 at 2
 bits, vs 768 for float16 K/V), read once. Results: ``batch * splits * kv_heads * rows * (words
 * 32 / bits + 128)`` float32. VMEM: the double-buffered code/scale blocks, ``C_k`` (``kv_heads *
-words * 32 / bits * head_dim`` float32), ``32 / bits`` dequantized ``[block, words]`` tiles, and
-the accumulators.
+words * 32 / bits * head_dim`` float32, double-buffered), the ``32 / bits`` dequantized ``[block,
+words]`` tiles, and the accumulators: 5.1 MiB of scoped VMEM compiled for v5e at 2 bits (latents)
+and 3.2 MiB at 4 bits (X), 256 slots per block (v5e's default limit: 16 MiB).
 
-Limits: checked in the TPU interpreter and by lowering to Mosaic for TPU (``jax.export``), not
-compiled or timed on a TPU. Every segment is the whole slot's words (Mosaic has no cheap
-unaligned lane slice), so a latent stream's key projection also multiplies the value words by
-zero weights and its accumulator also sums the key words (twice the MXU work of the GPU kernel's
-segments); the projection runs as ``32 / bits`` matmuls of depth ``words`` (under-filling the MXU
-depth for narrow streams).
+Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for v4, v5e, v5p
+and v6e (:mod:`pallas_kernels.aot`), not run or timed on a TPU. Every segment is the whole
+slot's words (Mosaic has no cheap unaligned lane slice), so a latent stream's key projection also
+multiplies the value words by zero weights and its accumulator also sums the key words (twice
+the MXU work of the GPU kernel's segments); the projection runs as ``32 / bits`` matmuls of
+depth ``words`` (under-filling the MXU depth for narrow streams).
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ from pallas_kernels.kv_decode.tpu import (
     _LANES,
     _SUBLANES,
     _lanes,
+    as_float32,
     decode_step,
     default_num_splits,
+    float16_bits,
     gather_lanes,
     softmax_update,
     split_range,
@@ -134,6 +141,7 @@ def _decode_jit(settings: common.XQuantSettings, block: int, interpret, q, codes
     return pl.BlockSpec(array.shape, lambda b, s, t, _, n=array.ndim: (0,) * n)
 
   inv_freq = inv_freq.reshape(1, half).astype(jnp.float32)
+  code_scale, code_zero = float16_bits(code_scale), float16_bits(code_zero)
   out, lse = pl.pallas_call(
       functools.partial(_kernel, settings, block),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -149,7 +157,8 @@ def _decode_jit(settings: common.XQuantSettings, block: int, interpret, q, codes
                                   lambda b, s, t, _: (b, s, 0, 0, 0))],
           scratch_shapes=[pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
                           pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
-                          pltpu.VMEM((kv_heads * per_word, rows, words), jnp.float32)]),
+                          pltpu.VMEM((kv_heads * per_word, rows, words), jnp.float32),
+                          pltpu.VMEM((per_word, block, words), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct((batch, splits, kv_heads * per_word, rows, words),
                                       jnp.float32),
                  jax.ShapeDtypeStruct((batch, splits, kv_heads, rows, _LANES), jnp.float32)],
@@ -164,17 +173,20 @@ def _decode_jit(settings: common.XQuantSettings, block: int, interpret, q, codes
 
 
 def _kernel(settings: common.XQuantSettings, block: int, bounds_ref, q_ref, codes_ref, scale_ref,
-            zero_ref, w_ref, f_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref):
-  """One block of one split: every kv head's online-softmax update (``decode_step`` resets and
-  writes)."""
+            zero_ref, w_ref, f_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, z_ref):
+  """One block of one split: the block dequantized into ``z_ref`` once, then every kv head's
+  online-softmax update (``decode_step`` resets and writes). Kv heads and code positions are
+  loops, not unrolled: Mosaic gives every unrolled matmul result its own VMEM, which at 16 code
+  positions, 3 kv heads and 256 slots overflowed v5e's 16 MiB of scoped VMEM."""
   b = pl.program_id(0)
   kv_heads, _, rows, half = q_ref.shape
-  per_word, words = settings.per_word, codes_ref.shape[1]
+  per_word = settings.per_word
 
   def attend_block(index, bounds):
     start, end, length = bounds
-    z = _dequantize(settings, codes_ref[...], scale_ref[...], zero_ref[...],
-                    index * block + lax.broadcasted_iota(jnp.int32, (block, words), 0), start, end)
+    _dequantize(settings, codes_ref[...], as_float32(scale_ref[...]), as_float32(zero_ref[...]),
+                index * block + lax.broadcasted_iota(jnp.int32, z_ref.shape[1:], 0), start, end,
+                z_ref)
     slot = index * block + lax.broadcasted_iota(jnp.int32, (block, half), 0)
     angles = jnp.maximum(slot - start, 0).astype(jnp.float32) * f_ref[...]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -182,28 +194,36 @@ def _kernel(settings: common.XQuantSettings, block: int, bounds_ref, q_ref, code
         index * block + lax.broadcasted_iota(jnp.int32, (rows, block), 1),
         lax.broadcasted_iota(jnp.int32, (rows, block), 0), start, end, length - settings.seq,
         settings.group)
-    for h in range(kv_heads):
-      k_lo = sum(common.dot(z[j], w_ref[h, 0, j]) for j in range(per_word))
-      k_hi = sum(common.dot(z[j], w_ref[h, 1, j]) for j in range(per_word))
+
+    @pl.loop(0, kv_heads)
+    def _(h):
+      def project(j, k):
+        return tuple(part + common.dot(z_ref[j], w_ref[h, i, j]) for i, part in enumerate(k))
+
+      k_lo, k_hi = lax.fori_loop(0, per_word, project,
+                                 (jnp.zeros((block, half), jnp.float32),) * 2)
       logits = (common.dot(q_ref[h, 0], k_lo * cos - k_hi * sin, trans_b=True)
                 + common.dot(q_ref[h, 1], k_hi * cos + k_lo * sin, trans_b=True))
       p, rescale = softmax_update(h, jnp.where(visible, logits, -jnp.inf), m_ref, l_ref)
-      rescale = _lanes(rescale, words)
-      for j in range(per_word):
-        acc_ref[h * per_word + j] = rescale * acc_ref[h * per_word + j] + common.dot(p, z[j])
+      rescale = _lanes(rescale, z_ref.shape[2])
+
+      @pl.loop(0, per_word)
+      def _(j):
+        acc_ref[h * per_word + j] = rescale * acc_ref[h * per_word + j] + common.dot(p, z_ref[j])
 
   decode_step(settings, block, [bounds_ref[3 * b + i] for i in range(3)], attend_block, o_ref,
               lse_ref, m_ref, l_ref, acc_ref)
 
 
-def _dequantize(settings: common.XQuantSettings, words, code_scale, code_zero, slot, start, end):
-  """float32 ``[block, words]`` tiles of code positions ``0 .. 32 / bits - 1``: channel ``word *
-  32 / bits + j`` in tile ``j``; 0 on slots outside ``[start, end)`` (0 * garbage stays 0)."""
+def _dequantize(settings: common.XQuantSettings, words, code_scale, code_zero, slot, start, end,
+                z_ref) -> None:
+  """Writes ``z_ref [32 / bits, block, words]``: float32 tiles of code positions ``0 .. 32 / bits
+  - 1``, channel ``word * 32 / bits + j`` in tile ``j``; 0 on slots outside ``[start, end)`` (0 *
+  garbage stays 0)."""
   segment = settings.key_segment  # the whole slot
   lane = lax.broadcasted_iota(jnp.int32, (1, segment.tile), 1)
   valid = (slot >= start) & (slot < end)
   affine = {}
-  tiles = []
   for j in range(settings.per_word):
     variant = settings.scale_variant(j)
     if variant not in affine:
@@ -211,6 +231,4 @@ def _dequantize(settings: common.XQuantSettings, words, code_scale, code_zero, s
       affine[variant] = (gather_lanes(code_scale, columns), gather_lanes(code_zero, columns))
     scale, zero = affine[variant]
     codes = ((words >> (settings.bits * j)) & jnp.uint32((1 << settings.bits) - 1))
-    tiles.append(jnp.where(valid, codes.astype(jnp.int32).astype(jnp.float32) * scale + zero,
-                           0.0))
-  return tiles
+    z_ref[j] = jnp.where(valid, codes.astype(jnp.int32).astype(jnp.float32) * scale + zero, 0.0)

@@ -17,18 +17,26 @@ one batch row. With the on-chip size ``m = n1 * n2`` (``j = j1 n2 + j2``,
 
 Stage matrices are complex, as separate real and imaginary float32 arrays; every dot is float32
 at ``precision=HIGHEST`` (12 real matmuls per block for a real signal: 2 + 4 forward, 4 + 2
-inverse; 16 for a complex one). Strided loads and stores do the Monarch permutations ``P`` in
-VMEM. In one pass the kernel reads the caller's ``[batch, seq, channels]`` arrays (signal and
-gates, ``seq <= m``, their own dtype) as ``(m, Cb)`` blocks reaching past the array's end (rows
-``>= seq`` are masked to zero after the strided load; lanes past the last channel are per-lane
-garbage, never stored, as the DFTs contract rows only), multiplies by the pre-gate in stage 1,
-and stores ``post_gate * (z + skip * v)`` in the output dtype from the inverse stage 1 (the skip
-term reloads the signal rows from VMEM); an absent option is neither an operand nor a load. So
-HBM sees one read of the signal and one write of the result per element (2 + 2 bytes in
-bfloat16, plus 2 per gate) where XLA's padding, gating, window and cast around the kernel moved
-about 20 bytes, plus the kernel spectrum (8 bytes per element and channel, read once per channel
-block) and the stage matrices (``16 n n1`` bytes, once; XLA computes them at each call from
-exactly reduced integer exponents).
+inverse; 16 for a complex one). Strided loads and stores of float32 rows do the Monarch
+permutations ``P`` in VMEM. In one pass the kernel reads the caller's ``[batch, seq, channels]``
+arrays (signal and gates, ``seq <= m``, their own dtype) as ``(m, Cb)`` blocks reaching past the
+array's end (lanes past the last channel are per-lane garbage, never stored, as the DFTs contract
+rows only). Mosaic has strided loads and stores of 32-bit data only ("Strided load with non
+32-bit data" for bfloat16), so these blocks are touched by contiguous row blocks only, staged
+through a float32 VMEM scratch ``v [m, Cb]``: a first loop over the ``n1`` blocks of ``n2`` rows
+stores ``v = pre_gate * x`` (rows ``>= seq`` masked to zero), stage 1 reads ``v`` strided, the
+inverse stage 1 writes ``z + skip * v`` back over it (each strided row read and written by the
+same step), and a last loop stores ``post_gate * v`` in the output dtype. The conversions happen
+in registers (no float32 copy of a bfloat16 signal in HBM); the staging costs the scratch
+(``512 m`` bytes) and two contiguous VMEM passes per block, beside the 12 matmuls. An absent
+option is neither an operand nor a load. float16 arrays cannot be loaded by Mosaic at all (no
+float16 vector loads on any generation): the compiled one pass refuses them
+(``NotImplementedError``; the TPU interpreter runs them). So HBM sees one read of the signal
+and one write of the result per element (2 + 2 bytes in bfloat16, plus 2 per gate) where
+XLA's padding, gating, window and cast around the kernel moved about 20 bytes, plus the kernel
+spectrum (8 bytes per element and channel, read once per channel block) and the stage matrices
+(``16 n n1`` bytes, once; XLA computes them at each call from exactly reduced integer
+exponents).
 
 Multi-pass (FlashButterfly's scheme for sequences that do not fit on chip): ``n = n0 * m`` with
 ``j = j0 m + j'``, ``k = k0 + n0 k'``. Pass 1 is the size-``n0`` DFT over ``j0``, one XLA matmul
@@ -44,12 +52,15 @@ double-buffered signal and output blocks ``2 * 2 * 512 m`` bytes (twice that for
 single-buffered (``pl.Buffered(1)``: their block changes only with the channel block or ``k0``)
 the kernel spectrum ``2 * 512 m`` and the stage matrices ``G`` and ``conj(G)^T``
 ``4 * 512 m`` (an ``[n1, n1]`` block pads to 128 lanes, so each ``[n2, n1, n1]`` array takes
-``512 m`` bytes whatever ``n1``); the scratch ``T`` ``2 * 512 m``; ``F2``
-``2 * 4 * n2 * max(n2, 128)``. That is ``6 KiB * m`` for a real signal (m = 2048: 12 MiB) and
-``8 KiB * m`` for a complex one (m = 1600: 12.5 MiB). :func:`tiles` keeps it under
-:data:`VMEM_BUDGET` = 13 MiB, inside v5e's 16 MiB default scoped VMEM (v6e: 32 MiB) with room
-for Mosaic's own spills: one pass serves transforms up to 2176 points (a causal convolution of
-about 1088 positions), three passes up to ``MAX_N0 * 1600 = 409600``.
+``512 m`` bytes whatever ``n1``); the scratch ``T`` ``2 * 512 m`` (a real signal's staging
+scratch ``v``: ``512 m`` more); ``F2`` ``2 * 4 * n2 * max(n2, 128)``. That is ``6.5 KiB * m``
+for a real signal (m = 2048: 13 MiB) and ``8 KiB * m`` for a complex one (m = 1728: 13.5 MiB);
+the gates, not in the model, add ``2 * 2 * 512 m`` each in float32 (half in bfloat16; both
+gates in float32 at m = 2048 still compile for v5e). :func:`tiles` keeps the model under
+:data:`VMEM_BUDGET` = 14 MiB, inside the 16 MiB default scoped VMEM of v4 and v5e (v6e:
+32 MiB) with room for Mosaic's own spills: one pass serves transforms up to
+2176 points (a causal convolution of about 1088 positions), three passes up to
+``MAX_N0 * 1728 = 442368``.
 
 Sizes: ``n1`` in :data:`N1_CHOICES` and ``n2 <= 256``, both multiples of 8 (whole sublane tiles
 for the strided accesses), so every multiple of 64 up to 2048 is one pass (at most 63 points of
@@ -59,9 +70,10 @@ one (it favours ``n1`` near ``n2``: a ``[8, 8] @ [8, 128]`` dot wastes most of a
 
 FlashButterfly ("Simple Hardware-Efficient Long Convolutions", Fu, Epstein et al. 2023) reports
 convolutions 2.2x faster than FFT convolutions on GPU (A100). This kernel is checked in the TPU
-interpreter and by lowering to Mosaic for TPU on a CPU (``jax.export``), never compiled by
-Mosaic's own compiler or timed on a TPU: its speed, the cost of the strided sublane accesses and
-the MXU efficiency of the small ``[n1, n1] @ [n1, Cb]`` stage-1 dots are unmeasured.
+interpreter and compiled by Mosaic's own compiler for v4, v5e, v5p and v6e on a CPU (libtpu's
+compile-only devices, :mod:`pallas_kernels.aot`), never run or timed on a TPU: its speed, the
+cost of the strided sublane accesses and the MXU efficiency of the small
+``[n1, n1] @ [n1, Cb]`` stage-1 dots are unmeasured.
 
 This module never imports effjax: effjax computes the kernel spectrum (the Monarch transform of
 factors :func:`factors`) and the backward (more calls of :func:`fft_conv`) around it.
@@ -91,7 +103,7 @@ MAX_N2 = 256
 MAX_N0 = 256
 _STEP = _SUBLANES * _SUBLANES  # n1 and n2 are multiples of 8
 _MAX_M = N1_CHOICES[-1] * MAX_N2
-VMEM_BUDGET = 13 * 2**20
+VMEM_BUDGET = 14 * 2**20
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -101,6 +113,7 @@ def vmem_bytes(n1: int, n2: int, complex_signal: bool) -> int:
   m = n1 * n2
   signal = 2 * 2 * row * m * (2 if complex_signal else 1)  # input and output, double-buffered
   single = (2 + 4 + 2) * row * m  # spectrum, G and conj(G)^T, scratch T
+  single += 0 if complex_signal else row * m  # a real signal's staging scratch v
   return signal + single + 2 * 4 * n2 * max(n2, _LANES)
 
 
@@ -190,22 +203,29 @@ class _Edge(gating.Options):
   """The one-pass kernel reading and writing HBM's ``[batch, seq, channels]`` arrays directly:
   an ``(m, Cb)`` block of a batch row (rows beyond ``seq`` and lanes beyond ``channels`` are
   outside the array: their loads are masked to zero by row, the lanes are per-channel garbage
-  that is never stored), with the optional gates and skip."""
+  that is never stored), with the optional gates and skip, staged through the float32 scratch
+  ``v [m, Cb]`` by whole row blocks (Mosaic has no strided load or store of 16-bit data)."""
   seq: int
 
-  def load(self, refs, rows, first_row):
-    """``v = pre_gate * x`` at the strided ``rows`` (row ``first_row + i * stride``), float32,
-    zero from ``seq`` on."""
+  def stage_in(self, refs, rows):
+    """``v = pre_gate * x`` (float32, zero from row ``seq`` on) into the scratch at the
+    contiguous ``rows``."""
     v = refs["x"][rows, :].astype(jnp.float32)
     if self.pre_gate:
       v = v * refs["pre_gate"][rows, :].astype(jnp.float32)
-    row = lax.broadcasted_iota(jnp.int32, v.shape, 0) * rows.stride + first_row
-    return jnp.where(row < self.seq, v, 0.0)
+    row = lax.broadcasted_iota(jnp.int32, v.shape, 0) + rows.start
+    refs["v"][rows, :] = jnp.where(row < self.seq, v, 0.0)
 
-  def store(self, refs, rows, first_row, z):
-    """Stores ``post_gate * (z + skip * v)`` at ``rows`` in the output's dtype."""
+  def finish(self, refs, rows, z):
+    """Overwrites ``v`` with ``z + skip * v`` at the strided ``rows`` (each row is read and
+    written by the same step only)."""
     if self.skip:
-      z = z + refs["skip"][...] * self.load(refs, rows, first_row)
+      z = z + refs["skip"][...] * refs["v"][rows, :]
+    refs["v"][rows, :] = z
+
+  def stage_out(self, refs, rows):
+    """Stores ``post_gate * v`` at the contiguous ``rows`` in the output's dtype."""
+    z = refs["v"][rows, :]
     if self.post_gate:
       z = z * refs["post_gate"][rows, :].astype(jnp.float32)
     refs["out"][rows, :] = z.astype(refs["out"].dtype)
@@ -224,7 +244,7 @@ def _kernel(*refs, names, n1: int, n2: int, edge: _Edge | None):
       a_re, a_im = refs["x_re"][rows, :], refs["x_im"][rows, :]
       b_re, b_im = _dot(gr, a_re) - _dot(gi, a_im), _dot(gr, a_im) + _dot(gi, a_re)
     else:
-      a_re = edge.load(refs, rows, j2)
+      a_re = refs["v"][rows, :]
       b_re, b_im = _dot(gr, a_re), _dot(gi, a_re)
     block = pl.ds(pl.multiple_of(j2 * n1, _SUBLANES), n1)
     t_re[block, :] = b_re
@@ -252,12 +272,23 @@ def _kernel(*refs, names, n1: int, n2: int, edge: _Edge | None):
       refs["o_re"][rows, :] = z
       refs["o_im"][rows, :] = _dot(gr, a_im) + _dot(gi, a_re)
     else:
-      edge.store(refs, rows, j2, z)
+      edge.finish(refs, rows, z)
     return carry
 
+  def whole_rows(stage):
+    """A loop step calling ``stage`` on the block's rows ``[j1 n2, (j1 + 1) n2)``."""
+    def step(j1, carry):
+      stage(refs, pl.ds(pl.multiple_of(j1 * n2, _SUBLANES), n2))
+      return carry
+    return step
+
+  if edge is not None:
+    lax.fori_loop(0, n1, whole_rows(edge.stage_in), 0)
   lax.fori_loop(0, n2, forward_stage1, 0)
   lax.fori_loop(0, n1, stage2, 0)
   lax.fori_loop(0, n2, inverse_stage1, 0)
+  if edge is not None:
+    lax.fori_loop(0, n1, whole_rows(edge.stage_out), 0)
 
 
 def _fused(signal: tuple[jax.Array, ...], k_re, k_im, n0: int, n1: int, n2: int, interpret: Any,
@@ -293,14 +324,14 @@ def _fused(signal: tuple[jax.Array, ...], k_re, k_im, n0: int, n1: int, n2: int,
   # Every grid axis is parallel (no carried state). Not told to the TPU interpreter: it does not
   # extend the semantics over the grid axes vmap adds (jax 0.10.2); Mosaic's lowering does.
   semantics = None if interpret else (pltpu.PARALLEL,) * 3
+  scratch = ["t_re", "t_im"] + ([] if edge is None else ["v"])
   return pl.pallas_call(
-      functools.partial(_kernel, names=(*names, *out_names, "t_re", "t_im"), n1=n1, n2=n2,
-                        edge=edge),
+      functools.partial(_kernel, names=(*names, *out_names, *scratch), n1=n1, n2=n2, edge=edge),
       grid=(n0, lanes // block, batch),
       in_specs=specs + [spectrum] * 2 + [stage] * 4 + [matrix] * 2,
       out_specs=out_specs,
       out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((m, block), jnp.float32)] * 2,
+      scratch_shapes=[pltpu.VMEM((m, block), jnp.float32)] * len(scratch),
       compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
       interpret=interpret,
       name="long_conv_fused_fft" if edge is not None else "long_conv_fused_fft_complex",
@@ -338,8 +369,9 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "n ch
     ``[batch, seq, channels]`` in ``dtype``.
 
   Raises:
-    NotImplementedError: off a TPU unless in ``pallas_kernels.interpret.interpret_mode()``, or
-      ``n`` has no :func:`factors`.
+    NotImplementedError: off a TPU unless in ``pallas_kernels.interpret.interpret_mode()``,
+      ``n`` has no :func:`factors`, or a compiled one pass with a float16 signal, gate or
+      ``dtype``.
     ValueError: ``seq > n``, or a gate, skip or the spectrum has the wrong shape.
   """
   if interpret is None:
@@ -361,6 +393,10 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "n ch
   m = n1 * n2
   k_re, k_im = (pad(k).reshape(n0, m, lanes) for k in (k_hat_re, k_hat_im))
   if n0 == 1:
+    dtypes = [jnp.dtype(dtype), *(a.dtype for a in (x, pre_gate, post_gate) if a is not None)]
+    if not interpret and jnp.dtype(jnp.float16) in dtypes:
+      raise NotImplementedError("Mosaic TPU has no float16 vector loads or stores: the compiled "
+                                "one-pass kernel takes float32 or bfloat16 signals and gates")
     edge = _Edge(seq=seq, **flags)
     gates = dict(pre_gate=pre_gate, post_gate=post_gate, skip=skip)
     (y,) = _fused((x,), k_re, k_im, n0, n1, n2, interpret, edge, gates, dtype)

@@ -15,6 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cache_test_utils import cache_queries, filled_cache
+from aot_compile import (
+    ALL_GENERATIONS,
+    EVERY_TRITON_GPU,
+    compile_for_gpu,
+    compile_for_tpu,
+    kernel_calls,
+)
 
 from effjax import dispatch
 from effjax.kv_cache import KIVI
@@ -72,6 +79,16 @@ def test_tpu_kernel_matches_xla(monkeypatch, bits, value_bits, group, seq, promp
   with interpret_mode():
     out = _attend(cache, q, "pallas_tpu", splits)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_float16_bits_decode_exactly():
+  """The TPU kernels' float16 decoding (integer ops on the uint16 bits) equals numpy's float16 ->
+  float32 bit for bit on all 65536 patterns: subnormals, +-0, +-inf and NaN payloads included."""
+  bits = np.arange(1 << 16, dtype=np.uint16)
+  decoded = jax.jit(tpu.float16_to_float32)(tpu.float16_bits(jnp.asarray(bits.view(np.float16))))
+  np.testing.assert_array_equal(np.asarray(decoded).view(np.uint32),
+                                bits.view(np.float16).astype(np.float32).view(np.uint32))
+  assert tpu.as_float32(jnp.ones(2, jnp.bfloat16)).dtype == jnp.float32
 
 
 def test_splits_do_not_change_the_result():
@@ -134,27 +151,27 @@ def _abstract_arguments(bits, *, batch=2, slots=4096, heads=9, head_dim=64, dtyp
 
 
 @pytest.mark.parametrize("bits, head_dim", [(2, 64), (4, 128)])
-def test_gpu_kernel_lowers_to_triton(monkeypatch, bits, head_dim):
-  """The kernel lowers to Triton IR for CUDA on this CPU machine: every primitive it uses
-  (strided column loads, uint32 shifts, dynamic-bound loops) has a Triton lowering."""
-  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
-  args = _abstract_arguments(bits, head_dim=head_dim)
-  text = jax.jit(lambda *a: gpu.decode_partials(
-      *a, key_bits=bits, value_bits=bits, group_size=32, scale=0.125)).trace(*args).lower(
-          lowering_platforms=("cuda",)).as_text()
-  assert "kivi_decode" in text
+@EVERY_TRITON_GPU
+def test_gpu_kernel_compiles(gpu_name, bits, head_dim):
+  """The kernel compiles for an H100 (and an A100 and an L4, slow) on this CPU machine (Triton
+  and ptxas, :mod:`pallas_kernels.aot`): every primitive it uses (strided column loads, uint32
+  shifts, dynamic-bound loops) has a Triton lowering and its tiles fit the card."""
+  compiled = compile_for_gpu(gpu_name, lambda *a: gpu.decode_partials(
+      *a, key_bits=bits, value_bits=bits, group_size=32, scale=0.125),
+                             *_abstract_arguments(bits, head_dim=head_dim))
+  assert 'name = "kivi_decode' in compiled.as_text()
 
 
 @pytest.mark.parametrize("bits, head_dim", [(2, 64), (4, 128)])
-def test_tpu_kernel_lowers_for_tpu(monkeypatch, bits, head_dim):
-  """The kernel lowers to Mosaic for TPU (``jax.export``): block shapes fit the (8, 128) tiling
-  and every op in the body and index maps has a Mosaic lowering (Mosaic's compiler itself runs
-  only on a TPU)."""
-  monkeypatch.setattr(tpu, "require_tpu_or_interpret", lambda: False)
-  args = _abstract_arguments(bits, head_dim=head_dim)
-  exported = jax.export.export(jax.jit(lambda *a: tpu.decode_partials(
-      *a, key_bits=bits, value_bits=bits, group_size=32, scale=0.125)), platforms=["tpu"])(*args)
-  assert exported.mlir_module().count("tpu_custom_call") == 1
+@ALL_GENERATIONS
+def test_tpu_kernel_compiles(generation, bits, head_dim):
+  """The kernel compiles for a TPU (Mosaic's own compiler from libtpu, no TPU needed): block
+  shapes fit the (8, 128) tiling, every op of the body and index maps, its vector layouts and
+  dtypes on that generation, and the VMEM it takes."""
+  compiled = compile_for_tpu(generation, lambda *a: tpu.decode_partials(
+      *a, key_bits=bits, value_bits=bits, group_size=32, scale=0.125),
+                             *_abstract_arguments(bits, head_dim=head_dim))
+  assert kernel_calls(compiled) == 1
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from aot_compile import TRITON_GPUS, compile_for_gpu, gpu_kernel_calls
 from attention_test_base import AttentionTestBase, Case, numpy_mask, packed_segment_ids
 
 from effjax.ops.attention import flash_attention
@@ -119,12 +120,17 @@ def test_segment_block_ranges_cover_unsorted_ids():
 
 @pytest.mark.parametrize("options", [
     dict(causal=True, dtype=jnp.bfloat16, head_dim=128),
-    dict(window=(7, 3), softcap=5.0, segments=True, dtype=jnp.float32, head_dim=80),
-], ids=["causal-bf16", "window-softcap-segments-f32"])
-def test_kernels_lower_to_triton(monkeypatch, options):
-  """Forward and backward lower to Triton IR for CUDA on this CPU-only machine: every primitive
-  the kernels use has a Triton lowering (the interpreter alone would not catch a missing one)."""
-  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
+    dict(dtype=jnp.bfloat16, head_dim=64),
+    pytest.param(dict(window=(7, 3), softcap=5.0, segments=True, dtype=jnp.float32, head_dim=80),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(causal=True, dtype=jnp.float32, head_dim=256), marks=pytest.mark.slow),
+], ids=["causal-bf16-d128", "bf16-d64", "window-softcap-segments-f32", "causal-f32-d256"])
+@TRITON_GPUS
+def test_kernels_compile(gpu_name, options):
+  """Forward and backward compile for an H100 (and an A100, slow) on this CPU-only machine
+  (Triton and ptxas through jax's CUDA plugin, :mod:`pallas_kernels.aot`) with the default
+  blocks: every primitive has a Triton lowering, and the blocks fit the card's shared memory
+  (float32 at head dim 256 did not before its tiles were halved)."""
   options = dict(options)
   dtype, head_dim, segments = (options.pop("dtype"), options.pop("head_dim"),
                                options.pop("segments", False))
@@ -138,7 +144,21 @@ def test_kernels_lower_to_triton(monkeypatch, options):
         kv_segment_ids=kv_ids if segments else None, **options), q, k, v)
     return out, vjp(out)
 
-  text = jax.jit(forward_backward).trace(spec, kv_spec, kv_spec, ids, ids).lower(
-      lowering_platforms=("cuda",)).as_text()
-  for name in ("flash_attention_forward", "flash_attention_dq", "flash_attention_dkv"):
-    assert name in text
+  compiled = compile_for_gpu(gpu_name, forward_backward, spec, kv_spec, kv_spec, ids, ids)
+  assert gpu_kernel_calls(compiled, "triton") == 3  # forward, dq, dk/dv
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_default_blocks_do_not_spill_on_h100(head_dim):
+  """With the default blocks, the bfloat16 kernels (causal, GQA 2, S = 1024) at head dim 64 and
+  256 fit the registers of an H100: ptxas spilling fails the compilation (at 256 the 4-warp tiles
+  spilled KBs per thread)."""
+  q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
+
+  def forward_backward(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: gpu.attention(q, k, v, scale=0.1, causal=True), q, k, v)
+    return out, vjp(out)
+
+  compile_for_gpu("h100", forward_backward, q, kv, kv,
+                  compiler_options={"xla_gpu_fail_ptx_compilation_on_register_spilling": True})

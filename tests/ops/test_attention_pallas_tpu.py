@@ -32,6 +32,7 @@ from attention_test_base import (DEFAULT_BF16_CASES, DEFAULT_CASES, SLOW_BF16_CA
                                  AttentionTestBase, Case, numpy_mask, packed_segment_ids)
 from jax._src import source_info_util  # the TPU interpreter's internals: one test counts
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # its DMAs and loads
+from aot_compile import ALL_GENERATIONS, compile_for_tpu, kernel_calls
 
 from effjax import dispatch
 from effjax.ops.attention import flash_attention
@@ -288,11 +289,12 @@ def test_skipped_blocks_start_no_dma_and_no_compute(monkeypatch):
     (257, 1000, 80, jnp.float32, dict(window=(100, 20), softcap=20.0, segments=True)),
     (17, 4096, 256, jnp.float16, dict(causal=True, segments=True)),
 ], ids=["causal_bf16", "window_segments_softcap_f32", "d256_f16"])
-def test_lowers_for_tpu(monkeypatch, q_len, kv_len, head_dim, dtype, options):
-  """Forward and backward lower to Mosaic for TPU with the default blocks (``jax.export``, no
-  TPU needed): Pallas' TPU lowering checks block shapes against the (8, 128) tiling and every op
-  in the kernel bodies and index maps. Mosaic's own compiler runs only on a TPU."""
-  monkeypatch.setattr(tpu, "require_tpu_or_interpret", lambda: False)
+@ALL_GENERATIONS
+def test_compiles_for_tpu(generation, q_len, kv_len, head_dim, dtype, options):
+  """Forward and backward compile for a TPU with the default blocks: Mosaic's own compiler
+  (libtpu, no TPU needed) checks the block shapes against the (8, 128) tiling, every op of the
+  kernel bodies and index maps, the vector layouts and dtypes of that generation (float16 loads
+  are rejected: the wrapper computes float16 as float32) and the VMEM the blocks take."""
   options = dict(options)
   batch, heads, kv_heads = 2, 4, 2
   q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype)
@@ -307,6 +309,5 @@ def test_lowers_for_tpu(monkeypatch, q_len, kv_len, head_dim, dtype, options):
                                                             **options, **segment_ids))
     return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
-  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(
-      q, k, k, **ids)
-  assert exported.mlir_module().count("tpu_custom_call") == 3  # forward, dq, dk/dv
+  compiled = compile_for_tpu(generation, jax.grad(loss, argnums=(0, 1, 2)), q, k, k, **ids)
+  assert kernel_calls(compiled) == 3  # forward, dq, dk/dv

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from aot_compile import ALL_GENERATIONS, TRITON_GPUS, compile_for_gpu, compile_for_tpu, kernel_calls
 from long_conv_test_base import (DEFAULT_BF16_CASES, DEFAULT_CASES, FEW_CASES, PLAIN_FFT,
                                  REFERENCE, Case, LongConvTestBase, _positional,
                                  gated_kernel_inputs, gated_loss, numpy_gated_circular_conv,
@@ -21,7 +22,7 @@ from effjax.ops.long_conv import pallas_gpu as pallas_gpu_impl
 from effjax.ops.long_conv import pallas_tpu as pallas_tpu_impl
 from effjax.ops.long_conv.api import normalize_arguments
 from effjax.ops.long_conv.xla_fft import smooth_size
-from pallas_kernels.interpret import interpret_mode
+from pallas_kernels.interpret import compile_target, interpret_mode
 from pallas_kernels.long_conv import gpu, tpu
 
 
@@ -122,18 +123,19 @@ def _gated_args(seq, channels, mode, kernel_len, dtype):
 
 @pytest.mark.parametrize("n, channels, gated", [(256, 768, False), (4096, 3, False),
                                                 (1024, 130, True)])
-def test_fused_gpu_kernel_lowers_to_triton(monkeypatch, n, channels, gated):
-  """Forward and backward, vmapped over two kernels, lower to Triton IR for CUDA on this CPU-only
-  machine: every primitive of the kernel (reshapes, 3-D transposes, 3xTF32 dots, masked gathers
-  and scatters) has a Triton lowering; n = 256 with 768 channels: 24 programs of 32 channels per
-  batch row. Gated (both gates and skip, all differentiated): a third kernel call recomputes the
-  forward for the post-gate's gradient."""
-  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
+@TRITON_GPUS
+def test_fused_gpu_kernel_compiles(gpu_name, n, channels, gated):
+  """Forward and backward, vmapped over two kernels, compile for an A100 and an H100 on this
+  CPU-only machine (Triton and ptxas, :mod:`pallas_kernels.aot`): every primitive of the kernel
+  (reshapes, 3-D transposes, 3xTF32 dots, masked gathers and scatters) has a Triton lowering and
+  the tiles fit the card's shared memory; n = 256 with 768 channels: 24 programs of 32 channels
+  per batch row. Gated (both gates and skip, all differentiated): a third kernel call recomputes
+  the forward for the post-gate's gradient."""
   seq = n // 2
   args = _gated_args(seq, channels, "causal", seq, jnp.bfloat16)[:5 if gated else 2]
   grad = jax.grad(gated_loss(pallas_gpu_impl.long_conv, "causal"), argnums=range(len(args)))
   grad = jax.vmap(grad, in_axes=(None, 0, *[None] * (len(args) - 2)))
-  text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  text = compile_for_gpu(gpu_name, grad, *args).as_text()
   assert text.count('name = "long_conv_fused_fft"') == (3 if gated else 2)  # forward and dv
 
 
@@ -242,32 +244,42 @@ def test_tpu_transform_size_has_a_limit():
   assert tpu.factors(longest + 64) is None and tpu.factors(100) is None
 
 
-def _tpu_kernel_calls(text: str) -> int:
-  """Call sites of the Mosaic kernels (jax emits one function per distinct kernel)."""
-  return text.count("call @tpu_custom_call")
-
-
 @pytest.mark.parametrize("seq, channels, mode, dtype, gated", [
     (1000, 256, "causal", jnp.bfloat16, False), (1500, 130, "bidirectional", jnp.float32, False),
     (1000, 130, "causal", jnp.bfloat16, True), (1500, 130, "bidirectional", jnp.float32, True)],
     ids=["one_pass_bf16", "three_pass_f32", "one_pass_gated_bf16", "three_pass_gated_f32"])
-def test_pallas_tpu_lowers_for_tpu(monkeypatch, seq, channels, mode, dtype, gated):
-  """Forward and backward, vmapped over two kernels, lower to Mosaic for TPU (``jax.export``, no
-  TPU needed): Pallas' TPU lowering checks the block shapes against the (8, 128) tiling, the
-  strided loads and stores, every op in the kernel body and the grid axis vmap adds. Mosaic's own
-  compiler runs only on a TPU. Gated (both gates and skip; 130 channels: a lane block partly
-  outside the array): a third call recomputes the forward for the post-gate's gradient."""
-  monkeypatch.setattr(pallas_tpu_impl, "require_tpu_or_interpret", lambda: False)
+@ALL_GENERATIONS
+def test_pallas_tpu_compiles(generation, seq, channels, mode, dtype, gated):
+  """Forward and backward, vmapped over two kernels, compile for a TPU (Mosaic's own compiler
+  from libtpu, no TPU needed): the block shapes against the (8, 128) tiling, the strided loads
+  and stores, every op of the kernel body, its vector layouts and VMEM on that generation, and the
+  grid axis vmap adds. Gated (both gates and skip; 130 channels: a lane block partly outside the
+  array): a third call recomputes the forward for the post-gate's gradient."""
   kernel_len = seq if mode == "causal" else 2 * seq - 1
   args = _gated_args(seq, channels, mode, kernel_len, dtype)[:5 if gated else 2]
   if not gated:  # a kernel in u's dtype
     args = (args[0], jax.ShapeDtypeStruct(args[1].shape, dtype))
   grad = jax.grad(gated_loss(pallas_tpu_impl.long_conv, mode), argnums=range(len(args)))
   grads = jax.vmap(grad, in_axes=(None, 0, *[None] * (len(args) - 2)))
-  exported = jax.export.export(jax.jit(grads), platforms=["tpu"])(*args)
-  text = exported.mlir_module()
-  assert _tpu_kernel_calls(text) == (3 if gated else 2)  # forward and dv; dk is XLA's
-  assert ("long_conv_fused_fft_complex" in text) == (mode != "causal")
+  compiled = compile_for_tpu(generation, grads, *args)
+  assert kernel_calls(compiled) == (3 if gated else 2)  # forward and dv; dk is XLA's
+  assert ("long_conv_fused_fft_complex" in compiled.as_text()) == (mode != "causal")
+
+
+def test_compiled_tpu_one_pass_refuses_float16():
+  """Mosaic has no float16 vector loads: the compiled one pass raises NotImplementedError (dispatch
+  moves on), bfloat16 traces; three passes (float32 in the kernel) take float16."""
+  spectrum = lambda n: [jax.ShapeDtypeStruct((n, 3), jnp.float32)] * 2
+  conv = lambda x, n, dtype: jax.eval_shape(
+      functools.partial(tpu.fft_conv, n=n, dtype=dtype), x, *spectrum(n))
+  with compile_target("tpu"):
+    for x_dtype, dtype in [(jnp.float16, jnp.float32), (jnp.float32, jnp.float16)]:
+      with pytest.raises(NotImplementedError, match="float16"):
+        conv(jax.ShapeDtypeStruct((1, 100, 3), x_dtype), 128, dtype)
+    assert conv(jax.ShapeDtypeStruct((1, 100, 3), jnp.bfloat16), 128, jnp.bfloat16).shape == (
+        1, 100, 3)
+    assert conv(jax.ShapeDtypeStruct((1, 2500, 3), jnp.float16), 2560, jnp.float16).dtype == (
+        jnp.float16)
 
 
 def test_pallas_tpu_falls_through():

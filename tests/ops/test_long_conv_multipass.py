@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from aot_compile import TRITON_GPUS, compile_for_gpu
 from long_conv_test_base import (DEFAULT_BF16_CASES, Case, LongConvTestBase, gated_kernel_inputs,
                                  gated_loss, numpy_gated_circular_conv, signal_operands, slow)
 
@@ -152,20 +153,23 @@ def _interpreted_op(u, kernel, **options):
 
 @pytest.mark.parametrize("seq, channels, mode, max_on_chip, split, gated", [
     (16384, 768, "causal", gpu.MAX_ON_CHIP, (16, 32, 64), False),
-    (131072, 3, "causal", gpu.MAX_ON_CHIP, (64, 64, 64), False),
-    (65536, 5, "circular", gpu.MAX_ON_CHIP, (16, 64, 64), False),
+    pytest.param(131072, 3, "causal", gpu.MAX_ON_CHIP, (64, 64, 64), False,
+                 marks=pytest.mark.slow),
+    pytest.param(65536, 5, "circular", gpu.MAX_ON_CHIP, (16, 64, 64), False,
+                 marks=pytest.mark.slow),
     (300, 7, "bidirectional", SMALL_ON_CHIP, (16, 16, 16), False),
     (16384, 40, "bidirectional", gpu.MAX_ON_CHIP, (16, 32, 64), True),
 ], ids=["causal_16k_768ch", "causal_128k_largest", "circular_64k", "small_limit",
         "gated_bidirectional_16k"])
-def test_three_pass_lowers_to_triton(monkeypatch, seq, channels, mode, max_on_chip, split,
-                                     gated):
-  """Forward and backward (bfloat16 u), vmapped over two kernels (one more grid axis), lower to
-  Triton IR for CUDA on this CPU-only machine: passes 1 and 3 and the complex on-chip kernel,
+@TRITON_GPUS
+def test_three_pass_compiles(monkeypatch, gpu_name, seq, channels, mode, max_on_chip, split,
+                             gated):
+  """Forward and backward (bfloat16 u), vmapped over two kernels (one more grid axis), compile
+  for an A100 and an H100 on this CPU-only machine (Triton and ptxas, :mod:`pallas_kernels.aot`):
+  passes 1 and 3 and the complex on-chip kernel,
   twice each (forward and dv; three times with both gates and skip, all differentiated: the
   post-gate's gradient recomputes the forward), no one-pass kernel; the kernel spectrum has the
   ``[n0, n2, n1, channels]`` layout of the expected split."""
-  monkeypatch.setattr(gpu, "gpu_interpret", lambda interpret: False)
   spectrum_shapes, fft_conv = set(), gpu.fft_conv
 
   def recording_fft_conv(x, k_re, k_im, **options):
@@ -180,7 +184,7 @@ def test_three_pass_lowers_to_triton(monkeypatch, seq, channels, mode, max_on_ch
   conv = functools.partial(pallas_gpu_impl.long_conv, max_on_chip=max_on_chip)
   grads = jax.vmap(jax.grad(gated_loss(conv, mode), argnums=range(len(args))),
                    in_axes=(None, 0, *[None] * (len(args) - 2)))
-  text = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  text = compile_for_gpu(gpu_name, grads, *args).as_text()
   calls = 3 if gated else 2
   assert [text.count(f'name = "{name}"') for name in KERNEL_NAMES] == [calls] * 3 + [0]
   n0, n1, n2 = split

@@ -80,8 +80,9 @@ def long_conv(
   """Fused-kernel long convolution; arguments as validated by ``effjax.long_conv``.
 
   Raises:
-    NotImplementedError: off a TPU (unless in ``pallas_kernels.interpret.interpret_mode()``), or
-      a transform beyond the multi-pass limit.
+    NotImplementedError: off a TPU (unless in ``pallas_kernels.interpret.interpret_mode()``),
+      a transform beyond the multi-pass limit, or float16 in one pass on a TPU (Mosaic has no
+      float16 vector loads).
   """
   interpret = require_tpu_or_interpret()  # off a TPU, not interpreting: NotImplementedError
   seq = u.shape[1]
