@@ -164,8 +164,13 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, title: str,
                   columns: Sequence[str], directory: str | os.PathLike = "benchmarks",
                   command: str | None = None, notes: str = "",
                   formatters: Mapping[str, Callable[[Any], str]] | None = None,
-                  extra_markdown: str = "") -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes ``<directory>/<name>.json`` and ``<directory>/<name>.md``; returns both paths."""
+                  extra_markdown: str = "",
+                  group_by: Sequence[str] = ()) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes ``<directory>/<name>.json`` and ``<directory>/<name>.md``; returns both paths.
+
+  ``group_by`` (column names) splits the markdown into one table per distinct value of those
+  columns, in order of first appearance, each under a heading naming the values.
+  """
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   command = invocation() if command is None else command
@@ -175,8 +180,16 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, title: str,
       {"name": name, "title": title, "command": command, "machine": machine, "notes": notes,
        "rows": list(rows)}, indent=1, default=_json_default) + "\n")
   machine_line = ", ".join(f"{key}: {value}" for key, value in machine.items())
+  groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row.get(column) for column in group_by), []).append(row)
+  shown = [column for column in columns if column not in group_by]
+  tables = "\n\n".join(
+      (f"## {', '.join(map(str, key))}\n\n" if group_by else "")
+      + markdown_table(group, shown, formatters) for key, group in groups.items()
+  ) or markdown_table(rows, shown, formatters)
   markdown = (f"# {title}\n\nCommand: `{command}`\n\nMachine: {machine_line}\n\n"
-              f"{notes.strip()}\n\n{markdown_table(rows, columns, formatters)}\n")
+              f"{notes.strip()}\n\n{tables}\n")
   if extra_markdown:
     markdown += f"\n{extra_markdown.strip()}\n"
   md_path = directory / f"{name}.md"

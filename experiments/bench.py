@@ -19,6 +19,8 @@ SUITES: dict[str, str] = {
     "attention_memory": "experiments.bench_attention",
     "attention_gpu": "experiments.bench_attention_gpu",
     "attention_tpu_blocks": "experiments.bench_attention_tpu",
+    "compiled_memory": "experiments.bench_compiled",
+    "gpu_kernel_resources": "experiments.bench_gpu_resources",
     "long_conv": "experiments.bench_long_conv",
     "quickstart": "experiments.bench_quickstart",
     "kvcache_decode": "experiments.bench_kvcache",

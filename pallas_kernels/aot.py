@@ -26,11 +26,17 @@ Nothing compiled this way can run on the host; timing still needs the hardware.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
 import os
+import re
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -131,15 +137,20 @@ def cuda_plugin_available() -> bool:
   return True
 
 
-def ptxas_available() -> bool:
-  """Whether XLA will find ``ptxas`` (on ``PATH``, in ``/usr/local/cuda`` or ``nvidia-cuda-nvcc``)."""
-  if shutil.which("ptxas") or os.path.exists("/usr/local/cuda/bin/ptxas"):
-    return True
+def ptxas_path() -> str | None:
+  """Where XLA will find ``ptxas`` (``PATH``, ``/usr/local/cuda`` or ``nvidia-cuda-nvcc``)."""
+  candidates = [shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"]
   try:
     from nvidia import cuda_nvcc  # pylint: disable=g-import-not-at-top
+    candidates += [os.path.join(path, "bin", "ptxas") for path in cuda_nvcc.__path__]
   except ImportError:
-    return False
-  return any(os.path.exists(os.path.join(path, "bin", "ptxas")) for path in cuda_nvcc.__path__)
+    pass
+  return next((path for path in candidates if path and os.path.exists(path)), None)
+
+
+def ptxas_available() -> bool:
+  """Whether XLA will find ``ptxas`` (:func:`ptxas_path`)."""
+  return ptxas_path() is not None
 
 
 @functools.cache
@@ -193,3 +204,74 @@ def compile_for(device: jax.Device, fn: Callable[..., Any], *args: Any,
     traced = jax.jit(fn).trace(*args, **kwargs)
     platform = "cuda" if device.platform == "gpu" else device.platform
     return traced.lower(lowering_platforms=(platform,)).compile(compiler_options)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelResources:
+  """What ptxas reports for one GPU kernel of a compiled program (per thread)."""
+  kernel: str  # the PTX entry: a Pallas kernel's name, or an XLA fusion's
+  registers: int
+  spill_store_bytes: int
+  spill_load_bytes: int
+  stack_frame_bytes: int
+
+
+_PTXAS_ENTRY = re.compile(
+    r"Compiling entry function '(?P<kernel>\w+)'.*?(?P<stack>\d+) bytes stack frame, "
+    r"(?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads.*?"
+    r"Used (?P<registers>\d+) registers", re.DOTALL)
+
+
+def gpu_kernel_resources(device: jax.Device, fn: Callable[..., Any], *args: Any,
+                         **kwargs: Any) -> list[KernelResources]:
+  """Registers and spills of every GPU kernel of ``fn`` compiled for the GPU ``device``.
+
+  Compiles as :func:`compile_for` with XLA's dump of the PTX it generated (Triton kernels and
+  XLA's fusions), each of which ``ptxas -v`` then reports at the device's architecture; Mosaic
+  GPU kernels report their own ptxas run (``MOSAIC_GPU_DUMP_PTXAS``, printed on the process'
+  standard output, captured here). Register spills are the first thing that makes a kernel slow,
+  and they are visible here without a GPU.
+  """
+  major, minor = GPU_SPECS[_spec_name(device)].compute_capability
+  arch = f"sm_{major}{minor}" + ("a" if major >= 9 else "")
+  with tempfile.TemporaryDirectory() as dump:
+    with _mosaic_gpu_ptxas_report() as reports:  # filled on exit
+      compile_for(device, fn, *args, compiler_options={"xla_dump_to": dump}, **kwargs)
+    for ptx in sorted(glob.glob(os.path.join(dump, "*.ptx"))):
+      with open(ptx) as f:
+        if ".entry" not in f.read():  # a module without kernels (e.g. constants only)
+          continue
+      reports.append(subprocess.run([ptxas_path(), f"-arch={arch}", "-v", ptx, "-o", os.devnull],
+                                    capture_output=True, text=True, check=True).stderr)
+  return [KernelResources(m["kernel"], int(m["registers"]), int(m["stores"]), int(m["loads"]),
+                          int(m["stack"]))
+          for report in reports for m in _PTXAS_ENTRY.finditer(report)]
+
+
+@contextlib.contextmanager
+def _mosaic_gpu_ptxas_report() -> Iterator[list[str]]:
+  """Mosaic GPU's ptxas report of what compiles inside, appended on exit to the yielded list:
+  the process' file descriptor 1 goes to a temporary file meanwhile (C++ prints there, past
+  Python's ``sys.stdout``)."""
+  reports: list[str] = []
+  sys.stdout.flush()
+  saved, previous = os.dup(1), os.environ.get("MOSAIC_GPU_DUMP_PTXAS")
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+  with tempfile.TemporaryFile("w+") as captured:
+    os.dup2(captured.fileno(), 1)
+    try:
+      yield reports
+    finally:
+      os.dup2(saved, 1)
+      os.close(saved)
+      if previous is None:
+        del os.environ["MOSAIC_GPU_DUMP_PTXAS"]
+      else:
+        os.environ["MOSAIC_GPU_DUMP_PTXAS"] = previous
+      captured.seek(0)
+      reports.append(captured.read())
+
+
+def _spec_name(device: jax.Device) -> str:
+  """The :data:`GPU_SPECS` key of a compile-only GPU device."""
+  return next(name for name, spec in GPU_SPECS.items() if spec.description == device.device_kind)

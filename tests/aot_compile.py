@@ -12,9 +12,9 @@ import pytest
 
 from pallas_kernels import aot
 
-# TPU generations: the one-core ones in every default run, the megacore ones (v4, v5p) slow.
+# TPU generations: v5e in every default run; v6e and the megacore ones (v4, v5p) slow.
 ALL_GENERATIONS = pytest.mark.parametrize("generation", [
-    "v5e", "v6e", *(pytest.param(name, marks=pytest.mark.slow) for name in ("v4", "v5p"))])
+    "v5e", *(pytest.param(name, marks=pytest.mark.slow) for name in ("v6e", "v4", "v5p"))])
 # GPUs for the Triton kernels: Hopper in every default run, Ampere (less shared memory per
 # block) slow.
 TRITON_GPUS = pytest.mark.parametrize("gpu_name", [

@@ -57,6 +57,17 @@ def test_write_results_has_command_machine_and_table(tmp_path):
   assert "| 1024 | 3.00 MiB | 0.5 |" in markdown and "| 2048 | - | 1.25 |" in markdown
 
 
+def test_write_results_group_by_writes_one_table_per_group(tmp_path):
+  rows = [{"op": "a", "seq_len": 1}, {"op": "b", "seq_len": 2}, {"op": "a", "seq_len": 3}]
+  _, md_path = benchmarking.write_results(
+      "grouped", rows, title="G", columns=["op", "seq_len"], directory=tmp_path, command="c",
+      group_by=("op",))
+  markdown = md_path.read_text()
+  assert "## a\n\n| seq_len |\n|---|\n| 1 |\n| 3 |\n\n## b\n\n| seq_len |\n|---|\n| 2 |\n" in (
+      markdown)
+  assert "| op |" not in markdown
+
+
 def test_plot_writes_png(tmp_path):
   path = benchmarking.plot_lines(tmp_path / "p.png", {"a": ([1, 2, 4], [1, 4, 16]),
                                                       "b": ([1, 2, 4], [1, None, 3])},

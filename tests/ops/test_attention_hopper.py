@@ -193,16 +193,21 @@ def test_bad_config_raises(change, words):
     assert word in str(raised.value)
 
 
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("options, head_dim, v_head_dim, q_len, kv_len", [
     (dict(), 64, 64, 256, 256), (dict(causal=True), 128, 128, 200, 300),
-    (dict(causal=True), 256, 256, 128, 128), (dict(), 64, 128, 128, 192),
-    (dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500),
-    (dict(causal=True, config=hopper.HopperConfig(ping_pong=True)), 128, 128, 256, 512),
-    (dict(causal=True, softcap=30.0, config=hopper.HopperConfig(overlap=True)), 128, 128, 256,
-     512),
+    pytest.param(dict(causal=True), 256, 256, 128, 128, marks=_SLOW),
+    pytest.param(dict(), 64, 128, 128, 192, marks=_SLOW),
+    pytest.param(dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500, marks=_SLOW),
+    pytest.param(dict(causal=True, config=hopper.HopperConfig(ping_pong=True)), 128, 128, 256,
+                 512, marks=_SLOW),
+    pytest.param(dict(causal=True, softcap=30.0, config=hopper.HopperConfig(overlap=True)), 128,
+                 128, 256, 512, marks=_SLOW),
     (dict(window=(100, 20), segments=True,
           config=hopper.HopperConfig(block_kv=64, stages=3, overlap=True)), 128, 128, 200, 300),
-    (dict(causal=True, segments=True), 128, 128, 300, 300),
+    pytest.param(dict(causal=True, segments=True), 128, 128, 300, 300, marks=_SLOW),
     (dict(segments=True), 256, 256, 128, 200)])  # the Triton backward with segment ids
 def test_compiles_for_h100(options, head_dim, v_head_dim, q_len, kv_len):
   """The three kernels compile for an H100 on this CPU-only machine (Mosaic GPU and ptxas through

@@ -121,8 +121,8 @@ def _gated_args(seq, channels, mode, kernel_len, dtype):
           jax.ShapeDtypeStruct((channels,), jnp.float32), u, u)
 
 
-@pytest.mark.parametrize("n, channels, gated", [(256, 768, False), (4096, 3, False),
-                                                (1024, 130, True)])
+@pytest.mark.parametrize("n, channels, gated", [
+    (256, 768, False), pytest.param(4096, 3, False, marks=pytest.mark.slow), (1024, 130, True)])
 @TRITON_GPUS
 def test_fused_gpu_kernel_compiles(gpu_name, n, channels, gated):
   """Forward and backward, vmapped over two kernels, compile for an A100 and an H100 on this

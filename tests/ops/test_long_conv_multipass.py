@@ -152,7 +152,8 @@ def _interpreted_op(u, kernel, **options):
 
 
 @pytest.mark.parametrize("seq, channels, mode, max_on_chip, split, gated", [
-    (16384, 768, "causal", gpu.MAX_ON_CHIP, (16, 32, 64), False),
+    pytest.param(16384, 768, "causal", gpu.MAX_ON_CHIP, (16, 32, 64), False,
+                 marks=pytest.mark.slow),
     pytest.param(131072, 3, "causal", gpu.MAX_ON_CHIP, (64, 64, 64), False,
                  marks=pytest.mark.slow),
     pytest.param(65536, 5, "circular", gpu.MAX_ON_CHIP, (16, 64, 64), False,
