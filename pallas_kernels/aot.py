@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -52,11 +53,7 @@ TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e":
 
 def libtpu_available() -> bool:
   """Whether libtpu (Mosaic TPU's compiler) is installed."""
-  try:
-    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
+  return importlib.util.find_spec("libtpu") is not None
 
 
 @functools.cache
@@ -130,11 +127,7 @@ GPU_SPECS = {
 
 def cuda_plugin_available() -> bool:
   """Whether jax's CUDA plugin is installed (it need not find a GPU or CUDA's runtime)."""
-  try:
-    import jax_plugins.xla_cuda12  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
+  return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
 
 
 def ptxas_path() -> str | None:

@@ -38,7 +38,7 @@ from effjax import dispatch
 from effjax.ops.attention import flash_attention
 from effjax.ops.attention.api import normalize_arguments
 from pallas_kernels.flash_attention import tpu
-from pallas_kernels.interpret import interpret_mode
+from pallas_kernels.interpret import compile_target, interpret_mode
 
 SMALL_BLOCKS = (24, 32)
 TPU_CASES = [
@@ -161,11 +161,10 @@ def test_bad_block_sizes_raise(block_sizes, words):
     assert word in str(raised.value), f"{word!r} not in {raised.value}"
 
 
-def test_block_sizes_must_suit_mosaic_on_a_tpu(monkeypatch):
+def test_block_sizes_must_suit_mosaic_on_a_tpu():
   """Off the interpreter, blocks must be multiples of 128 unless they cover the whole length."""
-  monkeypatch.setattr(tpu, "require_tpu_or_interpret", lambda: False)
   q, k, v, _ = Case(300, 300).inputs()
-  with pytest.raises(ValueError, match="block_kv must be a multiple of 128"):
+  with compile_target("tpu"), pytest.raises(ValueError, match="block_kv must be a multiple of 128"):
     tpu.attention(q, k, v, scale=1.0, block_sizes=(128, 96))
 
 
