@@ -42,6 +42,15 @@ def compile_for_gpu(gpu: str, fn: Callable[..., Any], *args: Any,
   return aot.compile_for(aot.gpu_device(gpu), fn, *args, **kwargs)
 
 
+def gpu_kernel_resources(gpu: str, fn: Callable[..., Any], *args: Any
+                         ) -> dict[str, aot.KernelResources]:
+  """ptxas' registers and spills of each kernel of ``fn`` compiled for the NVIDIA ``gpu``, by
+  kernel name (skips without the CUDA plugin or ptxas)."""
+  if not (aot.cuda_plugin_available() and aot.ptxas_available()):
+    pytest.skip("jax's CUDA plugin or ptxas is not installed (pip install -e '.[aot]')")
+  return {r.kernel: r for r in aot.gpu_kernel_resources(aot.gpu_device(gpu), fn, *args)}
+
+
 def kernel_calls(compiled: jax.stages.Compiled) -> int:
   """Mosaic kernel launches in the compiled TPU program."""
   return compiled.as_text().count('custom_call_target="tpu_custom_call"')

@@ -14,6 +14,9 @@ deterministic:
   ``dK += dS^T Q``. The GQA group and the query blocks are both "arbitrary" axes accumulating into
   the same dk/dv block, so a kv head's gradient sums its query heads in a fixed order in float32.
 
+Before the two backward kernels, ``D = rowsum(dO * O)`` comes from a small kernel when the arrays
+are read in place (:func:`reads_in_place`), else from an XLA fusion.
+
 GQA/MQA by index mapping: query head ``h`` reads kv head ``h // group`` through the K/V
 BlockSpecs; K/V are never repeated in memory.
 
@@ -35,11 +38,19 @@ the block (Q and dO in dk/dv) are zeroed.
 
 Memory: O((q_len + kv_len) * head_dim) per (batch, head) in HBM, no ``[q_len, kv_len]`` buffer
 (the FlashAttention claim, Dao et al. 2022; FlashAttention-2 adds the sequence-parallel grid and
-fewer non-matmul FLOPs, reaching 50-73% of A100 peak). The wrapper makes heads-major
-``[batch, heads, length, head_dim]`` copies of q, k, v (and dO), zero-padded to whole blocks and
-head dims to a multiple of 128 lanes; per-query statistics (LSE, D) travel lane-broadcast as
-``[batch, heads, q_pad, 128]`` float32, as in jax's TPU kernels, and only
-``[batch, heads, q_len]`` is kept between the forward and the backward pass. VMEM holds a few
+fewer non-matmul FLOPs, reaching 50-73% of A100 peak). When both head dims are multiples of 128
+and each length a whole number of blocks (:func:`reads_in_place`: e.g. d = 128 at 2k-32k), the
+kernels read q, k, v, dO and write o, dq, dk, dv in the caller's ``[b, s, h, d]`` arrays through
+the free view ``[b, s, h * d]`` (head ``h`` is lane block ``h``): no copy at all. Otherwise the
+wrapper makes heads-major ``[batch, heads, length, head_dim]`` copies, zero-padded to whole
+blocks and head dims to a multiple of 128 lanes, and copies the results back. Per-query
+statistics (LSE, ``D = rowsum(dO * O)``) live in HBM as sublane-broadcast rows
+``[batch, heads, 8, q_pad]`` float32 (32 bytes per query and head; jax's TPU kernels keep them
+lane-broadcast, 512 bytes) and become lane-broadcast columns in VMEM by one transpose per block;
+only ``[batch, heads, q_len]`` is kept between the forward and the backward pass. Compiled for
+TPU v5e (B=1, H=8, D=128, bfloat16, causal, S=16k), forward+backward takes 32 MiB of temporary
+HBM (the residual output and the caller's dO), 0.26% of ``jax.nn.dot_product_attention``'s
+12.25 GiB; with copies and lane-broadcast statistics it took 160 MiB. VMEM holds a few
 ``[block_q, block_kv]`` float32 tiles, the double-buffered input blocks and the accumulators
 (about 3 MiB at the default 512 x 512 blocks, head_dim 128).
 
@@ -48,8 +59,8 @@ Mosaic constraints: the last two dims of every block are multiples of (8, 128) o
 length. Float32 inputs use ``precision=HIGHEST`` dots; bfloat16/float16 dots accumulate in
 float32.
 
-Limits: checked in the TPU interpreter and by lowering to Mosaic for TPU (``jax.export``), not
-yet compiled or timed on a TPU. Head dims below 128 are padded to 128 (d = 64 moves twice the
+Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for TPU v4, v5e,
+v5p and v6e on a CPU host (libtpu, :mod:`pallas_kernels.aot`); not yet run or timed on a TPU. Head dims below 128 are padded to 128 (d = 64 moves twice the
 bytes). With segment ids the skip tables take ``4 * batch * (4 * major + 2 * minor)`` bytes of
 SMEM (major/minor: the block counts of the tiled and the looped side). Forward-mode
 autodiff is not supported (``custom_vjp``); segment ids are not differentiable.
@@ -135,13 +146,28 @@ def attention(
   config = _Config(mask=masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window),
                    scale=float(scale), softcap=softcap, block_q=block_q, block_kv=block_kv,
                    group=heads // kv_heads, segments=q_segment_ids is not None,
-                   interpret=interpret)
+                   interpret=interpret,
+                   sequence_major=reads_in_place(q_len, kv_len, head_dim, v.shape[-1],
+                                                 (block_q, block_kv)))
   dtype = q.dtype
   if dtype == jnp.float16:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   out, lse = _attention_jit(config, q, k, v, q_segment_ids, kv_segment_ids)
   out = out.astype(dtype)
   return (out, lse) if return_lse else out
+
+
+def reads_in_place(q_len: int, kv_len: int, head_dim: int, v_head_dim: int,
+                   block_sizes: tuple[int, int]) -> bool:
+  """Whether the kernels read q, k, v (and dO) and write their results in the caller's
+  ``[b, s, h, d]`` arrays, viewed as ``[b, s, h * d]`` (head ``h`` = lane block ``h``): when
+  both head dims are whole 128-lane vregs and each length a whole number of its blocks. Else
+  the wrapper makes heads-major ``[b, h, s_pad, d_pad]`` zero-padded copies (and copies the
+  results back): 2 bytes (bf16) per element of each of q, k, v, o in the forward and of q, k,
+  v, dO, dq, dk, dv in the backward, written and read once more."""
+  block_q, block_kv = block_sizes
+  return (head_dim % _LANES == 0 and v_head_dim % _LANES == 0 and q_len % block_q == 0
+          and kv_len % block_kv == 0)
 
 
 def schedule_counts(
@@ -238,6 +264,7 @@ class _Config:
   group: int
   segments: bool
   interpret: Any  # pallas_call's interpret: pltpu.InterpretParams (TPU interpreter) or False
+  sequence_major: bool = False  # q, k, v, dO and results read in place (see _to_kernel)
 
   @property
   def q_pad(self) -> int:
@@ -280,9 +307,10 @@ _attention_jit = jax.jit(_attention, static_argnums=0)
 
 def _forward(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
   """Pads, runs the forward kernel, unpads: ``([b, q_len, h, dv] in q's dtype, [b, h, q_len])``."""
-  batch, q_len, heads, v_dim = *q.shape[:3], v.shape[-1]
-  qp, kp, vp = _heads_major(q, config.q_pad), _heads_major(k, config.kv_pad), _heads_major(
-      v, config.kv_pad)
+  batch, heads, v_dim = q.shape[0], q.shape[2], v.shape[-1]
+  qp, kp, vp = (_to_kernel(config, x, length)
+                for x, length in ((q, config.q_pad), (k, config.kv_pad), (v, config.kv_pad)))
+  q_width, v_width = _lane_width(q.shape[-1]), _lane_width(v_dim)
   schedule = _Schedule.create(config, q_segment_ids, kv_segment_ids, queries_major=True)
   specs = _Specs(config, queries_major=True)
   ids, id_specs = _segment_inputs(config, specs, q_segment_ids, kv_segment_ids, transposed=True)
@@ -291,20 +319,19 @@ def _forward(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(schedule.tables),
           grid=(batch, heads, config.q_blocks, config.kv_blocks),
-          in_specs=[specs.queries(qp.shape[-1]), specs.keys(kp.shape[-1]),
-                    specs.keys(vp.shape[-1]), *id_specs],
-          out_specs=[specs.queries(vp.shape[-1]), specs.queries(_LANES)],
+          in_specs=[specs.queries(q_width), specs.keys(q_width), specs.keys(v_width), *id_specs],
+          out_specs=[specs.queries(v_width), specs.statistic()],
           scratch_shapes=[pltpu.VMEM((config.block_q, _LANES), jnp.float32),
                           pltpu.VMEM((config.block_q, _LANES), jnp.float32),
-                          pltpu.VMEM((config.block_q, vp.shape[-1]), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((batch, heads, config.q_pad, vp.shape[-1]), q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, config.q_pad, _LANES), jnp.float32)],
+                          pltpu.VMEM((config.block_q, v_width), jnp.float32)]),
+      out_shape=[_kernel_array(config, batch, heads, config.q_pad, v_width, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, _SUBLANES, config.q_pad), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)),
       interpret=config.interpret,
       name="flash_attention_forward",
   )(*schedule.tables, qp, kp, vp, *ids)
-  return (out[:, :, :q_len, :v_dim].transpose(0, 2, 1, 3), lse[:, :, :q_len, 0])
+  return _from_kernel(config, out, q.shape[1], heads, v_dim), lse[:, :, 0, :q.shape[1]]
 
 
 def _backward(config: _Config, residuals, cotangents):
@@ -313,12 +340,13 @@ def _backward(config: _Config, residuals, cotangents):
   d_out, d_lse = cotangents
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1:3]
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  stats = [_lane_broadcast(x, config.q_pad) for x in (
-      jnp.where(lse == -jnp.inf, 0.0, lse),  # those rows are masked everywhere: p = 0 anyway
-      delta - d_lse)]
-  qp, dop = _heads_major(q, config.q_pad), _heads_major(d_out, config.q_pad)
-  kp, vp = _heads_major(k, config.kv_pad), _heads_major(v, config.kv_pad)
+  qp, dop = _to_kernel(config, q, config.q_pad), _to_kernel(config, d_out, config.q_pad)
+  kp, vp = _to_kernel(config, k, config.kv_pad), _to_kernel(config, v, config.kv_pad)
+  q_width, v_width = _lane_width(head_dim), _lane_width(v.shape[-1])
+  lse = _sublane_broadcast(jnp.where(lse == -jnp.inf, 0.0, lse),  # p = 0 in those rows anyway
+                           config.q_pad)
+  stats = [lse, _output_gradient_dot(config, out, d_out, dop, v_width) - _sublane_broadcast(
+      d_lse, config.q_pad)]
 
   schedule = _Schedule.create(config, q_segment_ids, kv_segment_ids, queries_major=True)
   specs = _Specs(config, queries_major=True)
@@ -328,12 +356,11 @@ def _backward(config: _Config, residuals, cotangents):
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(schedule.tables),
           grid=(batch, heads, config.q_blocks, config.kv_blocks),
-          in_specs=[specs.queries(qp.shape[-1]), specs.keys(kp.shape[-1]),
-                    specs.keys(vp.shape[-1]), specs.queries(dop.shape[-1]),
-                    specs.queries(_LANES), specs.queries(_LANES), *id_specs],
-          out_specs=specs.queries(qp.shape[-1]),
-          scratch_shapes=[pltpu.VMEM((config.block_q, qp.shape[-1]), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+          in_specs=[specs.queries(q_width), specs.keys(q_width), specs.keys(v_width),
+                    specs.queries(v_width), specs.statistic(), specs.statistic(), *id_specs],
+          out_specs=specs.queries(q_width),
+          scratch_shapes=[pltpu.VMEM((config.block_q, q_width), jnp.float32)]),
+      out_shape=_kernel_array(config, batch, heads, config.q_pad, q_width, q.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)),
       interpret=config.interpret,
@@ -348,22 +375,47 @@ def _backward(config: _Config, residuals, cotangents):
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(schedule.tables),
           grid=(batch, kv_heads, config.kv_blocks, config.group, config.q_blocks),
-          in_specs=[specs.queries(qp.shape[-1]), specs.keys(kp.shape[-1]),
-                    specs.keys(vp.shape[-1]), specs.queries(dop.shape[-1]),
-                    specs.queries(_LANES), specs.queries(_LANES), *id_specs],
-          out_specs=[specs.keys(kp.shape[-1]), specs.keys(vp.shape[-1])],
-          scratch_shapes=[pltpu.VMEM((config.block_kv, kp.shape[-1]), jnp.float32),
-                          pltpu.VMEM((config.block_kv, vp.shape[-1]), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
-                 jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+          in_specs=[specs.queries(q_width), specs.keys(q_width), specs.keys(v_width),
+                    specs.queries(v_width), specs.statistic(), specs.statistic(), *id_specs],
+          out_specs=[specs.keys(q_width), specs.keys(v_width)],
+          scratch_shapes=[pltpu.VMEM((config.block_kv, q_width), jnp.float32),
+                          pltpu.VMEM((config.block_kv, v_width), jnp.float32)]),
+      out_shape=[_kernel_array(config, batch, kv_heads, config.kv_pad, q_width, k.dtype),
+                 _kernel_array(config, batch, kv_heads, config.kv_pad, v_width, v.dtype)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY, _ARBITRARY)),
       interpret=config.interpret,
       name="flash_attention_dkv",
   )(*schedule.tables, qp, kp, vp, dop, *stats, *ids)
-  return (dq[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3),
-          dk[:, :, :kv_len, :head_dim].transpose(0, 2, 1, 3),
-          dv[:, :, :kv_len, :v.shape[-1]].transpose(0, 2, 1, 3))
+  return (_from_kernel(config, dq, q_len, heads, head_dim),
+          _from_kernel(config, dk, kv_len, kv_heads, head_dim),
+          _from_kernel(config, dv, kv_len, kv_heads, v.shape[-1]))
+
+
+def _output_gradient_dot(config: _Config, out, d_out, dop, width: int):
+  """``D = rowsum(dO * O)`` as ``[b, h, 8, q_pad]`` float32 rows (the backward's statistic).
+
+  Read in place (``config.sequence_major``), a small kernel computes it from the same view of
+  ``dO`` as the other kernels and the free view of ``O``: there XLA would materialize the
+  float32 product (4 bytes per element) in the layout of its ``[b, h, q]`` result. Otherwise
+  XLA fuses the product and the sum into one pass over ``[b, q, h, dv]``.
+  """
+  if not config.sequence_major:
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    return _sublane_broadcast(delta.transpose(0, 2, 1), config.q_pad)
+  batch, heads = out.shape[0], out.shape[2]
+  tile = pl.BlockSpec((None, config.block_q, width), lambda b, h, i: (b, i, h))
+  return pl.pallas_call(
+      _output_gradient_dot_kernel,
+      grid=(batch, heads, config.q_blocks),
+      in_specs=[tile, tile],
+      out_specs=pl.BlockSpec((None, None, _SUBLANES, config.block_q),
+                             lambda b, h, i: (b, h, 0, i)),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, _SUBLANES, config.q_pad), jnp.float32),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=(_PARALLEL,) * 3),
+      interpret=config.interpret,
+      name="flash_attention_output_gradient_dot",
+  )(_to_kernel(config, out, config.q_pad), dop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,19 +523,33 @@ class _Specs:
     row = _row(self.config, b, j, self.kv_blocks)
     return b, kv_h * group + g, kv_h, _clamp(i, first[row], stop[row], self.q_blocks), j
 
+  def _tiles(self, block: int, width: int, index: Callable[..., tuple]) -> pl.BlockSpec:
+    """``[block, width]`` tiles of a q/k/v-like array in the kernels' layout
+    (:func:`_to_kernel`); ``index(*grid_and_tables)`` gives (batch, head, block index)."""
+    if self.config.sequence_major:  # [b, length, heads * width]: head h is lane block h
+      return pl.BlockSpec((None, block, width), lambda *args: _permute(index(*args), (0, 2, 1)))
+    return pl.BlockSpec((None, None, block, width), lambda *args: (*index(*args), 0))
+
   def queries(self, width: int) -> pl.BlockSpec:
-    """``[block_q, width]`` tiles of a ``[b, h, q_pad, width]`` array."""
-    def index_map(*args):
+    """``[block_q, width]`` tiles of a query-side array (q, dO, the output, dq)."""
+    def index(*args):
       b, h, _, i, _ = self._indices(*args)
-      return b, h, i, 0
-    return pl.BlockSpec((None, None, self.config.block_q, width), index_map)
+      return b, h, i
+    return self._tiles(self.config.block_q, width, index)
 
   def keys(self, width: int) -> pl.BlockSpec:
-    """``[block_kv, width]`` tiles of a ``[b, kv_h, kv_pad, width]`` array."""
-    def index_map(*args):
+    """``[block_kv, width]`` tiles of a key-side array (k, v, dk, dv)."""
+    def index(*args):
       b, _, kv_h, _, j = self._indices(*args)
-      return b, kv_h, j, 0
-    return pl.BlockSpec((None, None, self.config.block_kv, width), index_map)
+      return b, kv_h, j
+    return self._tiles(self.config.block_kv, width, index)
+
+  def statistic(self) -> pl.BlockSpec:
+    """``[8, block_q]`` rows of a per-query ``[b, h, 8, q_pad]`` statistic (LSE, D)."""
+    def index_map(*args):
+      b, h, _, i, _ = self._indices(*args)
+      return b, h, 0, i
+    return pl.BlockSpec((None, None, _SUBLANES, self.config.block_q), index_map)
 
   def ids(self, *, queries: bool, column: bool) -> pl.BlockSpec:
     """Segment ids of the block: a column ``[block, 128]`` (lane-broadcast) or a row
@@ -560,7 +626,7 @@ def _forward_kernel(config: _Config, *refs):
     seen = l > 0
     l = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc_ref[...] / _lanes(l, acc_ref.shape[1])).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l), -jnp.inf)
+    lse_ref[...] = _statistic_row(jnp.where(seen, m_ref[...] + jnp.log(l), -jnp.inf))
 
 
 def _dq_kernel(config: _Config, *refs):
@@ -576,8 +642,9 @@ def _dq_kernel(config: _Config, *refs):
   def step(masked: bool):
     k = k_ref[...]
     mask = _mask(config, i, j, id_refs) if masked else None
-    ds, _ = _logit_gradient(config, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
-                            delta_ref[...], mask)
+    ds, _ = _logit_gradient(config, q_ref[...], k, v_ref[...], do_ref[...],
+                            _statistic_column(lse_ref[...]), _statistic_column(delta_ref[...]),
+                            mask)
     if masked:
       k = jnp.where(_keys_seen(config, i, j, id_refs), k, jnp.zeros_like(k))
     acc_ref[...] += _dot(ds.astype(k.dtype), k)
@@ -609,8 +676,9 @@ def _dkv_kernel(config: _Config, *refs):
     if masked:
       q_seen = mask.astype(jnp.float32).max(axis=1, keepdims=True) > 0
       q, d_out = (jnp.where(q_seen, x, jnp.zeros_like(x)) for x in (q, d_out))
-    ds, p = _logit_gradient(config, q, k_ref[...], v_ref[...], d_out, lse_ref[...],
-                            delta_ref[...], mask)
+    ds, p = _logit_gradient(config, q, k_ref[...], v_ref[...], d_out,
+                            _statistic_column(lse_ref[...]), _statistic_column(delta_ref[...]),
+                            mask)
     dv_acc_ref[...] += _dot(p.astype(d_out.dtype), d_out, trans_a=True)
     dk_acc_ref[...] += _dot(ds.astype(q.dtype), q, trans_a=True)
 
@@ -714,6 +782,24 @@ def _logit_gradient(config: _Config, q, k, v, d_out, lse, delta, mask):
   return ds, p
 
 
+def _output_gradient_dot_kernel(out_ref, do_ref, delta_ref):
+  """One ``[block_q, width]`` tile of O and dO: ``rowsum(dO * O)`` as an ``[8, block_q]`` row."""
+  product = out_ref[...].astype(jnp.float32) * do_ref[...].astype(jnp.float32)
+  column = jnp.broadcast_to(product.sum(axis=1, keepdims=True), (product.shape[0], _LANES))
+  delta_ref[...] = _statistic_row(column)
+
+
+def _statistic_column(row):
+  """A ``[8, block_q]`` statistic row (every sublane equal) as the lane-broadcast column
+  ``[block_q, 128]`` the kernels compute with: one XLU transpose per block."""
+  return jnp.transpose(jnp.broadcast_to(row[:1, :], (_LANES, row.shape[1])))
+
+
+def _statistic_row(column):
+  """A lane-broadcast ``[block_q, 128]`` column as the ``[8, block_q]`` row kept in HBM."""
+  return jnp.transpose(column)[:_SUBLANES, :]
+
+
 def _lanes(x, width: int):
   """A lane-broadcast ``[rows, 128]`` array as ``[rows, width]`` (tiled, then cut)."""
   return jnp.tile(x, (1, -(-width // _LANES)))[:, :width]
@@ -730,16 +816,42 @@ def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
 # Layout and padding
 
 
-def _heads_major(x, length: int):
-  """``[b, s, h, d] -> [b, h, length, d_pad]``, zero-padded; ``d_pad`` a multiple of 128."""
-  x = _pad_axis(_pad_axis(x, 1, length), 3, _round_up(x.shape[3], _LANES))
+def _to_kernel(config: _Config, x, length: int):
+  """``[b, s, h, d]`` in the kernels' layout: with ``config.sequence_major`` the free view
+  ``[b, s, h * d]``, else the heads-major copy ``[b, h, length, lane_width(d)]``, zero-padded."""
+  if config.sequence_major:
+    return x.reshape(*x.shape[:2], -1)
+  x = _pad_axis(_pad_axis(x, 1, length), 3, _lane_width(x.shape[3]))
   return x.transpose(0, 2, 1, 3)
 
 
-def _lane_broadcast(x, length: int):
-  """A per-query ``[b, h, q_len]`` statistic as ``[b, h, length, 128]`` float32."""
+def _from_kernel(config: _Config, x, length: int, heads: int, dim: int):
+  """A kernel result in the layout of :func:`_to_kernel` as ``[b, length, heads, dim]``."""
+  if config.sequence_major:
+    return x.reshape(x.shape[0], length, heads, dim)
+  return x[:, :, :length, :dim].transpose(0, 2, 1, 3)
+
+
+def _kernel_array(config: _Config, batch: int, heads: int, length: int, width: int, dtype):
+  """The shape and dtype of a kernel result in the layout of :func:`_to_kernel`."""
+  shape = ((batch, length, heads * width) if config.sequence_major
+           else (batch, heads, length, width))
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _lane_width(dim: int) -> int:
+  """A head dim padded to whole 128-lane vregs."""
+  return _round_up(dim, _LANES)
+
+
+def _permute(values: tuple, order: tuple[int, ...]) -> tuple:
+  return tuple(values[i] for i in order)
+
+
+def _sublane_broadcast(x, length: int):
+  """A per-query ``[b, h, q_len]`` statistic as ``[b, h, 8, length]`` float32 rows."""
   x = _pad_axis(x.astype(jnp.float32), 2, length)
-  return jnp.broadcast_to(x[..., None], (*x.shape, _LANES))
+  return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], _SUBLANES, x.shape[2]))
 
 
 def _pad_axis(x, axis: int, size: int, *, mode: str = "constant"):

@@ -1,8 +1,12 @@
 """Fused FFT convolution on GPU (Pallas, Triton lowering), FlashButterfly / Monarch style.
 
 Channels stay last (``[batch, n, channels]``): one program convolves a block of ``cb`` channels
-of one batch row (:func:`channel_block`: ``m * cb = 8192`` elements, 32 float32 registers per
-thread and tile at 8 warps, so the half dozen live tiles fit the register file), all at once, so
+of one batch row (:func:`channel_block`: ``m * cb = 4096`` elements, 16 float32 registers per
+thread and tile at 8 warps, so the live tiles and the 3xTF32 dot operands mostly fit the
+register file: ptxas spills 0-16 bytes per thread on an H100 and an A100 for ``m <= 512`` and
+about 250 at 1024, where 8192 elements spilled 1-1.7 KB; ``m = 2048, 4096`` still spill 0.8-1.3
+KB on an H100, and on an A100 ptxas falls back to 32 registers and 25-58 KB of local memory
+(:mod:`pallas_kernels.aot`, ``benchmarks/gpu_kernel_resources.md``)), all at once, so
 every DFT stage is ONE matmul whose N dimension spans many signals (``n2 * cb`` or ``n1 * cb``: at
 least 128 when there are enough channels). With the on-chip size ``m = n1 * n2``
 (``j = j1 n2 + j2``, ``k = k1 + n1 k2``; powers of two, ``16 <= n1, n2 <= 64``, so
@@ -76,8 +80,9 @@ from pallas_kernels.long_conv import dft, gating
 MIN_TILE, MAX_TILE = 16, 64
 MAX_ON_CHIP = MAX_TILE * MAX_TILE  # the largest one-pass size m
 MIN_N0, MAX_N0 = 16, 64  # the outer DFT size of three passes (a dot needs dimensions >= 16)
-BLOCK_ELEMENTS = 8192  # elements per program (m * cb in pass 2, n0 * mb * cb in passes 1 and 3)
+BLOCK_ELEMENTS = 4096  # elements per program (m * cb in pass 2, n0 * mb * cb in passes 1 and 3)
 _OUTER_CHANNELS = 32  # most channels per program in passes 1 and 3 (128-byte rows)
+NUM_WARPS = 8
 
 
 def split(n: int) -> tuple[int, int] | None:
@@ -110,7 +115,7 @@ def factors(n: int, max_on_chip: int = MAX_ON_CHIP) -> tuple[int, ...] | None:
 
 
 def channel_block(m: int, channels: int) -> int:
-  """Channels per on-chip program: ``BLOCK_ELEMENTS / m`` (2 at m = 4096, 32 at 256), or the
+  """Channels per on-chip program: ``BLOCK_ELEMENTS / m`` (1 at m = 4096, 16 at 256), or the
   next power of two ``>= channels`` when that is fewer."""
   return min(BLOCK_ELEMENTS // m, _power_of_two(channels))
 
@@ -283,7 +288,7 @@ def _on_chip(signal: tuple[jax.Array, ...], k_hat_re, k_hat_im, n1: int, n2: int
       + [whole((n1, n2))] * 2,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name=name,
   )(*arrays, k_hat_re, k_hat_im, *dft.dft(n1), *dft.dft(n2), *dft.twiddles(n1, n2))
@@ -313,7 +318,7 @@ def _outer_pass(kernel, name: str, z: tuple[jax.Array, ...], x: jax.Array, edge:
       in_specs=[block] * len(z) + specs + [matrix] * 2 + [twiddle] * 2,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name=name,
   )(*z, *arrays, *dft.dft(n0), *dft.twiddles(n0, m))

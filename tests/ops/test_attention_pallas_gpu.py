@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from aot_compile import TRITON_GPUS, compile_for_gpu, gpu_kernel_calls
+from aot_compile import TRITON_GPUS, compile_for_gpu, gpu_kernel_calls, gpu_kernel_resources
 from attention_test_base import AttentionTestBase, Case, numpy_mask, packed_segment_ids
 
 from effjax.ops.attention import flash_attention
 from effjax.ops.attention.api import normalize_arguments
-from pallas_kernels import aot
 from pallas_kernels.flash_attention import gpu, masks
 from pallas_kernels.interpret import interpret_mode
 
@@ -169,10 +168,7 @@ def test_kernel_resources_report_the_spills():
   """``aot.gpu_kernel_resources`` reads ptxas' report of each Triton kernel: at head dim 256 the
   4-warp tiles (``BlockSizes()``, no longer the default there) spill KBs per thread in the
   forward (:func:`test_default_blocks_do_not_spill_on_h100`: the default blocks do not)."""
-  if not (aot.cuda_plugin_available() and aot.ptxas_available()):
-    pytest.skip("jax's CUDA plugin or ptxas is not installed")
   q = jax.ShapeDtypeStruct((1, 1024, 4, 256), jnp.bfloat16)
   forward = lambda q, k, v: gpu.attention(q, k, v, scale=0.1, block_sizes=gpu.BlockSizes())
-  report = aot.gpu_kernel_resources(aot.gpu_device("h100"), forward, q, q, q)
-  kernel = next(r for r in report if r.kernel == "flash_attention_forward")
+  kernel = gpu_kernel_resources("h100", forward, q, q, q)["flash_attention_forward"]
   assert kernel.registers == 255 and kernel.spill_store_bytes > 1024
