@@ -193,8 +193,11 @@ def compile_for(device: jax.Device, fn: Callable[..., Any], *args: Any,
   sharding = SingleDeviceSharding(device)
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   args, kwargs = jax.tree.map(place, (args, kwargs))
-  with compile_target(device.platform):
-    traced = jax.jit(fn).trace(*args, **kwargs)
+  # A fresh function to trace: jax's trace cache keys on the function, not on the compile
+  # target, and the kernels a wrapper builds depend on the target (e.g. the GPU generation).
+  fresh = lambda *args, **kwargs: fn(*args, **kwargs)
+  with compile_target(device.platform, device):
+    traced = jax.jit(fresh).trace(*args, **kwargs)
     platform = "cuda" if device.platform == "gpu" else device.platform
     return traced.lower(lowering_platforms=(platform,)).compile(compiler_options)
 

@@ -58,12 +58,13 @@ def interpret_mode(*, detect_races: bool = False) -> Iterator[None]:
     _INTERPRET.reset(token)
 
 
-_COMPILE_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+# (platform, device or None) of the active compile_target.
+_COMPILE_TARGET: contextvars.ContextVar[tuple[str, Any] | None] = contextvars.ContextVar(
     "pallas_kernels_compile_target", default=None)
 
 
 @contextlib.contextmanager
-def compile_target(platform: str) -> Iterator[None]:
+def compile_target(platform: str, device: Any = None) -> Iterator[None]:
   """Builds the compiled (not interpreted) kernels of ``platform`` whatever the backend is.
 
   For ahead-of-time lowering and compilation on a host without that accelerator
@@ -72,13 +73,15 @@ def compile_target(platform: str) -> Iterator[None]:
 
   Args:
     platform: ``"tpu"`` (Mosaic TPU kernels) or ``"gpu"`` (Triton and Mosaic GPU kernels).
+    device: the (compile-only) device compiled for, if known: wrappers whose defaults depend on
+      the chip read it (:func:`gpu_compute_capability`).
 
   Raises:
     ValueError: another platform.
   """
   if platform not in ("tpu", "gpu"):
     raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
-  token = _COMPILE_TARGET.set(platform)
+  token = _COMPILE_TARGET.set((platform, device))
   try:
     yield
   finally:
@@ -87,7 +90,27 @@ def compile_target(platform: str) -> Iterator[None]:
 
 def _compiling_for(platform: str) -> bool:
   """Whether :func:`compile_target` targets ``platform``."""
-  return _COMPILE_TARGET.get() == platform
+  target = _COMPILE_TARGET.get()
+  return target is not None and target[0] == platform
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+  """``(major, minor)`` of the NVIDIA GPU the kernels are built for: the device of
+  :func:`compile_target`, else the first local GPU; None when neither is known (interpreting on
+  a CPU, or a GPU without a compute capability, e.g. ROCm)."""
+  target = _COMPILE_TARGET.get()
+  if target is not None:
+    device = target[1]
+  else:
+    try:
+      device = jax.devices("gpu")[0]
+    except RuntimeError:  # no GPU backend
+      return None
+  capability = getattr(device, "compute_capability", None)
+  if not capability:
+    return None
+  major, minor = str(capability).split(".")
+  return int(major), int(minor)
 
 
 def interpreting() -> bool:

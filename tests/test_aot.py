@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pallas_kernels import aot
-from pallas_kernels.interpret import compile_target, gpu_interpret, require_tpu_or_interpret
+from pallas_kernels.interpret import (compile_target, gpu_compute_capability, gpu_interpret,
+                                      require_tpu_or_interpret)
 
 
 def test_compile_target_builds_the_real_kernels_only_inside():
@@ -19,6 +20,19 @@ def test_compile_target_builds_the_real_kernels_only_inside():
       gpu_interpret(None)
   with compile_target("gpu"):
     assert gpu_interpret(None) is False
+
+
+def test_gpu_compute_capability_follows_the_compile_target():
+  """Wrappers whose defaults depend on the GPU read the device compiled for (none on this
+  CPU host, unless a compile target names one)."""
+  if not aot.cuda_plugin_available():
+    pytest.skip("jax's CUDA plugin is not installed (pip install -e '.[aot]')")
+  assert gpu_compute_capability() is None
+  with compile_target("gpu"):
+    assert gpu_compute_capability() is None
+  for name, capability in (("a100", (8, 0)), ("l4", (8, 9)), ("h100", (9, 0))):
+    with compile_target("gpu", aot.gpu_device(name)):
+      assert gpu_compute_capability() == capability
 
 
 def test_bad_targets_name_the_argument():

@@ -79,6 +79,7 @@ from pallas_kernels.long_conv import dft, gating
 
 MIN_TILE, MAX_TILE = 16, 64
 MAX_ON_CHIP = MAX_TILE * MAX_TILE  # the largest one-pass size m
+PRE_HOPPER_MAX_ON_CHIP = 1024  # default_max_on_chip before compute capability 9
 MIN_N0, MAX_N0 = 16, 64  # the outer DFT size of three passes (a dot needs dimensions >= 16)
 BLOCK_ELEMENTS = 4096  # elements per program (m * cb in pass 2, n0 * mb * cb in passes 1 and 3)
 _OUTER_CHANNELS = 32  # most channels per program in passes 1 and 3 (128-byte rows)
@@ -91,6 +92,20 @@ def split(n: int) -> tuple[int, int] | None:
     return None
   n1 = 1 << ((n.bit_length() - 1) // 2)
   return n1, n // n1
+
+
+def default_max_on_chip(compute_capability: tuple[int, int] | None) -> int:
+  """The one-pass limit for an NVIDIA GPU of ``compute_capability`` (None: unknown).
+
+  Before Hopper (sm_80/86/89) ``mma.sync`` takes both 3xTF32 operands in registers, and at
+  ``m = 2048`` and 4096 points (a 64-point DFT stage) ptxas gives the kernel 32 registers and
+  25-58 KB per thread of local memory (``benchmarks/gpu_kernel_resources.md``): there the limit
+  is 1024 points, so longer transforms take three passes of ``m >= 256`` (a causal convolution of
+  513-2048 positions uses 4096 points instead of 2048). Hopper's ``wgmma`` reads its B operand
+  from shared memory: ``MAX_ON_CHIP``, as when the GPU is unknown."""
+  if compute_capability is not None and compute_capability[0] < 9:
+    return PRE_HOPPER_MAX_ON_CHIP
+  return MAX_ON_CHIP
 
 
 def largest_size(max_on_chip: int = MAX_ON_CHIP) -> int:

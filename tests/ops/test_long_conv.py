@@ -155,6 +155,22 @@ def test_fused_gpu_kernel_barely_spills_on_h100(n):
   assert len(report) >= (3 if outer else 1)
 
 
+def test_fused_gpu_kernel_takes_three_passes_before_hopper():
+  """``gpu.default_max_on_chip``: on an A100 a causal convolution of 1024 positions takes three
+  passes over 16 rows of 256 points (n = 4096), all barely spilling, instead of one pass of 2048
+  points, where ptxas keeps 32 registers and 25+ KB per thread of local memory; an H100 keeps
+  the one pass."""
+  assert gpu.default_max_on_chip((8, 0)) == gpu.default_max_on_chip((8, 9)) == 1024
+  assert gpu.default_max_on_chip((9, 0)) == gpu.default_max_on_chip(None) == gpu.MAX_ON_CHIP
+  u = jax.ShapeDtypeStruct((1, 1024, 768), jnp.bfloat16)
+  kernel = jax.ShapeDtypeStruct((768, 1024), jnp.float32)
+  conv = functools.partial(pallas_gpu_impl.long_conv, mode="causal")
+  a100 = gpu_kernel_resources("a100", conv, u, kernel)
+  passes = ("long_conv_outer_dft", "long_conv_fused_fft_complex", "long_conv_outer_idft")
+  assert all(a100[name].spill_store_bytes <= 64 for name in passes), a100
+  assert "long_conv_fused_fft" in gpu_kernel_resources("h100", conv, u, kernel)
+
+
 class TestPallasTpuInterpret(_Variant):
   """The fused Pallas TPU kernel in the TPU interpreter (about 15 s a case on 2 cores): a
   one-pass case with gates and a three-pass case by default, the rest in the slow run."""

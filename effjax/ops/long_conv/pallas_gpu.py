@@ -2,10 +2,11 @@
 
 The transform size is the next power of two ``>=`` the linear-convolution length (at least 256;
 circular mode uses ``seq`` itself when it is one) that :func:`pallas_kernels.long_conv.gpu.factors`
-splits: up to 4096 points (causal ``seq <= 2048``) in one pass, blocks of channels of a batch row
-(channels last, no transpose) transformed, multiplied and transformed back in one kernel (one HBM
-read and one write per element instead of the FFT convolution's round trips through complex64
-spectra); above that, up to 262144 points (causal ``seq <= 131072``), FlashButterfly's three
+splits: up to 4096 points (causal ``seq <= 2048``; 1024 before Hopper, see
+:func:`pallas_kernels.long_conv.gpu.default_max_on_chip`) in one pass, blocks of channels of a
+batch row (channels last, no transpose) transformed, multiplied and transformed back in one
+kernel (one HBM read and one write per element instead of the FFT convolution's round trips
+through complex64 spectra); above that, up to 262144 points (causal ``seq <= 131072``), FlashButterfly's three
 passes (``n = n0 * m``: outer size-``n0`` DFTs with twiddles, the fused kernel on each complex row
 of ``m <= 4096`` points, the inverse outer DFTs; 40 bytes of HBM traffic per element instead of
 8). Longer calls raise ``NotImplementedError`` so dispatch falls through to ``xla_fft``. The
@@ -34,6 +35,7 @@ from jaxtyping import Array, Float
 from effjax.ops.long_conv import spectral
 from effjax.ops.long_conv.butterfly import Butterfly
 from effjax.ops.long_conv.xla_fft import RealFFT
+from pallas_kernels.interpret import gpu_compute_capability
 from pallas_kernels.long_conv import gpu
 
 MIN_SIZE = gpu.MIN_TILE * gpu.MIN_TILE
@@ -83,7 +85,7 @@ def long_conv(
     pre_gate: Float[Array, "batch seq channels"] | None = None,
     post_gate: Float[Array, "batch seq channels"] | None = None,
     interpret: bool | None = None,
-    max_on_chip: int = gpu.MAX_ON_CHIP,
+    max_on_chip: int | None = None,
 ) -> Float[Array, "batch seq channels"]:
   """Fused-kernel long convolution; arguments as validated by ``effjax.long_conv``.
 
@@ -91,16 +93,20 @@ def long_conv(
     interpret: run the kernels in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
     max_on_chip: the largest transform done in one pass, a power of two in ``[256, 4096]``; a
       smaller one makes longer transforms three passes of ``n0 >= 16`` rows (tests reach the
-      three-pass scheme at 4096 points with 256).
+      three-pass scheme at 4096 points with 256). None: :func:`gpu.default_max_on_chip` of the
+      GPU compiled for (1024 before Hopper, else 4096).
 
   Raises:
     NotImplementedError: off a GPU (unless interpreting), or a transform size above
       ``64 * max_on_chip`` (262144).
   """
-  if not isinstance(max_on_chip, int) or gpu.split(max_on_chip) is None:
+  if max_on_chip is not None and (not isinstance(max_on_chip, int)
+                                  or gpu.split(max_on_chip) is None):
     raise ValueError(f"max_on_chip must be a power of two in [{MIN_SIZE}, {gpu.MAX_ON_CHIP}], "
                      f"got {max_on_chip!r}")
   interpret = gpu.gpu_interpret(interpret)  # off a GPU, not interpreting: NotImplementedError
+  if max_on_chip is None:
+    max_on_chip = gpu.default_max_on_chip(gpu_compute_capability())
   seq = u.shape[1]
   plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, max_on_chip),
                               exact_circular=gpu.factors(seq, max_on_chip) is not None)
