@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import masks
-from pallas_kernels.interpret import gpu_interpret
+from pallas_kernels.interpret import gpu_compute_capability, gpu_interpret
 
 # Triton tiles must be powers of two and a dot needs every dimension >= 16.
 _MIN_TILE = 16
@@ -105,9 +105,10 @@ class BlockSizes:
     return max(self.block_kv, self.block_kv_dq, self.block_kv_dkv)
 
 
-def default_block_sizes(q_len: int, kv_len: int, head_dim: int,
-                        dtype: Any = jnp.bfloat16) -> BlockSizes:
-  """The block-size heuristic, capped to the lengths.
+def default_block_sizes(q_len: int, kv_len: int, head_dim: int, dtype: Any = jnp.bfloat16,
+                        compute_capability: tuple[int, int] | None = None) -> BlockSizes:
+  """The block-size heuristic for a GPU of ``compute_capability`` (None: unknown, taken as
+  Hopper), capped to the lengths.
 
   16-bit inputs up to head_dim 128: forward 128 x 64 tiles, backward 64 x 64, 4 warps
   everywhere; 3 pipeline stages in the forward up to head_dim 64, else 2. Measured on an H200
@@ -120,16 +121,20 @@ def default_block_sizes(q_len: int, kv_len: int, head_dim: int,
   float32 inputs take half the tiles (64 x 32 forward, 32 x 32 backward; above head dim 128 one
   stage and 8 warps): with the 16-bit tiles the float32 kernels need more shared memory than an
   A100 (at head_dim 128) or an H100 (at 256) has, and spill tens of KB per thread (a few KB in
-  dq and dk/dv with these).
+  dq and dk/dv with these). Before Hopper (``mma.sync`` takes both operands in registers),
+  16-bit forward tiles above head_dim 64 are 64 x 64: with 128 x 64 an A100's forward spilled
+  1372 bytes per thread at head_dim 128 and 600 at 256, with 64 x 64 none.
   """
   if jnp.dtype(dtype) == jnp.float32:
     warps, stages = (8, 1) if head_dim > 128 else (4, 2)
-    blocks = BlockSizes(64, 32, 32, 32, 32, 32, num_warps=warps, num_stages=stages,
-                        num_warps_bwd=warps, num_stages_bwd=stages)
-  elif head_dim > 128:
+    return BlockSizes(64, 32, 32, 32, 32, 32, num_warps=warps, num_stages=stages,
+                      num_warps_bwd=warps, num_stages_bwd=stages).fit(q_len, kv_len)
+  if head_dim > 128:
     blocks = BlockSizes(block_q_dkv=32, num_warps=8, num_warps_bwd=8)
   else:
     blocks = BlockSizes(num_stages=3 if head_dim <= 64 else 2)
+  if compute_capability is not None and compute_capability[0] < 9 and head_dim > 64:
+    blocks = dataclasses.replace(blocks, block_q=64)
   return blocks.fit(q_len, kv_len)
 
 
@@ -180,7 +185,8 @@ class Call:
     """Checks ``block_sizes`` (None: :func:`default_block_sizes` for the larger of the query and
     value head dims and the inputs' ``dtype``) and fits them to the lengths."""
     if block_sizes is None:
-      block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim, dtype)
+      block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim, dtype,
+                                        gpu_compute_capability())
     elif not isinstance(block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.gpu.BlockSizes or "
                       f"None, got {block_sizes!r}")

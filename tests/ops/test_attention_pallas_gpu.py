@@ -164,6 +164,19 @@ def test_default_blocks_do_not_spill_on_h100(head_dim):
                   compiler_options={"xla_gpu_fail_ptx_compilation_on_register_spilling": True})
 
 
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_default_forward_does_not_spill_on_a100(head_dim):
+  """Before Hopper the 16-bit forward above head dim 64 takes 64 x 64 tiles (128 x 64 spilled
+  1372 bytes per thread on an A100 at 128, 600 at 256): the forward compiled for an A100, the
+  compute capability read from the compile target, fails if ptxas spills."""
+  assert gpu.default_block_sizes(4096, 4096, head_dim, compute_capability=(8, 0)).block_q == 64
+  assert gpu.default_block_sizes(4096, 4096, head_dim, compute_capability=(9, 0)).block_q == 128
+  q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
+  forward = lambda q, k, v: gpu.attention(q, k, v, scale=0.1, causal=True)
+  compile_for_gpu("a100", forward, q, q, q,
+                  compiler_options={"xla_gpu_fail_ptx_compilation_on_register_spilling": True})
+
+
 def test_kernel_resources_report_the_spills():
   """``aot.gpu_kernel_resources`` reads ptxas' report of each Triton kernel: at head dim 256 the
   4-warp tiles (``BlockSizes()``, no longer the default there) spill KBs per thread in the
