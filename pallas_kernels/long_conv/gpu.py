@@ -79,7 +79,8 @@ from pallas_kernels.long_conv import dft, gating
 
 MIN_TILE, MAX_TILE = 16, 64
 MAX_ON_CHIP = MAX_TILE * MAX_TILE  # the largest one-pass size m
-PRE_HOPPER_MAX_ON_CHIP = 1024  # default_max_on_chip before compute capability 9
+PRE_HOPPER_LIMITS = (1024, 32)  # default_limits before compute capability 9
+PREFERRED_ON_CHIP = 512  # three passes keep m at least this, with as many rows n0 as allowed
 MIN_N0, MAX_N0 = 16, 64  # the outer DFT size of three passes (a dot needs dimensions >= 16)
 BLOCK_ELEMENTS = 4096  # elements per program (m * cb in pass 2, n0 * mb * cb in passes 1 and 3)
 _OUTER_CHANNELS = 32  # most channels per program in passes 1 and 3 (128-byte rows)
@@ -94,39 +95,47 @@ def split(n: int) -> tuple[int, int] | None:
   return n1, n // n1
 
 
-def default_max_on_chip(compute_capability: tuple[int, int] | None) -> int:
-  """The one-pass limit for an NVIDIA GPU of ``compute_capability`` (None: unknown).
+def default_limits(compute_capability: tuple[int, int] | None) -> tuple[int, int]:
+  """``(max_on_chip, max_n0)`` for an NVIDIA GPU of ``compute_capability`` (None: unknown).
 
-  Before Hopper (sm_80/86/89) ``mma.sync`` takes both 3xTF32 operands in registers, and at
-  ``m = 2048`` and 4096 points (a 64-point DFT stage) ptxas gives the kernel 32 registers and
-  25-58 KB per thread of local memory (``benchmarks/gpu_kernel_resources.md``): there the limit
-  is 1024 points, so longer transforms take three passes of ``m >= 256`` (a causal convolution of
-  513-2048 positions uses 4096 points instead of 2048). Hopper's ``wgmma`` reads its B operand
-  from shared memory: ``MAX_ON_CHIP``, as when the GPU is unknown."""
+  Before Hopper (sm_80/86/89) ``mma.sync`` takes both 3xTF32 operands in registers, and a
+  64-point DFT stage (one pass of ``m = 2048`` or 4096 points, or an outer pass of ``n0 = 64``
+  rows) makes ptxas give the kernel 32 registers and 12-58 KB per thread of local memory
+  (``benchmarks/gpu_kernel_resources.md``): there every DFT stage has at most 32 points, so one
+  pass stops at 1024 points and three passes at 32768 (a causal convolution of 513-2048
+  positions takes three passes of 4096 points; above 16384 positions dispatch falls through).
+  Hopper's ``wgmma`` reads its B operand from shared memory: ``(MAX_ON_CHIP, MAX_N0)``, as when
+  the GPU is unknown."""
   if compute_capability is not None and compute_capability[0] < 9:
-    return PRE_HOPPER_MAX_ON_CHIP
-  return MAX_ON_CHIP
+    return PRE_HOPPER_LIMITS
+  return MAX_ON_CHIP, MAX_N0
 
 
-def largest_size(max_on_chip: int = MAX_ON_CHIP) -> int:
-  """The longest transform :func:`factors` splits: ``MAX_N0`` rows of ``max_on_chip`` points."""
-  return MAX_N0 * max_on_chip
+def largest_size(max_on_chip: int = MAX_ON_CHIP, max_n0: int = MAX_N0) -> int:
+  """The longest transform :func:`factors` splits: ``max_n0`` rows of ``max_on_chip`` points."""
+  return max_n0 * max_on_chip
 
 
 @functools.cache
-def factors(n: int, max_on_chip: int = MAX_ON_CHIP) -> tuple[int, ...] | None:
+def factors(n: int, max_on_chip: int = MAX_ON_CHIP, max_n0: int = MAX_N0
+            ) -> tuple[int, ...] | None:
   """``(n1, n2)`` (:func:`split`) when ``n <= max_on_chip`` fits one pass, else ``(n0, n1, n2)``
-  with the smallest power of two ``n0`` in ``[MIN_N0, MAX_N0]`` leaving ``m = n / n0 <=
-  max_on_chip`` points on chip; None if neither exists. ``max_on_chip`` (a power of two in
-  ``[256, 4096]``) lowers the one-pass limit, so tests reach three passes at small sizes."""
+  with ``n0`` a power of two in ``[MIN_N0, max_n0]`` leaving ``m = n / n0 <= max_on_chip``
+  points on chip: the most rows that keep ``m >= PREFERRED_ON_CHIP`` (else the fewest), since
+  ptxas spills 16-32 bytes per thread in pass 2 at 512 points and about 700 at 1024 (H100 and
+  A100); None if none exists. ``max_on_chip`` (a power of two in ``[256, 4096]``) lowers the
+  one-pass limit, so tests reach three passes at small sizes; :func:`default_limits` gives
+  both limits per GPU."""
   if n <= max_on_chip:
     return split(n)
-  n0 = MIN_N0
-  while n0 <= MAX_N0:
-    if n % n0 == 0 and n // n0 <= max_on_chip and split(n // n0) is not None:
-      return (n0, *split(n // n0))
-    n0 *= 2
-  return None
+  powers = (MIN_N0 << i for i in range(max_n0.bit_length() - MIN_N0.bit_length() + 1))
+  rows = [n0 for n0 in powers if n % n0 == 0 and n // n0 <= max_on_chip
+          and split(n // n0) is not None]
+  if not rows:
+    return None
+  roomy = [n0 for n0 in rows if n // n0 >= PREFERRED_ON_CHIP]
+  n0 = max(roomy) if roomy else min(rows)
+  return (n0, *split(n // n0))
 
 
 def channel_block(m: int, channels: int) -> int:
@@ -344,7 +353,8 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "*n0 
              pre_gate: Float[Array, "batch seq channels"] | None = None,
              post_gate: Float[Array, "batch seq channels"] | None = None,
              skip: Float[Array, " channels"] | None = None, dtype: Any = jnp.float32,
-             max_on_chip: int = MAX_ON_CHIP, interpret: bool | None = None
+             max_on_chip: int = MAX_ON_CHIP, max_n0: int = MAX_N0,
+             interpret: bool | None = None
              ) -> Float[Array, "batch seq channels"]:
   """Gated circular convolution: rows ``[0, seq)`` of ``post_gate * (z + skip * v)``, ``z =
   real(ifft(fft(v) * k_hat))`` of size ``n`` with ``v = pre_gate * x`` zero-extended to ``n``
@@ -364,7 +374,7 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "*n0 
     pre_gate, post_gate: None or ``[batch, seq, channels]`` (any float dtype).
     skip: None or ``[channels]``.
     dtype: the result's dtype.
-    max_on_chip: the one-pass limit :func:`factors` splits ``n`` with.
+    max_on_chip, max_n0: the limits :func:`factors` splits ``n`` with.
     interpret: run in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
 
   Returns:
@@ -377,10 +387,10 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "*n0 
   interpret = gpu_interpret(interpret)
   batch, seq, channels = x.shape
   n = seq if n is None else n
-  tiles = factors(n, max_on_chip)
+  tiles = factors(n, max_on_chip, max_n0)
   if tiles is None:
     raise NotImplementedError(f"fused FFT conv needs n a power of two in [256, "
-                              f"{largest_size(max_on_chip)}], got {n}")
+                              f"{largest_size(max_on_chip, max_n0)}], got {n}")
   flags = gating.Options.check(x, n, pre_gate, post_gate, skip)
   *outer, n1, n2 = tiles
   expected = (*outer, n2, n1, channels)

@@ -156,12 +156,13 @@ def test_fused_gpu_kernel_barely_spills_on_h100(n):
 
 
 def test_fused_gpu_kernel_takes_three_passes_before_hopper():
-  """``gpu.default_max_on_chip``: on an A100 a causal convolution of 1024 positions takes three
+  """``gpu.default_limits``: on an A100 a causal convolution of 1024 positions takes three
   passes over 16 rows of 256 points (n = 4096), all barely spilling, instead of one pass of 2048
   points, where ptxas keeps 32 registers and 25+ KB per thread of local memory; an H100 keeps
   the one pass."""
-  assert gpu.default_max_on_chip((8, 0)) == gpu.default_max_on_chip((8, 9)) == 1024
-  assert gpu.default_max_on_chip((9, 0)) == gpu.default_max_on_chip(None) == gpu.MAX_ON_CHIP
+  assert gpu.default_limits((8, 0)) == gpu.default_limits((8, 9)) == (1024, 32)
+  assert gpu.default_limits((9, 0)) == gpu.default_limits(None) == (4096, 64)
+  assert gpu.factors(65536, 1024, 32) is None and gpu.factors(32768, 1024, 32) == (32, 32, 32)
   u = jax.ShapeDtypeStruct((1, 1024, 768), jnp.bfloat16)
   kernel = jax.ShapeDtypeStruct((768, 1024), jnp.float32)
   conv = functools.partial(pallas_gpu_impl.long_conv, mode="causal")

@@ -3,7 +3,7 @@
 The transform size is the next power of two ``>=`` the linear-convolution length (at least 256;
 circular mode uses ``seq`` itself when it is one) that :func:`pallas_kernels.long_conv.gpu.factors`
 splits: up to 4096 points (causal ``seq <= 2048``; 1024 before Hopper, see
-:func:`pallas_kernels.long_conv.gpu.default_max_on_chip`) in one pass, blocks of channels of a
+:func:`pallas_kernels.long_conv.gpu.default_limits`) in one pass, blocks of channels of a
 batch row (channels last, no transpose) transformed, multiplied and transformed back in one
 kernel (one HBM read and one write per element instead of the FFT convolution's round trips
 through complex64 spectra); above that, up to 262144 points (causal ``seq <= 131072``), FlashButterfly's three
@@ -41,14 +41,16 @@ from pallas_kernels.long_conv import gpu
 MIN_SIZE = gpu.MIN_TILE * gpu.MIN_TILE
 
 
-def _size(length: int, max_on_chip: int) -> int:
-  """The least power of two ``>= max(length, MIN_SIZE)`` that :func:`gpu.factors` splits."""
+def _size(length: int, limits: tuple[int, int]) -> int:
+  """The least power of two ``>= max(length, MIN_SIZE)`` that :func:`gpu.factors` splits within
+  ``limits`` ``(max_on_chip, max_n0)``."""
   n = max(MIN_SIZE, 1 << max(length - 1, 0).bit_length())
-  while n <= gpu.largest_size(max_on_chip) and gpu.factors(n, max_on_chip) is None:
+  largest = gpu.largest_size(*limits)
+  while n <= largest and gpu.factors(n, *limits) is None:
     n *= 2
-  if n > gpu.largest_size(max_on_chip):
-    raise NotImplementedError(f"the fused GPU kernel serves transforms of up to "
-                              f"{gpu.largest_size(max_on_chip)} points; this call needs {length}")
+  if n > largest:
+    raise NotImplementedError(f"the fused GPU kernel serves transforms of up to {largest} "
+                              f"points here; this call needs {length}")
   return n
 
 
@@ -56,7 +58,7 @@ def _size(length: int, max_on_chip: int) -> int:
 class _GpuKernel:
   """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.gpu.fft_conv`."""
   n: int
-  max_on_chip: int
+  limits: tuple[int, int]  # (max_on_chip, max_n0)
   interpret: bool
 
   @property
@@ -65,14 +67,15 @@ class _GpuKernel:
 
   def spectrum(self, kernel_t, plan: spectral.Plan):
     """``(re, im)`` float32 ``[*n0, n2, n1, channels]`` in the kernel's digit-reversed layout."""
-    factors = gpu.factors(self.n, self.max_on_chip)
+    factors = gpu.factors(self.n, *self.limits)
     spectrum = Butterfly(self.n, factors).forward(spectral.pad_kernel(kernel_t, plan))
     spectrum = jnp.swapaxes(spectrum, -3, -2)
     return spectrum.real, spectrum.imag
 
   def convolve(self, x: Float[Array, "batch seq channels"], k_re, k_im, **options
                ) -> Float[Array, "batch seq channels"]:
-    return gpu.fft_conv(x, k_re, k_im, n=self.n, max_on_chip=self.max_on_chip,
+    max_on_chip, max_n0 = self.limits
+    return gpu.fft_conv(x, k_re, k_im, n=self.n, max_on_chip=max_on_chip, max_n0=max_n0,
                         interpret=self.interpret, **options)
 
 
@@ -93,23 +96,23 @@ def long_conv(
     interpret: run the kernels in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
     max_on_chip: the largest transform done in one pass, a power of two in ``[256, 4096]``; a
       smaller one makes longer transforms three passes of ``n0 >= 16`` rows (tests reach the
-      three-pass scheme at 4096 points with 256). None: :func:`gpu.default_max_on_chip` of the
-      GPU compiled for (1024 before Hopper, else 4096).
+      three-pass scheme at 4096 points with 256). None: :func:`gpu.default_limits` of the GPU
+      compiled for (1024 points and outer DFTs of at most 32 before Hopper, else 4096 and 64).
 
   Raises:
     NotImplementedError: off a GPU (unless interpreting), or a transform size above
-      ``64 * max_on_chip`` (262144).
+      ``max_n0 * max_on_chip`` (262144; 32768 before Hopper).
   """
   if max_on_chip is not None and (not isinstance(max_on_chip, int)
                                   or gpu.split(max_on_chip) is None):
     raise ValueError(f"max_on_chip must be a power of two in [{MIN_SIZE}, {gpu.MAX_ON_CHIP}], "
                      f"got {max_on_chip!r}")
   interpret = gpu.gpu_interpret(interpret)  # off a GPU, not interpreting: NotImplementedError
-  if max_on_chip is None:
-    max_on_chip = gpu.default_max_on_chip(gpu_compute_capability())
+  limits = (gpu.default_limits(gpu_compute_capability()) if max_on_chip is None
+            else (max_on_chip, gpu.MAX_N0))
   seq = u.shape[1]
-  plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, max_on_chip),
-                              exact_circular=gpu.factors(seq, max_on_chip) is not None)
+  plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, limits),
+                              exact_circular=gpu.factors(seq, *limits) is not None)
   return spectral.fused_long_conv(u, kernel, plan=plan,
-                                  fused=_GpuKernel(plan.n, max_on_chip, interpret), skip=skip,
+                                  fused=_GpuKernel(plan.n, limits, interpret), skip=skip,
                                   pre_gate=pre_gate, post_gate=post_gate)
