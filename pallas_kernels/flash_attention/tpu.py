@@ -14,9 +14,6 @@ deterministic:
   ``dK += dS^T Q``. The GQA group and the query blocks are both "arbitrary" axes accumulating into
   the same dk/dv block, so a kv head's gradient sums its query heads in a fixed order in float32.
 
-Before the two backward kernels, ``D = rowsum(dO * O)`` comes from a small kernel when the arrays
-are read in place (:func:`reads_in_place`), else from an XLA fusion.
-
 GQA/MQA by index mapping: query head ``h`` reads kv head ``h // group`` through the K/V
 BlockSpecs; K/V are never repeated in memory.
 
@@ -38,19 +35,19 @@ the block (Q and dO in dk/dv) are zeroed.
 
 Memory: O((q_len + kv_len) * head_dim) per (batch, head) in HBM, no ``[q_len, kv_len]`` buffer
 (the FlashAttention claim, Dao et al. 2022; FlashAttention-2 adds the sequence-parallel grid and
-fewer non-matmul FLOPs, reaching 50-73% of A100 peak). When both head dims are multiples of 128
-and each length a whole number of blocks (:func:`reads_in_place`: e.g. d = 128 at 2k-32k), the
-kernels read q, k, v, dO and write o, dq, dk, dv in the caller's ``[b, s, h, d]`` arrays through
-the free view ``[b, s, h * d]`` (head ``h`` is lane block ``h``): no copy at all. Otherwise the
-wrapper makes heads-major ``[batch, heads, length, head_dim]`` copies, zero-padded to whole
-blocks and head dims to a multiple of 128 lanes, and copies the results back. Per-query
+fewer non-matmul FLOPs, reaching 50-73% of A100 peak). The wrapper makes heads-major
+``[batch, heads, length, head_dim]`` copies of q, k, v (and dO), zero-padded to whole blocks and
+head dims to a multiple of 128 lanes, and copies the results back. (A ``[b, s, h * d]`` view
+would not avoid them: with TPU's (8, 128) tiles of the two minor dims that reshape is a relayout
+copy too, and Mosaic rejects blocks that squeeze the heads dim of ``[b, s, h, d]``.) Per-query
 statistics (LSE, ``D = rowsum(dO * O)``) live in HBM as sublane-broadcast rows
-``[batch, heads, 8, q_pad]`` float32 (32 bytes per query and head; jax's TPU kernels keep them
-lane-broadcast, 512 bytes) and become lane-broadcast columns in VMEM by one transpose per block;
-only ``[batch, heads, q_len]`` is kept between the forward and the backward pass. Compiled for
-TPU v5e (B=1, H=8, D=128, bfloat16, causal, S=16k), forward+backward takes 32 MiB of temporary
-HBM (the residual output and the caller's dO), 0.26% of ``jax.nn.dot_product_attention``'s
-12.25 GiB; with copies and lane-broadcast statistics it took 160 MiB. VMEM holds a few
+``[batch, heads, 8, q_pad]`` float32 (32 bytes per query and head instead of the 512 of a
+lane-broadcast ``[..., q_pad, 128]`` column) and become lane-broadcast columns in VMEM by one
+transpose per block; only ``[batch, heads, q_len]`` is kept between the forward and the backward
+pass. Compiled for TPU v5e (B=1, H=8, D=128, bfloat16, causal, S=16k), forward+backward takes
+64 MiB of temporary HBM (two of the heads-major copies; XLA keeps the others on chip), 0.5% of
+``jax.nn.dot_product_attention``'s 12.25 GiB; with lane-broadcast statistics it took 160 MiB.
+VMEM holds a few
 ``[block_q, block_kv]`` float32 tiles, the double-buffered input blocks and the accumulators
 (about 3 MiB at the default 512 x 512 blocks, head_dim 128).
 
@@ -146,28 +143,13 @@ def attention(
   config = _Config(mask=masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window),
                    scale=float(scale), softcap=softcap, block_q=block_q, block_kv=block_kv,
                    group=heads // kv_heads, segments=q_segment_ids is not None,
-                   interpret=interpret,
-                   sequence_major=reads_in_place(q_len, kv_len, head_dim, v.shape[-1],
-                                                 (block_q, block_kv)))
+                   interpret=interpret)
   dtype = q.dtype
   if dtype == jnp.float16:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   out, lse = _attention_jit(config, q, k, v, q_segment_ids, kv_segment_ids)
   out = out.astype(dtype)
   return (out, lse) if return_lse else out
-
-
-def reads_in_place(q_len: int, kv_len: int, head_dim: int, v_head_dim: int,
-                   block_sizes: tuple[int, int]) -> bool:
-  """Whether the kernels read q, k, v (and dO) and write their results in the caller's
-  ``[b, s, h, d]`` arrays, viewed as ``[b, s, h * d]`` (head ``h`` = lane block ``h``): when
-  both head dims are whole 128-lane vregs and each length a whole number of its blocks. Else
-  the wrapper makes heads-major ``[b, h, s_pad, d_pad]`` zero-padded copies (and copies the
-  results back): 2 bytes (bf16) per element of each of q, k, v, o in the forward and of q, k,
-  v, dO, dq, dk, dv in the backward, written and read once more."""
-  block_q, block_kv = block_sizes
-  return (head_dim % _LANES == 0 and v_head_dim % _LANES == 0 and q_len % block_q == 0
-          and kv_len % block_kv == 0)
 
 
 def schedule_counts(
@@ -264,7 +246,6 @@ class _Config:
   group: int
   segments: bool
   interpret: Any  # pallas_call's interpret: pltpu.InterpretParams (TPU interpreter) or False
-  sequence_major: bool = False  # q, k, v, dO and results read in place (see _to_kernel)
 
   @property
   def q_pad(self) -> int:
@@ -308,7 +289,7 @@ _attention_jit = jax.jit(_attention, static_argnums=0)
 def _forward(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
   """Pads, runs the forward kernel, unpads: ``([b, q_len, h, dv] in q's dtype, [b, h, q_len])``."""
   batch, heads, v_dim = q.shape[0], q.shape[2], v.shape[-1]
-  qp, kp, vp = (_to_kernel(config, x, length)
+  qp, kp, vp = (_heads_major(x, length)
                 for x, length in ((q, config.q_pad), (k, config.kv_pad), (v, config.kv_pad)))
   q_width, v_width = _lane_width(q.shape[-1]), _lane_width(v_dim)
   schedule = _Schedule.create(config, q_segment_ids, kv_segment_ids, queries_major=True)
@@ -324,14 +305,14 @@ def _forward(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
           scratch_shapes=[pltpu.VMEM((config.block_q, _LANES), jnp.float32),
                           pltpu.VMEM((config.block_q, _LANES), jnp.float32),
                           pltpu.VMEM((config.block_q, v_width), jnp.float32)]),
-      out_shape=[_kernel_array(config, batch, heads, config.q_pad, v_width, q.dtype),
+      out_shape=[jax.ShapeDtypeStruct((batch, heads, config.q_pad, v_width), q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, _SUBLANES, config.q_pad), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)),
       interpret=config.interpret,
       name="flash_attention_forward",
   )(*schedule.tables, qp, kp, vp, *ids)
-  return _from_kernel(config, out, q.shape[1], heads, v_dim), lse[:, :, 0, :q.shape[1]]
+  return _from_heads_major(out, q.shape[1], v_dim), lse[:, :, 0, :q.shape[1]]
 
 
 def _backward(config: _Config, residuals, cotangents):
@@ -340,13 +321,13 @@ def _backward(config: _Config, residuals, cotangents):
   d_out, d_lse = cotangents
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1:3]
-  qp, dop = _to_kernel(config, q, config.q_pad), _to_kernel(config, d_out, config.q_pad)
-  kp, vp = _to_kernel(config, k, config.kv_pad), _to_kernel(config, v, config.kv_pad)
+  qp, dop = _heads_major(q, config.q_pad), _heads_major(d_out, config.q_pad)
+  kp, vp = _heads_major(k, config.kv_pad), _heads_major(v, config.kv_pad)
   q_width, v_width = _lane_width(head_dim), _lane_width(v.shape[-1])
-  lse = _sublane_broadcast(jnp.where(lse == -jnp.inf, 0.0, lse),  # p = 0 in those rows anyway
-                           config.q_pad)
-  stats = [lse, _output_gradient_dot(config, out, d_out, dop, v_width) - _sublane_broadcast(
-      d_lse, config.q_pad)]
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, q, h]
+  stats = [_sublane_broadcast(x, config.q_pad) for x in (
+      jnp.where(lse == -jnp.inf, 0.0, lse),  # those rows are masked everywhere: p = 0 anyway
+      delta.transpose(0, 2, 1) - d_lse)]
 
   schedule = _Schedule.create(config, q_segment_ids, kv_segment_ids, queries_major=True)
   specs = _Specs(config, queries_major=True)
@@ -360,7 +341,7 @@ def _backward(config: _Config, residuals, cotangents):
                     specs.queries(v_width), specs.statistic(), specs.statistic(), *id_specs],
           out_specs=specs.queries(q_width),
           scratch_shapes=[pltpu.VMEM((config.block_q, q_width), jnp.float32)]),
-      out_shape=_kernel_array(config, batch, heads, config.q_pad, q_width, q.dtype),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, config.q_pad, q_width), q.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)),
       interpret=config.interpret,
@@ -380,42 +361,15 @@ def _backward(config: _Config, residuals, cotangents):
           out_specs=[specs.keys(q_width), specs.keys(v_width)],
           scratch_shapes=[pltpu.VMEM((config.block_kv, q_width), jnp.float32),
                           pltpu.VMEM((config.block_kv, v_width), jnp.float32)]),
-      out_shape=[_kernel_array(config, batch, kv_heads, config.kv_pad, q_width, k.dtype),
-                 _kernel_array(config, batch, kv_heads, config.kv_pad, v_width, v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, config.kv_pad, q_width), k.dtype),
+                 jax.ShapeDtypeStruct((batch, kv_heads, config.kv_pad, v_width), v.dtype)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY, _ARBITRARY)),
       interpret=config.interpret,
       name="flash_attention_dkv",
   )(*schedule.tables, qp, kp, vp, dop, *stats, *ids)
-  return (_from_kernel(config, dq, q_len, heads, head_dim),
-          _from_kernel(config, dk, kv_len, kv_heads, head_dim),
-          _from_kernel(config, dv, kv_len, kv_heads, v.shape[-1]))
-
-
-def _output_gradient_dot(config: _Config, out, d_out, dop, width: int):
-  """``D = rowsum(dO * O)`` as ``[b, h, 8, q_pad]`` float32 rows (the backward's statistic).
-
-  Read in place (``config.sequence_major``), a small kernel computes it from the same view of
-  ``dO`` as the other kernels and the free view of ``O``: there XLA would materialize the
-  float32 product (4 bytes per element) in the layout of its ``[b, h, q]`` result. Otherwise
-  XLA fuses the product and the sum into one pass over ``[b, q, h, dv]``.
-  """
-  if not config.sequence_major:
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    return _sublane_broadcast(delta.transpose(0, 2, 1), config.q_pad)
-  batch, heads = out.shape[0], out.shape[2]
-  tile = pl.BlockSpec((None, config.block_q, width), lambda b, h, i: (b, i, h))
-  return pl.pallas_call(
-      _output_gradient_dot_kernel,
-      grid=(batch, heads, config.q_blocks),
-      in_specs=[tile, tile],
-      out_specs=pl.BlockSpec((None, None, _SUBLANES, config.block_q),
-                             lambda b, h, i: (b, h, 0, i)),
-      out_shape=jax.ShapeDtypeStruct((batch, heads, _SUBLANES, config.q_pad), jnp.float32),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=(_PARALLEL,) * 3),
-      interpret=config.interpret,
-      name="flash_attention_output_gradient_dot",
-  )(_to_kernel(config, out, config.q_pad), dop)
+  return (_from_heads_major(dq, q_len, head_dim), _from_heads_major(dk, kv_len, head_dim),
+          _from_heads_major(dv, kv_len, v.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,26 +477,19 @@ class _Specs:
     row = _row(self.config, b, j, self.kv_blocks)
     return b, kv_h * group + g, kv_h, _clamp(i, first[row], stop[row], self.q_blocks), j
 
-  def _tiles(self, block: int, width: int, index: Callable[..., tuple]) -> pl.BlockSpec:
-    """``[block, width]`` tiles of a q/k/v-like array in the kernels' layout
-    (:func:`_to_kernel`); ``index(*grid_and_tables)`` gives (batch, head, block index)."""
-    if self.config.sequence_major:  # [b, length, heads * width]: head h is lane block h
-      return pl.BlockSpec((None, block, width), lambda *args: _permute(index(*args), (0, 2, 1)))
-    return pl.BlockSpec((None, None, block, width), lambda *args: (*index(*args), 0))
-
   def queries(self, width: int) -> pl.BlockSpec:
-    """``[block_q, width]`` tiles of a query-side array (q, dO, the output, dq)."""
-    def index(*args):
+    """``[block_q, width]`` tiles of a ``[b, h, q_pad, width]`` array."""
+    def index_map(*args):
       b, h, _, i, _ = self._indices(*args)
-      return b, h, i
-    return self._tiles(self.config.block_q, width, index)
+      return b, h, i, 0
+    return pl.BlockSpec((None, None, self.config.block_q, width), index_map)
 
   def keys(self, width: int) -> pl.BlockSpec:
-    """``[block_kv, width]`` tiles of a key-side array (k, v, dk, dv)."""
-    def index(*args):
+    """``[block_kv, width]`` tiles of a ``[b, kv_h, kv_pad, width]`` array."""
+    def index_map(*args):
       b, _, kv_h, _, j = self._indices(*args)
-      return b, kv_h, j
-    return self._tiles(self.config.block_kv, width, index)
+      return b, kv_h, j, 0
+    return pl.BlockSpec((None, None, self.config.block_kv, width), index_map)
 
   def statistic(self) -> pl.BlockSpec:
     """``[8, block_q]`` rows of a per-query ``[b, h, 8, q_pad]`` statistic (LSE, D)."""
@@ -782,13 +729,6 @@ def _logit_gradient(config: _Config, q, k, v, d_out, lse, delta, mask):
   return ds, p
 
 
-def _output_gradient_dot_kernel(out_ref, do_ref, delta_ref):
-  """One ``[block_q, width]`` tile of O and dO: ``rowsum(dO * O)`` as an ``[8, block_q]`` row."""
-  product = out_ref[...].astype(jnp.float32) * do_ref[...].astype(jnp.float32)
-  column = jnp.broadcast_to(product.sum(axis=1, keepdims=True), (product.shape[0], _LANES))
-  delta_ref[...] = _statistic_row(column)
-
-
 def _statistic_column(row):
   """A ``[8, block_q]`` statistic row (every sublane equal) as the lane-broadcast column
   ``[block_q, 128]`` the kernels compute with: one XLU transpose per block."""
@@ -816,36 +756,20 @@ def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
 # Layout and padding
 
 
-def _to_kernel(config: _Config, x, length: int):
-  """``[b, s, h, d]`` in the kernels' layout: with ``config.sequence_major`` the free view
-  ``[b, s, h * d]``, else the heads-major copy ``[b, h, length, lane_width(d)]``, zero-padded."""
-  if config.sequence_major:
-    return x.reshape(*x.shape[:2], -1)
+def _heads_major(x, length: int):
+  """``[b, s, h, d] -> [b, h, length, lane_width(d)]``, zero-padded."""
   x = _pad_axis(_pad_axis(x, 1, length), 3, _lane_width(x.shape[3]))
   return x.transpose(0, 2, 1, 3)
 
 
-def _from_kernel(config: _Config, x, length: int, heads: int, dim: int):
-  """A kernel result in the layout of :func:`_to_kernel` as ``[b, length, heads, dim]``."""
-  if config.sequence_major:
-    return x.reshape(x.shape[0], length, heads, dim)
+def _from_heads_major(x, length: int, dim: int):
+  """A kernel result ``[b, h, padded, d_pad]`` as ``[b, length, h, dim]``."""
   return x[:, :, :length, :dim].transpose(0, 2, 1, 3)
-
-
-def _kernel_array(config: _Config, batch: int, heads: int, length: int, width: int, dtype):
-  """The shape and dtype of a kernel result in the layout of :func:`_to_kernel`."""
-  shape = ((batch, length, heads * width) if config.sequence_major
-           else (batch, heads, length, width))
-  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _lane_width(dim: int) -> int:
   """A head dim padded to whole 128-lane vregs."""
   return _round_up(dim, _LANES)
-
-
-def _permute(values: tuple, order: tuple[int, ...]) -> tuple:
-  return tuple(values[i] for i in order)
 
 
 def _sublane_broadcast(x, length: int):
