@@ -12,17 +12,18 @@ Implementations (see ``effjax.dispatch.DEFAULT_ORDER`` for the order tried per p
 * ``"pallas_gpu"``: a fused Pallas (Triton) kernel (Monarch DFT, product with the kernel
   spectrum, inverse, on chip) for transform sizes 256..4096 (causal ``seq <= 2048``), and
   FlashButterfly's three passes above (outer DFTs, the fused kernel on each row, inverse outer
-  DFTs) up to 262144 points (causal ``seq <= 131072``); the gates, the skip term, the zero
+  DFTs) up to 262144 points (causal ``seq <= 131072``; before Hopper 1024 and 32768 points,
+  ``pallas_kernels.long_conv.gpu.default_limits``); the gates, the skip term, the zero
   padding and the output window happen in the kernels' masked loads and stores (pre-gate in the
   first pass, post-gate and skip in the last; a folded circular window is gated in XLA); tested
-  in interpret mode and lowered to Triton on CPU, not yet compiled or timed on a GPU, so not in
-  the GPU default order.
+  in interpret mode and compiled on CPU for H100/A100 (Triton, ptxas; :mod:`pallas_kernels.aot`),
+  not yet timed on a GPU, so not in the GPU default order.
 * ``"pallas_tpu"``: a fused Pallas (Mosaic) kernel, channels-last with 128 channels per program
   (Monarch DFT stages as MXU matmuls, product with the kernel spectrum, inverse, on chip) for
   transforms up to about 2048 points in one pass (gates, skip, padding and window on chip), up
   to 256 times that in three passes (FlashButterfly's scheme; gates in the XLA matmuls of the
-  outer passes). Tested in the TPU interpreter and lowered for TPU on CPU, not yet
-  compiled or timed on a TPU, so not yet in the TPU default order (opt in by name).
+  outer passes). Tested in the TPU interpreter and compiled for TPU v5e (v4/v5p/v6e in the slow
+  tests) on CPU, not yet timed on a TPU, so not yet in the TPU default order (opt in by name).
 """
 
 from __future__ import annotations
