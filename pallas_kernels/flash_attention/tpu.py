@@ -58,9 +58,10 @@ float32.
 
 Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for TPU v4, v5e,
 v5p and v6e on a CPU host (libtpu, :mod:`pallas_kernels.aot`); not yet run or timed on a TPU.
-Head dims below 128 are padded to 128 in heads-major copies (d = 64 moves twice the bytes). With segment ids the skip tables take ``4 * batch * (4 * major + 2 * minor)`` bytes of
-SMEM (major/minor: the block counts of the tiled and the looped side). Forward-mode
-autodiff is not supported (``custom_vjp``); segment ids are not differentiable.
+Head dims below 128 are padded to 128 in heads-major copies (d = 64 moves twice the bytes). With
+segment ids the skip tables take ``4 * batch * (4 * major + 2 * minor)`` bytes of SMEM
+(major/minor: the block counts of the tiled and the looped side). Forward-mode autodiff is not
+supported (``custom_vjp``); segment ids are not differentiable.
 """
 
 from __future__ import annotations
