@@ -197,13 +197,15 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, title: str,
   return json_path, md_path
 
 
-def plot_lines(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-               *, title: str, xlabel: str, ylabel: str, logx: bool = True,
+def plot_lines(path: str | os.PathLike,
+               series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+               xlabel: str, ylabel: str, logx: bool = True,
                logy: bool = True) -> pathlib.Path:
   """Writes a PNG line plot, e.g. memory vs sequence length on log-log axes.
 
   Args:
-    series: label -> (x values, y values); points with a None/non-positive y are dropped on log axes.
+    series: label -> (x values, y values); points with a None/non-positive y are dropped on log
+      axes.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")

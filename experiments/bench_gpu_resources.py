@@ -1,11 +1,12 @@
 """Registers and spills of the Triton kernels on NVIDIA GPUs, compiled here without a GPU.
 
-Each op's default configuration is compiled for an H100 and an A100 (compile-only devices of
-jax's CUDA plugin, :mod:`pallas_kernels.aot`) and ``ptxas -v`` reports every kernel's registers
-per thread and spill traffic. A kernel that spills moves registers through local memory (L1/L2)
-on every access: the first thing to look at when a Triton kernel is slow, visible before any
-timing. The Mosaic GPU (Hopper) kernels report their own ptxas run (H100 only: sm_90a). Set ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` before jax starts (this module does it when imported
-first, as ``effjax-bench`` does).
+Each op's default configuration is compiled for an H100 and an A100 (compile-only devices of jax's
+CUDA plugin, :mod:`pallas_kernels.aot`) and ``ptxas -v`` reports every kernel's registers per
+thread and spill traffic. A kernel that spills moves registers through local memory (L1/L2) on
+every access: the first thing to look at when a Triton kernel is slow, visible before any timing.
+The Mosaic GPU (Hopper) kernels report their own ptxas run (H100 only: sm_90a). Set
+``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` before jax starts (this module does it when imported first,
+as ``effjax-bench`` does).
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ class Call:
     value head dims and the inputs' ``dtype``) and fits them to the lengths."""
     if block_sizes is None:
       block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim, dtype,
-                                        gpu_compute_capability())
+                                        None if interpret else gpu_compute_capability())
     elif not isinstance(block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.gpu.BlockSizes or "
                       f"None, got {block_sizes!r}")

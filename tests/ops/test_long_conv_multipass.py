@@ -198,7 +198,8 @@ def test_pallas_gpu_falls_through_beyond_the_three_pass_limit():
   """A causal seq of 262144 needs 262145 points: beyond 64 rows of 4096, so xla_fft serves it."""
   u, kernel, *_ = Case(gpu.largest_size(), "causal", kernel_len=2, channels=1, batch=1).inputs()
   with interpret_mode():
-    with pytest.raises(NotImplementedError, match="up to 262144 points here; this call needs 262145"):
+    with pytest.raises(NotImplementedError,
+                       match="up to 262144 points here; this call needs 262145"):
       long_conv(u, kernel, implementation="pallas_gpu")
     np.testing.assert_array_equal(long_conv(u, kernel, implementation=("pallas_gpu", "xla_fft")),
                                   long_conv(u, kernel, implementation="xla_fft"))

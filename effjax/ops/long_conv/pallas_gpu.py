@@ -3,15 +3,15 @@
 The transform size is the next power of two ``>=`` the linear-convolution length (at least 256;
 circular mode uses ``seq`` itself when it is one) that :func:`pallas_kernels.long_conv.gpu.factors`
 splits: up to 4096 points (causal ``seq <= 2048``; 1024 before Hopper, see
-:func:`pallas_kernels.long_conv.gpu.default_limits`) in one pass, blocks of channels of a
-batch row (channels last, no transpose) transformed, multiplied and transformed back in one
-kernel (one HBM read and one write per element instead of the FFT convolution's round trips
-through complex64 spectra); above that, up to 262144 points (causal ``seq <= 131072``), FlashButterfly's three
-passes (``n = n0 * m``: outer size-``n0`` DFTs with twiddles, the fused kernel on each complex row
-of ``m <= 4096`` points, the inverse outer DFTs; 40 bytes of HBM traffic per element instead of
-8). Longer calls raise ``NotImplementedError`` so dispatch falls through to ``xla_fft``. The
-kernel spectrum (``[n2, n1, channels]``, or ``[n0, n2, n1, channels]``) is computed by the
-Monarch transform of :mod:`butterfly` with the kernel's factors (small: one signal per channel).
+:func:`pallas_kernels.long_conv.gpu.default_limits`) in one pass, blocks of channels of a batch row
+(channels last, no transpose) transformed, multiplied and transformed back in one kernel (one HBM
+read and one write per element instead of the FFT convolution's round trips through complex64
+spectra); above that, up to 262144 points (causal ``seq <= 131072``), FlashButterfly's three passes
+(``n = n0 * m``: outer size-``n0`` DFTs with twiddles, the fused kernel on each complex row of ``m
+<= 4096`` points, the inverse outer DFTs; 40 bytes of HBM traffic per element instead of 8). Longer
+calls raise ``NotImplementedError`` so dispatch falls through to ``xla_fft``. The kernel spectrum
+(``[n2, n1, channels]``, or ``[n0, n2, n1, channels]``) is computed by the Monarch transform of
+:mod:`butterfly` with the kernel's factors (small: one signal per channel).
 
 The kernels load ``u`` and the gates from ``[batch, seq, channels]`` and store ``y`` in u's dtype
 themselves (zero rows up to ``n`` and the output window by masked loads and stores; gates and
@@ -108,8 +108,10 @@ def long_conv(
     raise ValueError(f"max_on_chip must be a power of two in [{MIN_SIZE}, {gpu.MAX_ON_CHIP}], "
                      f"got {max_on_chip!r}")
   interpret = gpu.gpu_interpret(interpret)  # off a GPU, not interpreting: NotImplementedError
-  limits = (gpu.default_limits(gpu_compute_capability()) if max_on_chip is None
-            else (max_on_chip, gpu.MAX_N0))
+  if max_on_chip is not None:
+    limits = (max_on_chip, gpu.MAX_N0)
+  else:  # the interpreter runs any tile: the defaults of an unknown (Hopper-class) GPU
+    limits = gpu.default_limits(None if interpret else gpu_compute_capability())
   seq = u.shape[1]
   plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, limits),
                               exact_circular=gpu.factors(seq, *limits) is not None)
