@@ -49,13 +49,13 @@ step() {  # step NAME SECONDS COMMAND...
 if [ -z "${SKIP_TESTS:-}" ]; then
 # The Hopper (Mosaic GPU) kernels first, alone and briefly: if they fail or hang (never run on
 # a GPU before 2026-11-28), the benchmarks leave them out instead of hanging on them.
-XLA_PYTHON_CLIENT_PREALLOCATE=false step hopper_tests ${HOPPER_LIMIT_S:-150} \
+XLA_PYTHON_CLIENT_PREALLOCATE=false step mosaic_gpu_tests ${MOSAIC_GPU_LIMIT_S:-150} \
   $PYTHON -m pytest -v --tb=short -rfE -m "gpu and not slow" -x -p no:cacheprovider -o addopts="" \
-  tests/ops/test_attention_hopper.py
-grep -q "| hopper_tests | ok" "$summary" || export EFFJAX_BENCH_SKIP="effjax mosaic_gpu"
+  tests/ops/test_attention_mosaic_gpu.py
+grep -q "| mosaic_gpu_tests | ok" "$summary" || export EFFJAX_BENCH_SKIP="effjax mosaic_gpu"
 XLA_PYTHON_CLIENT_PREALLOCATE=false step gpu_tests ${TESTS_LIMIT_S:-240} \
   $PYTHON -m pytest -v --tb=line -rfE -m "gpu and not slow" -n 8 -p no:cacheprovider -o addopts="" \
-  --ignore=tests/ops/test_attention_hopper.py $TESTS
+  --ignore=tests/ops/test_attention_mosaic_gpu.py $TESTS
 fi
 for suite in "${GPU_SUITES[@]}"; do
   step "bench_$suite" ${SUITE_LIMIT_S:-300} $PYTHON -m experiments.bench "$suite" --out "$SUITE_DIR"

@@ -33,40 +33,42 @@ import jax.numpy as jnp
 
 from effjax import benchmarking
 from effjax.ops.attention import flash_attention
-from pallas_kernels.flash_attention import gpu, hopper
+from pallas_kernels.flash_attention import mosaic_gpu, pallas_gpu
 
 BATCH, HEADS = 4, 16
 SWEEP = {
-    "128x64 / 64x64, 4 warps, 2 stages": gpu.BlockSizes(num_stages=2),
-    "128x64 / 64x64, 4 warps, 3 stages": gpu.BlockSizes(num_stages=3, num_stages_bwd=3),
-    "128x128 / 64x128, 4 warps": gpu.BlockSizes(block_kv=128, block_kv_dkv=128, block_q_dq=128),
-    "64x64 / 64x64, 4 warps, 3 stages": gpu.BlockSizes(block_q=64, num_stages=3),
-    "128x64 / 128x64 dkv, 8 warps bwd": gpu.BlockSizes(block_kv_dkv=128, block_q_dq=128,
-                                                        num_warps_bwd=8),
+    "128x64 / 64x64, 4 warps, 2 stages": pallas_gpu.BlockSizes(num_stages=2),
+    "128x64 / 64x64, 4 warps, 3 stages": pallas_gpu.BlockSizes(num_stages=3, num_stages_bwd=3),
+    "128x128 / 64x128, 4 warps": pallas_gpu.BlockSizes(block_kv=128, block_kv_dkv=128,
+                                                       block_q_dq=128),
+    "64x64 / 64x64, 4 warps, 3 stages": pallas_gpu.BlockSizes(block_q=64, num_stages=3),
+    "128x64 / 128x64 dkv, 8 warps bwd": pallas_gpu.BlockSizes(block_kv_dkv=128, block_q_dq=128,
+                                                               num_warps_bwd=8),
 }
-SWEEP_HOPPER = {
-    "hopper fwd 64 keys, 3 stages": hopper.HopperConfig(block_kv=64, stages=3),
-    "hopper bwd 128 keys (dq) / 128 queries (dkv)": hopper.HopperConfig(block_kv_dq=128,
-                                                                          block_q_dkv=128),
-    "hopper bwd 3 stages": hopper.HopperConfig(stages=3, block_kv=64),
-    "hopper fwd ping-pong": hopper.HopperConfig(ping_pong=True),
-    "hopper fwd overlap": hopper.HopperConfig(overlap=True),
-    "hopper fwd overlap, 64 keys, 3 stages": hopper.HopperConfig(block_kv=64, stages=3,
-                                                                 overlap=True),
+SWEEP_MOSAIC_GPU = {
+    "mosaic_gpu fwd 64 keys, 3 stages": mosaic_gpu.BlockSizes(block_kv=64, stages=3),
+    "mosaic_gpu bwd 128 keys (dq) / 128 queries (dkv)": mosaic_gpu.BlockSizes(block_kv_dq=128,
+                                                                              block_q_dkv=128),
+    "mosaic_gpu bwd 3 stages": mosaic_gpu.BlockSizes(stages=3, block_kv=64),
+    "mosaic_gpu fwd ping-pong": mosaic_gpu.BlockSizes(ping_pong=True),
+    "mosaic_gpu fwd overlap": mosaic_gpu.BlockSizes(overlap=True),
+    "mosaic_gpu fwd overlap, 64 keys, 3 stages": mosaic_gpu.BlockSizes(block_kv=64, stages=3,
+                                                                       overlap=True),
 }
 
 
 def _effjax(q, k, v, *, causal, block_sizes=None):
   if block_sizes is None:
     return flash_attention(q, k, v, causal=causal, implementation="pallas_gpu")
-  return gpu.attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5,
-                       block_sizes=block_sizes)
+  return pallas_gpu.attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5,
+                              block_sizes=block_sizes)
 
 
-def _effjax_hopper(q, k, v, *, causal, config=None):
-  if config is None:
+def _effjax_mosaic_gpu(q, k, v, *, causal, block_sizes=None):
+  if block_sizes is None:
     return flash_attention(q, k, v, causal=causal, implementation="mosaic_gpu")
-  return hopper.attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5, config=config)
+  return mosaic_gpu.attention(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5,
+                              block_sizes=block_sizes)
 
 
 def _cudnn(q, k, v, *, causal):
@@ -80,7 +82,7 @@ def _jax_pallas(q, k, v, *, causal):
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "effjax pallas_gpu": _effjax,
-    "effjax mosaic_gpu": _effjax_hopper,
+    "effjax mosaic_gpu": _effjax_mosaic_gpu,
     "cuDNN": _cudnn,
     "jax pallas (triton)": _jax_pallas,
 }
@@ -177,8 +179,8 @@ def sweep(seq_len: int, head_dims, repeats: int, budget: _Budget) -> list[dict]:
     variants = [(label, functools.partial(_effjax, block_sizes=sizes))
                 for label, sizes in SWEEP.items()]
     if "effjax mosaic_gpu" not in _skipped():
-      variants += [(label, functools.partial(_effjax_hopper, config=config))
-                   for label, config in SWEEP_HOPPER.items()]
+      variants += [(label, functools.partial(_effjax_mosaic_gpu, block_sizes=sizes))
+                   for label, sizes in SWEEP_MOSAIC_GPU.items()]
     for label, attention in variants:
       if budget.spent():
         return rows

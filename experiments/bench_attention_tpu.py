@@ -1,8 +1,8 @@
 """Block skipping of the Pallas TPU FlashAttention kernels versus sequence length.
 
 What the kernels' grids do, from the same schedule tables and index maps the kernels use
-(:func:`pallas_kernels.flash_attention.tpu.schedule_counts`; exact, no TPU needed): the share of
-(query block, key block) grid steps that compute, that compute without the mask arithmetic, and
+(:func:`pallas_kernels.flash_attention.pallas_tpu.schedule_counts`; exact, no TPU needed): the share
+of (query block, key block) grid steps that compute, that compute without the mask arithmetic, and
 that start a K/V (forward, dq) or Q/dO (dk/dv) block DMA. A kernel without skipping computes and
 fetches on every step (100%). Causal, a 1024-token sliding window and packed 1024-token documents
 show how the work follows the mask instead of S^2. Time needs a TPU: none was available when
@@ -16,7 +16,7 @@ import pathlib
 import jax.numpy as jnp
 
 from effjax import benchmarking
-from pallas_kernels.flash_attention import tpu
+from pallas_kernels.flash_attention import pallas_tpu
 
 HEAD_DIM = 128
 WINDOW = DOCUMENT = 1024
@@ -38,8 +38,9 @@ def measure(seq_lens) -> list[dict]:
   rows = []
   for mask in MASKS:
     for seq_len in seq_lens:
-      counts = tpu.schedule_counts(seq_len, seq_len, head_dim=HEAD_DIM, **_options(mask, seq_len))
-      block_q, block_kv = tpu.default_block_sizes(seq_len, seq_len, HEAD_DIM)
+      counts = pallas_tpu.schedule_counts(seq_len, seq_len, head_dim=HEAD_DIM,
+                                          **_options(mask, seq_len))
+      block_q, block_kv = pallas_tpu.default_block_sizes(seq_len, seq_len, HEAD_DIM)
       row = {"mask": mask, "seq_len": seq_len, "blocks": f"{block_q}x{block_kv}"}
       for kernel in ("forward", "dkv"):
         steps = counts[f"{kernel}_steps"]

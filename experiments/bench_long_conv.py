@@ -36,12 +36,12 @@ import jax.numpy as jnp
 from effjax import benchmarking, dispatch
 from effjax.ops.long_conv import long_conv
 from effjax.ops.long_conv.reference import fft_conv
-from pallas_kernels.long_conv import gpu
+from pallas_kernels.long_conv import pallas_gpu
 
 BASELINE = "plain jnp.fft"
 DIRECT = "direct (reference f32)"
 DIRECT_TIMED_UP_TO = 2048
-PALLAS_MAX_SEQ = gpu.largest_size() // 2  # the fused GPU kernel's largest causal length
+PALLAS_MAX_SEQ = pallas_gpu.largest_size() // 2  # the fused GPU kernel's largest causal length
 GPU_TOKENS, GPU_CHANNELS = 1 << 17, 768  # also the TPU setup
 TPU_KERNEL = "effjax pallas_tpu"
 CPU_BATCH, CPU_CHANNELS = 2, 32

@@ -5,10 +5,10 @@ Inside ``with interpret_mode():``
 * GPU (Triton-lowered) kernels run with ``pallas_call(..., interpret=True)``: wrappers ask
   :func:`gpu_interpret` for their ``interpret`` argument;
 * TPU (Mosaic) kernels run in the TPU interpret mode, which simulates VMEM, DMAs and semaphores
-  on the host and can detect races: wrappers pass ``interpret=require_tpu_or_interpret()`` (a
+  on the host and can detect races: wrappers pass ``require_tpu_or_interpret(interpret)`` (a
   ``pltpu.InterpretParams``) to their ``pallas_call``;
 * Mosaic GPU (Hopper) kernels run in the Mosaic GPU interpreter, which simulates warpgroups, TMA
-  copies, barriers and ``wgmma``: wrappers pass ``interpret=hopper_interpret(interpret)``.
+  copies, barriers and ``wgmma``: wrappers pass ``interpret=mosaic_gpu_interpret(interpret)``.
 
 The switch is per kernel family, never jax's global ``force_tpu_interpret_mode``: that would also
 send GPU (Triton) kernels to the TPU interpreter, which rejects them.
@@ -134,29 +134,31 @@ def gpu_interpret(interpret: bool | None) -> bool:
   return interpret
 
 
-def require_tpu_or_interpret() -> Any:
-  """The ``interpret`` argument of a TPU kernel's ``pallas_call``.
+def require_tpu_or_interpret(interpret: bool | None = None) -> Any:
+  """Resolves a TPU kernel wrapper's ``interpret`` argument into its ``pallas_call``'s.
 
-  Returns ``pltpu.InterpretParams`` inside :func:`interpret_mode`, False on a TPU or inside
-  ``compile_target("tpu")``; raises
-  NotImplementedError anywhere else, so dispatch moves on to the next implementation.
+  Returns ``pltpu.InterpretParams`` when ``interpret`` is True, or is None inside
+  :func:`interpret_mode` (whose ``detect_races`` it takes); otherwise False on a TPU or inside
+  ``compile_target("tpu")``; raises NotImplementedError anywhere else, so dispatch moves on to
+  the next implementation.
   """
   settings = _INTERPRET.get()
-  if settings is not None:
+  if interpret or (interpret is None and settings is not None):
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-    return pltpu.InterpretParams(detect_races=settings.detect_races)
+    return pltpu.InterpretParams(detect_races=bool(settings and settings.detect_races))
   if jax.default_backend() != "tpu" and not _compiling_for("tpu"):
     raise NotImplementedError(
         f"Pallas TPU kernel needs a TPU (backend is {jax.default_backend()!r}); "
-        "use pallas_kernels.interpret.interpret_mode() to run it in the TPU interpreter on CPU")
+        "use interpret=True or pallas_kernels.interpret.interpret_mode() to run it in the TPU "
+        "interpreter on CPU")
   return False
 
 
-# XLA CPU runtime threads the Mosaic GPU interpreter needs (see :func:`hopper_interpret`).
-HOPPER_INTERPRETER_THREADS = 16
+# XLA CPU runtime threads the Mosaic GPU interpreter needs (see :func:`mosaic_gpu_interpret`).
+MOSAIC_GPU_INTERPRETER_THREADS = 16
 
 
-def hopper_interpret(interpret: bool | None) -> Any:
+def mosaic_gpu_interpret(interpret: bool | None) -> Any:
   """The ``interpret`` argument of a Mosaic GPU (Hopper) kernel.
 
   Returns the Mosaic GPU interpreter's parameters when asked explicitly or inside
@@ -170,15 +172,15 @@ def hopper_interpret(interpret: bool | None) -> Any:
   full of blocked computations while the warpgroup they wait for cannot start: a hang that
   depends on timing (observed in 3 of 4 runs of one kernel). Set the environment variable
   ``NPROC`` (read by XLA when it creates the CPU client, so before jax first runs anything) to
-  at least :data:`HOPPER_INTERPRETER_THREADS`, as ``tests/conftest.py`` does.
+  at least :data:`MOSAIC_GPU_INTERPRETER_THREADS`, as ``tests/conftest.py`` does.
   """
   interpret = interpreting() if interpret is None else interpret
   if interpret:
     threads = os.environ.get("NPROC") or os.cpu_count() or 1
-    if int(threads) < HOPPER_INTERPRETER_THREADS:
+    if int(threads) < MOSAIC_GPU_INTERPRETER_THREADS:
       warnings.warn(f"the Mosaic GPU interpreter may hang with {threads} XLA CPU threads; set "
-                    f"NPROC={HOPPER_INTERPRETER_THREADS} before jax starts (see "
-                    "pallas_kernels.interpret.hopper_interpret)", RuntimeWarning, stacklevel=2)
+                    f"NPROC={MOSAIC_GPU_INTERPRETER_THREADS} before jax starts (see "
+                    "pallas_kernels.interpret.mosaic_gpu_interpret)", RuntimeWarning, stacklevel=2)
     # Not exported publicly by jax 0.10; the interpreter simulates warpgroups, TMA and barriers.
     from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
     settings = _INTERPRET.get()

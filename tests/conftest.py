@@ -3,9 +3,9 @@
 XLA_FLAGS must be set before jax is imported, so this module does it first; likewise
 ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK`` and ``ALLOW_MULTIPLE_LIBTPU_LOAD`` (:mod:`pallas_kernels.aot`) and
 ``NPROC``
-(:data:`pallas_kernels.interpret.HOPPER_INTERPRETER_THREADS`: the Mosaic GPU interpreter needs
+(:data:`pallas_kernels.interpret.MOSAIC_GPU_INTERPRETER_THREADS`: the Mosaic GPU interpreter needs
 more XLA CPU runtime threads than a 2-core machine gets by default, see
-:func:`pallas_kernels.interpret.hopper_interpret`). Tests marked ``gpu``
+:func:`pallas_kernels.interpret.mosaic_gpu_interpret`). Tests marked ``gpu``
 or ``tpu`` are skipped unless that accelerator is the default backend; ``slow`` tests are
 deselected by the default ``-m 'not slow'`` in pyproject.toml (run them with ``pytest -m slow``).
 """
@@ -16,7 +16,7 @@ SIMULATED_DEVICES = 8
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""),
      f"--xla_force_host_platform_device_count={SIMULATED_DEVICES}"]).strip()
-os.environ.setdefault("NPROC", "16")  # = pallas_kernels.interpret.HOPPER_INTERPRETER_THREADS
+os.environ.setdefault("NPROC", "16")  # = pallas_kernels.interpret.MOSAIC_GPU_INTERPRETER_THREADS
 # Without a GPU, jax's CUDA plugin registers (for compile-only GPU devices, pallas_kernels.aot)
 # only when its check of CUDA's runtime libraries is skipped.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")

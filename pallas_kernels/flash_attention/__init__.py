@@ -1,2 +1,3 @@
-"""FlashAttention kernels: ``gpu`` (Pallas, Triton lowering), ``tpu`` (Pallas, Mosaic TPU), and the
-attention mask (``masks``) that they and effjax's pure-JAX implementations share."""
+"""FlashAttention kernels, one module per dispatch key: ``pallas_gpu`` (Pallas, Triton lowering),
+``pallas_tpu`` (Pallas, Mosaic TPU), ``mosaic_gpu`` (Pallas Mosaic GPU, Hopper), and the attention
+mask (``masks``) that they and effjax's pure-JAX implementations share."""

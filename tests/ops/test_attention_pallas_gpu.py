@@ -19,10 +19,10 @@ from attention_test_base import AttentionTestBase, Case, numpy_mask, packed_segm
 
 from effjax.ops.attention import flash_attention
 from effjax.ops.attention.api import normalize_arguments
-from pallas_kernels.flash_attention import gpu, masks
+from pallas_kernels.flash_attention import masks, pallas_gpu
 from pallas_kernels.interpret import interpret_mode
 
-SMALL_TILES = gpu.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32,
+SMALL_TILES = pallas_gpu.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32,
                              block_q_dkv=16, block_kv_dkv=16)
 
 
@@ -30,8 +30,8 @@ class TestPallasGpuInterpret(AttentionTestBase):
   """Kernels in the interpreter, unequal small tiles per kernel."""
 
   def attention(self, q, k, v, **options):
-    return gpu.attention(q, k, v, block_sizes=SMALL_TILES, interpret=True,
-                         **normalize_arguments(q, k, v, **options))
+    return pallas_gpu.attention(q, k, v, block_sizes=SMALL_TILES, interpret=True,
+                                **normalize_arguments(q, k, v, **options))
 
 
 @pytest.mark.gpu
@@ -55,7 +55,7 @@ def test_dispatch_runs_the_kernel_in_interpret_mode():
 ])
 def test_bad_block_sizes_raise(change, words):
   with pytest.raises(ValueError) as raised:
-    gpu.BlockSizes(**change)
+    pallas_gpu.BlockSizes(**change)
   for word in words:
     assert word in str(raised.value)
 
@@ -63,7 +63,7 @@ def test_bad_block_sizes_raise(change, words):
 def test_block_sizes_must_be_a_block_sizes():
   q, k, v, _ = Case(4, 4).inputs()
   with pytest.raises(TypeError, match="block_sizes"):
-    gpu.attention(q, k, v, scale=1.0, block_sizes=(16, 16), interpret=True)
+    pallas_gpu.attention(q, k, v, scale=1.0, block_sizes=(16, 16), interpret=True)
 
 
 @pytest.mark.parametrize("q_len, kv_len", [(37, 37), (20, 53), (53, 20), (1, 9), (64, 64)])
@@ -81,7 +81,7 @@ def test_band_block_ranges_are_exact(q_len, kv_len, causal, window):
       for start in range(0, rows.shape[0], block):
         mine = rows[start:start + block]
         seen = {column // other for column in np.flatnonzero(mine.any(0))}
-        first, stop = (int(x) for x in gpu._block_range(ranges, start, block, other))
+        first, stop = (int(x) for x in pallas_gpu._block_range(ranges, start, block, other))
         assert set(range(first, stop)) == seen
         all_allowed = {j for j in range(rows.shape[1] // other)
                        if start + block <= rows.shape[0] and mine[:, j * other:(j + 1) * other].all()}
@@ -95,13 +95,13 @@ def test_segment_block_ranges_are_exact_for_sorted_ids(length, segments, block):
   ids = jnp.stack([packed_segment_ids(1, length, segments)[0],
                    jnp.asarray(np.sort(np.random.default_rng(length).integers(0, segments, length)),
                                jnp.int32)])
-  padded = gpu.pad_axis(ids, 1, -(-length // block) * block, mode="edge")
-  lo, hi = gpu._block_bounds(padded, block)
+  padded = pallas_gpu.pad_axis(ids, 1, -(-length // block) * block, mode="edge")
+  lo, hi = pallas_gpu._block_bounds(padded, block)
   for row in range(2):
     for start in range(0, length, block):
       mine = np.asarray(ids[row, start:start + block])
-      first, stop = (int(x) for x in gpu._overlapping(0, 1 << 20, jnp.asarray(mine), lo[row],
-                                                      hi[row]))
+      first, stop = (int(x) for x in pallas_gpu._overlapping(0, 1 << 20, jnp.asarray(mine),
+                                                             lo[row], hi[row]))
       sharing = {j for j in range(padded.shape[1] // block)
                  if np.isin(np.asarray(padded[row, j * block:(j + 1) * block]), mine).any()}
       assert set(range(first, stop)) == sharing
@@ -110,10 +110,10 @@ def test_segment_block_ranges_are_exact_for_sorted_ids(length, segments, block):
 def test_segment_block_ranges_cover_unsorted_ids():
   """Unsorted ids skip less but never a block that shares an id."""
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 4, (1, 96)), jnp.int32)
-  lo, hi = gpu._block_bounds(ids, 16)
+  lo, hi = pallas_gpu._block_bounds(ids, 16)
   for start in range(0, 96, 16):
     mine = ids[0, start:start + 16]
-    first, stop = (int(x) for x in gpu._overlapping(0, 6, mine, lo[0], hi[0]))
+    first, stop = (int(x) for x in pallas_gpu._overlapping(0, 6, mine, lo[0], hi[0]))
     sharing = {j for j in range(6) if np.isin(ids[0, j * 16:(j + 1) * 16], mine).any()}
     assert sharing <= set(range(first, stop))
 
@@ -139,7 +139,7 @@ def test_kernels_compile(gpu_name, options):
   ids = jax.ShapeDtypeStruct((2, 200), jnp.int32)
 
   def forward_backward(q, k, v, q_ids, kv_ids):
-    out, vjp = jax.vjp(lambda q, k, v: gpu.attention(
+    out, vjp = jax.vjp(lambda q, k, v: pallas_gpu.attention(
         q, k, v, scale=0.1, q_segment_ids=q_ids if segments else None,
         kv_segment_ids=kv_ids if segments else None, **options), q, k, v)
     return out, vjp(out)
@@ -157,7 +157,8 @@ def test_default_blocks_do_not_spill_on_h100(head_dim):
   kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
 
   def forward_backward(q, k, v):
-    out, vjp = jax.vjp(lambda q, k, v: gpu.attention(q, k, v, scale=0.1, causal=True), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: pallas_gpu.attention(q, k, v, scale=0.1, causal=True),
+                       q, k, v)
     return out, vjp(out)
 
   compile_for_gpu("h100", forward_backward, q, kv, kv,
@@ -169,10 +170,11 @@ def test_default_forward_does_not_spill_on_a100(head_dim):
   """Before Hopper the 16-bit forward above head dim 64 takes 64 x 64 tiles (128 x 64 spilled
   1372 bytes per thread on an A100 at 128, 600 at 256): the forward compiled for an A100, the
   compute capability read from the compile target, fails if ptxas spills."""
-  assert gpu.default_block_sizes(4096, 4096, head_dim, compute_capability=(8, 0)).block_q == 64
-  assert gpu.default_block_sizes(4096, 4096, head_dim, compute_capability=(9, 0)).block_q == 128
+  blocks = lambda capability: pallas_gpu.default_block_sizes(4096, 4096, head_dim,
+                                                             compute_capability=capability)
+  assert blocks((8, 0)).block_q == 64 and blocks((9, 0)).block_q == 128
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
-  forward = lambda q, k, v: gpu.attention(q, k, v, scale=0.1, causal=True)
+  forward = lambda q, k, v: pallas_gpu.attention(q, k, v, scale=0.1, causal=True)
   compile_for_gpu("a100", forward, q, q, q,
                   compiler_options={"xla_gpu_fail_ptx_compilation_on_register_spilling": True})
 
@@ -182,6 +184,7 @@ def test_kernel_resources_report_the_spills():
   4-warp tiles (``BlockSizes()``, no longer the default there) spill KBs per thread in the
   forward (:func:`test_default_blocks_do_not_spill_on_h100`: the default blocks do not)."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, 256), jnp.bfloat16)
-  forward = lambda q, k, v: gpu.attention(q, k, v, scale=0.1, block_sizes=gpu.BlockSizes())
+  forward = lambda q, k, v: pallas_gpu.attention(q, k, v, scale=0.1,
+                                                 block_sizes=pallas_gpu.BlockSizes())
   kernel = gpu_kernel_resources("h100", forward, q, q, q)["flash_attention_forward"]
   assert kernel.registers == 255 and kernel.spill_store_bytes > 1024

@@ -37,7 +37,7 @@ from aot_compile import ALL_GENERATIONS, compile_for_tpu, kernel_calls
 from effjax import dispatch
 from effjax.ops.attention import flash_attention
 from effjax.ops.attention.api import normalize_arguments
-from pallas_kernels.flash_attention import tpu
+from pallas_kernels.flash_attention import pallas_tpu
 from pallas_kernels.interpret import compile_target, interpret_mode
 
 SMALL_BLOCKS = (24, 32)
@@ -81,8 +81,8 @@ class TestPallasTpu(AttentionTestBase):
 
   def attention(self, q, k, v, **options):
     with interpret_mode():
-      return tpu.attention(q, k, v, block_sizes=self.block_sizes,
-                           **normalize_arguments(q, k, v, **options))
+      return pallas_tpu.attention(q, k, v, block_sizes=self.block_sizes,
+                                  **normalize_arguments(q, k, v, **options))
 
   @pytest.mark.parametrize("case", TPU_CASES + [pytest.param(case, marks=_slow) for case in _SMALL],
                            ids=str)
@@ -114,7 +114,7 @@ class TestPallasTpu(AttentionTestBase):
 
 @_slow
 class TestPallasTpuDefaultBlocks(TestPallasTpu):
-  """The whole base with :func:`tpu.default_block_sizes` (one block per length up to 512)."""
+  """The whole base with :func:`pallas_tpu.default_block_sizes` (one block per length up to 512)."""
 
   block_sizes = None
 
@@ -156,7 +156,7 @@ def test_dispatch():
 def test_bad_block_sizes_raise(block_sizes, words):
   q, k, v, _ = Case(4, 4).inputs()
   with interpret_mode(), pytest.raises(ValueError) as raised:
-    tpu.attention(q, k, v, scale=1.0, block_sizes=block_sizes)
+    pallas_tpu.attention(q, k, v, scale=1.0, block_sizes=block_sizes)
   for word in words:
     assert word in str(raised.value), f"{word!r} not in {raised.value}"
 
@@ -165,7 +165,7 @@ def test_block_sizes_must_suit_mosaic_on_a_tpu():
   """Off the interpreter, blocks must be multiples of 128 unless they cover the whole length."""
   q, k, v, _ = Case(300, 300).inputs()
   with compile_target("tpu"), pytest.raises(ValueError, match="block_kv must be a multiple of 128"):
-    tpu.attention(q, k, v, scale=1.0, block_sizes=(128, 96))
+    pallas_tpu.attention(q, k, v, scale=1.0, block_sizes=(128, 96))
 
 
 @pytest.mark.parametrize("length", [1, 7, 8, 100, 512, 513, 1000, 4097, 32768])
@@ -173,7 +173,7 @@ def test_block_sizes_must_suit_mosaic_on_a_tpu():
 def test_default_block_sizes(length, head_dim):
   """Mosaic-legal blocks (128-multiples, or one block of the 8-padded length) within the target,
   padding each length by less than 128 positions per block."""
-  block_q, block_kv = tpu.default_block_sizes(length, length, head_dim)
+  block_q, block_kv = pallas_tpu.default_block_sizes(length, length, head_dim)
   assert block_q == block_kv
   target = 512 if head_dim <= 128 else 256
   blocks = -(-length // block_q)
@@ -218,12 +218,12 @@ def test_block_schedule_matches_brute_force(q_len, kv_len, options, sorted_ids, 
                kv_segment_ids=packed_segment_ids(batch, kv_len, segments))
     if sorted_ids:
       ids = {name: jnp.sort(x, axis=1) for name, x in ids.items()}
-  config = tpu._Config(  # pylint: disable=protected-access
-      mask=tpu.masks.MaskSpec.create(q_len, kv_len, causal=options.get("causal", False),
+  config = pallas_tpu._Config(  # pylint: disable=protected-access
+      mask=pallas_tpu.masks.MaskSpec.create(q_len, kv_len, causal=options.get("causal", False),
                                      window=options.get("window")),
       scale=1.0, softcap=None, block_q=16, block_kv=24, group=1, segments=bool(segments),
       interpret=False)
-  schedule = tpu._Schedule.create(  # pylint: disable=protected-access
+  schedule = pallas_tpu._Schedule.create(  # pylint: disable=protected-access
       config, ids.get("q_segment_ids"), ids.get("kv_segment_ids"), queries_major=queries_major)
   tables = [np.asarray(x) for x in schedule.tables]
   expected = _brute_force_blocks(np.broadcast_to(numpy_mask(q_len, kv_len, {**options, **ids}),
@@ -231,7 +231,7 @@ def test_block_schedule_matches_brute_force(q_len, kv_len, options, sorted_ids, 
                                  config, queries_major=queries_major)
   skipped = 0
   for (b, major, minor), (any_allowed, all_allowed) in expected.items():
-    visible, full = (bool(x) for x in tpu._block_kind(  # pylint: disable=protected-access
+    visible, full = (bool(x) for x in pallas_tpu._block_kind(  # pylint: disable=protected-access
         config, tables, b, major, minor, queries_major=queries_major))
     assert visible or not any_allowed, (b, major, minor)
     assert not (visible and full) or all_allowed, (b, major, minor)
@@ -264,8 +264,8 @@ def test_skipped_blocks_start_no_dma_and_no_compute(monkeypatch):
   block = 16
   q, k, v, options = Case(q_len, kv_len, causal=True, batch=1, kv_heads=1).inputs()
   with interpret_mode():
-    jax.block_until_ready(tpu.attention(q, k, v, block_sizes=(block, block),
-                                        **normalize_arguments(q, k, v, **options)))
+    jax.block_until_ready(pallas_tpu.attention(q, k, v, block_sizes=(block, block),
+                                               **normalize_arguments(q, k, v, **options)))
   mask = numpy_mask(q_len, kv_len, options)[0]
   blocks = q_len // block
   visible = [[j for j in range(blocks) if mask[i * block:(i + 1) * block,
@@ -279,7 +279,7 @@ def test_skipped_blocks_start_no_dma_and_no_compute(monkeypatch):
   step_reads = {count for where, count in reads.items() if "_forward_kernel.<locals>.step" in where}
   assert step_reads == {len(sequence)}, reads
   # The counts the benchmark reports (experiments/bench_attention_tpu.py) agree.
-  counts = tpu.schedule_counts(q_len, kv_len, causal=True, block_sizes=(block, block))
+  counts = pallas_tpu.schedule_counts(q_len, kv_len, causal=True, block_sizes=(block, block))
   assert (counts["forward_computed"], counts["forward_fetched"]) == (len(sequence), ideal_fetches)
 
 
@@ -304,8 +304,8 @@ def test_compiles_for_tpu(generation, q_len, kv_len, head_dim, dtype, options):
                kv_segment_ids=jax.ShapeDtypeStruct((batch, kv_len), jnp.int32))
 
   def loss(q, k, v, **segment_ids):
-    out, lse = tpu.attention(q, k, v, **normalize_arguments(q, k, v, return_lse=True,
-                                                            **options, **segment_ids))
+    out, lse = pallas_tpu.attention(q, k, v, **normalize_arguments(q, k, v, return_lse=True,
+                                                                   **options, **segment_ids))
     return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
   compiled = compile_for_tpu(generation, jax.grad(loss, argnums=(0, 1, 2)), q, k, k, **ids)
@@ -321,7 +321,7 @@ def test_statistics_take_little_hbm_on_tpu():
   q = jax.ShapeDtypeStruct((1, seq, 8, 128), jnp.bfloat16)
 
   def loss(q, k, v):
-    out = tpu.attention(q, k, v, **normalize_arguments(q, k, v, causal=True))
+    out = pallas_tpu.attention(q, k, v, **normalize_arguments(q, k, v, causal=True))
     return jnp.sum(out.astype(jnp.float32) ** 2)
 
   compiled = compile_for_tpu("v5e", jax.grad(loss, argnums=(0, 1, 2)), q, q, q)

@@ -24,7 +24,7 @@ from effjax.ops.long_conv import pallas_tpu as pallas_tpu_impl
 from effjax.ops.long_conv.api import normalize_arguments
 from effjax.ops.long_conv.xla_fft import smooth_size
 from pallas_kernels.interpret import compile_target, interpret_mode
-from pallas_kernels.long_conv import gpu, tpu
+from pallas_kernels.long_conv import pallas_gpu, pallas_tpu
 
 
 class TestXlaFft(LongConvTestBase):
@@ -87,8 +87,8 @@ def test_fused_kernel_is_a_circular_convolution(n, channels):
   """Channel blocks of 32 (n = 256: 70 channels are three blocks, zero-padded) down to 2."""
   x = jax.random.normal(jax.random.key(0), (2, n, channels), jnp.float32)
   kernel = jax.random.normal(jax.random.key(1), (n, channels), jnp.float32) / np.sqrt(n)
-  spectrum = jnp.swapaxes(butterfly.Butterfly(n, gpu.split(n)).forward(kernel), 0, 1)
-  y = gpu.fft_conv(x, spectrum.real, spectrum.imag, interpret=True)
+  spectrum = jnp.swapaxes(butterfly.Butterfly(n, pallas_gpu.split(n)).forward(kernel), 0, 1)
+  y = pallas_gpu.fft_conv(x, spectrum.real, spectrum.imag, interpret=True)
   expected = np.fft.irfft(np.fft.rfft(np.asarray(x, np.float64), axis=1)
                           * np.fft.rfft(np.asarray(kernel, np.float64), axis=0), n, axis=1)
   np.testing.assert_allclose(y, expected, atol=2e-5)
@@ -106,9 +106,9 @@ def test_fused_gpu_kernel_gates_on_chip(seq, n, channels, dtype, pre, post, skip
   by masked loads), applies each option on its own and all together, stores u's dtype."""
   x, kernel, pre_gate, post_gate, skip = gated_kernel_inputs(seq, n, channels, dtype, pre, post,
                                                              skip)
-  spectrum = jnp.swapaxes(butterfly.Butterfly(n, gpu.split(n)).forward(kernel), 0, 1)
-  y = gpu.fft_conv(x, spectrum.real, spectrum.imag, n=n, pre_gate=pre_gate, post_gate=post_gate,
-                   skip=skip, dtype=dtype, interpret=True)
+  spectrum = jnp.swapaxes(butterfly.Butterfly(n, pallas_gpu.split(n)).forward(kernel), 0, 1)
+  y = pallas_gpu.fft_conv(x, spectrum.real, spectrum.imag, n=n, pre_gate=pre_gate,
+                          post_gate=post_gate, skip=skip, dtype=dtype, interpret=True)
   assert y.shape == x.shape and y.dtype == dtype
   expected = numpy_gated_circular_conv(x, kernel, n, pre_gate, post_gate, skip)
   tolerance = 2e-5 if dtype == jnp.float32 else 1e-2 * np.abs(expected).max()
@@ -142,13 +142,13 @@ def test_fused_gpu_kernel_compiles(gpu_name, n, channels, gated):
 
 @pytest.mark.parametrize("n", [512, 8192], ids=["one_pass", "three_pass"])
 def test_fused_gpu_kernel_barely_spills_on_h100(n):
-  """The on-chip programs of ``gpu.BLOCK_ELEMENTS`` elements fit an H100's registers: ptxas
+  """The on-chip programs of ``pallas_gpu.BLOCK_ELEMENTS`` elements fit an H100's registers: ptxas
   spills at most 64 bytes per thread in the one-pass kernel (n = 512) and in pass 2 of three
   (n = 8192: 16 rows of 512), where 8192-element programs spilled 1-1.6 KB."""
-  *outer, n1, n2 = gpu.factors(n)
+  *outer, n1, n2 = pallas_gpu.factors(n)
   x = jax.ShapeDtypeStruct((1, n // 2, 768), jnp.bfloat16)
   spectrum = jax.ShapeDtypeStruct((*outer, n2, n1, 768), jnp.float32)
-  conv = lambda x, re, im: gpu.fft_conv(x, re, im, n=n, dtype=jnp.bfloat16)
+  conv = lambda x, re, im: pallas_gpu.fft_conv(x, re, im, n=n, dtype=jnp.bfloat16)
   report = gpu_kernel_resources("h100", conv, x, spectrum, spectrum)
   on_chip = report["long_conv_fused_fft_complex" if outer else "long_conv_fused_fft"]
   assert on_chip.spill_store_bytes <= 64, on_chip
@@ -156,13 +156,14 @@ def test_fused_gpu_kernel_barely_spills_on_h100(n):
 
 
 def test_fused_gpu_kernel_takes_three_passes_before_hopper():
-  """``gpu.default_limits``: on an A100 a causal convolution of 1024 positions takes three
+  """``pallas_gpu.default_limits``: on an A100 a causal convolution of 1024 positions takes three
   passes over 16 rows of 256 points (n = 4096), all barely spilling, instead of one pass of 2048
   points, where ptxas keeps 32 registers and 25+ KB per thread of local memory; an H100 keeps
   the one pass."""
-  assert gpu.default_limits((8, 0)) == gpu.default_limits((8, 9)) == (1024, 32)
-  assert gpu.default_limits((9, 0)) == gpu.default_limits(None) == (4096, 64)
-  assert gpu.factors(65536, 1024, 32) is None and gpu.factors(32768, 1024, 32) == (32, 32, 32)
+  assert pallas_gpu.default_limits((8, 0)) == pallas_gpu.default_limits((8, 9)) == (1024, 32)
+  assert pallas_gpu.default_limits((9, 0)) == pallas_gpu.default_limits(None) == (4096, 64)
+  assert pallas_gpu.factors(65536, 1024, 32) is None
+  assert pallas_gpu.factors(32768, 1024, 32) == (32, 32, 32)
   u = jax.ShapeDtypeStruct((1, 1024, 768), jnp.bfloat16)
   kernel = jax.ShapeDtypeStruct((768, 1024), jnp.float32)
   conv = functools.partial(pallas_gpu_impl.long_conv, mode="causal")
@@ -200,8 +201,8 @@ def test_fused_tpu_kernel_gates_on_chip(pre, post, skip):
   x, kernel, pre_gate, post_gate, skip = gated_kernel_inputs(seq, n, channels, jnp.bfloat16,
                                                              pre, post, skip)
   with interpret_mode():
-    y = tpu.fft_conv(x, *_digit_reversed_spectrum(kernel), n=n, pre_gate=pre_gate,
-                     post_gate=post_gate, skip=skip, dtype=jnp.bfloat16)
+    y = pallas_tpu.fft_conv(x, *_digit_reversed_spectrum(kernel), n=n, pre_gate=pre_gate,
+                            post_gate=post_gate, skip=skip, dtype=jnp.bfloat16)
   assert y.shape == x.shape and y.dtype == jnp.bfloat16
   expected = numpy_gated_circular_conv(x, kernel, n, pre_gate, post_gate, skip)
   np.testing.assert_allclose(np.asarray(y, np.float32), expected,
@@ -235,9 +236,9 @@ class TestPallasTpuCompiled(LongConvTestBase):
 
 
 def _digit_reversed_spectrum(kernel):
-  """``(re, im)`` of ``kernel [n, channels]`` in :func:`tpu.fft_conv`'s layout."""
+  """``(re, im)`` of ``kernel [n, channels]`` in :func:`pallas_tpu.fft_conv`'s layout."""
   n, channels = kernel.shape
-  spectrum = butterfly.Butterfly(n, tpu.factors(n)).forward(kernel).reshape(n, channels)
+  spectrum = butterfly.Butterfly(n, pallas_tpu.factors(n)).forward(kernel).reshape(n, channels)
   return spectrum.real, spectrum.imag
 
 
@@ -245,36 +246,38 @@ def _digit_reversed_spectrum(kernel):
                          ids=["one_pass_two_channel_blocks", "three_pass"])
 def test_fused_tpu_kernel_is_a_circular_convolution(n, channels, batch):
   """130 channels: padded to two blocks of 128 lanes; 2560 = 2 x (32 x 40): three passes."""
-  assert len(tpu.factors(n)) == (2 if n < 2048 else 3)
+  assert len(pallas_tpu.factors(n)) == (2 if n < 2048 else 3)
   x = jax.random.normal(jax.random.key(0), (batch, n, channels), jnp.float32)
   kernel = jax.random.normal(jax.random.key(1), (n, channels), jnp.float32) / np.sqrt(n)
   with interpret_mode():
-    y = tpu.fft_conv(x, *_digit_reversed_spectrum(kernel))
+    y = pallas_tpu.fft_conv(x, *_digit_reversed_spectrum(kernel))
   expected = np.fft.irfft(np.fft.rfft(np.asarray(x, np.float64), axis=1)
                           * np.fft.rfft(np.asarray(kernel, np.float64), axis=0), n, axis=1)
   np.testing.assert_allclose(y, expected, atol=2e-5)
 
 
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 257, 1000, 2048, 2049, 4099, 10**5 + 3,
-                                    tpu.MAX_N0 * 1024])
+                                    pallas_tpu.MAX_N0 * 1024])
 def test_tpu_transform_sizes_fit_vmem(length):
-  n = tpu.transform_size(length)
-  split = tpu.factors(n)
+  n = pallas_tpu.transform_size(length)
+  split = pallas_tpu.factors(n)
   assert length <= n <= 2 * max(length, 64) and int(np.prod(split)) == n
   *outer, n1, n2 = split
-  assert n1 in tpu.N1_CHOICES and n2 % 8 == 0 and n2 <= tpu.MAX_N2
-  assert tpu.vmem_bytes(n1, n2, complex_signal=bool(outer)) <= tpu.VMEM_BUDGET < 16 * 2**20
-  assert not outer or (length > 2048 and 2 <= outer[0] <= tpu.MAX_N0)
+  assert n1 in pallas_tpu.N1_CHOICES and n2 % 8 == 0 and n2 <= pallas_tpu.MAX_N2
+  assert pallas_tpu.vmem_bytes(n1, n2, complex_signal=bool(outer)) <= pallas_tpu.VMEM_BUDGET
+  assert pallas_tpu.VMEM_BUDGET < 16 * 2**20
+  assert not outer or (length > 2048 and 2 <= outer[0] <= pallas_tpu.MAX_N0)
   if length <= 2048:  # one pass, at most 63 points of padding
     assert not outer and n - length < 64
 
 
 def test_tpu_transform_size_has_a_limit():
-  longest = tpu.largest_size()
-  assert longest == tpu.MAX_N0 * max(m for m in range(64, 2**15, 64) if tpu.tiles(m, True))
-  assert tpu.transform_size(longest) == longest
-  assert tpu.transform_size(longest + 1) is None
-  assert tpu.factors(longest + 64) is None and tpu.factors(100) is None
+  longest = pallas_tpu.largest_size()
+  assert longest == pallas_tpu.MAX_N0 * max(m for m in range(64, 2**15, 64)
+                                            if pallas_tpu.tiles(m, True))
+  assert pallas_tpu.transform_size(longest) == longest
+  assert pallas_tpu.transform_size(longest + 1) is None
+  assert pallas_tpu.factors(longest + 64) is None and pallas_tpu.factors(100) is None
 
 
 @pytest.mark.parametrize("seq, channels, mode, dtype, gated", [
@@ -304,7 +307,7 @@ def test_compiled_tpu_one_pass_refuses_float16():
   moves on), bfloat16 traces; three passes (float32 in the kernel) take float16."""
   spectrum = lambda n: [jax.ShapeDtypeStruct((n, 3), jnp.float32)] * 2
   conv = lambda x, n, dtype: jax.eval_shape(
-      functools.partial(tpu.fft_conv, n=n, dtype=dtype), x, *spectrum(n))
+      functools.partial(pallas_tpu.fft_conv, n=n, dtype=dtype), x, *spectrum(n))
   with compile_target("tpu"):
     for x_dtype, dtype in [(jnp.float16, jnp.float32), (jnp.float32, jnp.float16)]:
       with pytest.raises(NotImplementedError, match="float16"):
@@ -322,9 +325,10 @@ def test_pallas_tpu_falls_through():
     long_conv(u, kernel, implementation="pallas_tpu")
   np.testing.assert_array_equal(long_conv(u, kernel, implementation=("pallas_tpu", "xla_fft")),
                                 long_conv(u, kernel, implementation="xla_fft"))
-  u, kernel, *_ = Case(tpu.largest_size(), "causal", kernel_len=2, channels=1, batch=1).inputs()
+  u, kernel, *_ = Case(pallas_tpu.largest_size(), "causal", kernel_len=2, channels=1,
+                       batch=1).inputs()
   with interpret_mode():
-    with pytest.raises(NotImplementedError, match=f"up to {tpu.largest_size()} points"):
+    with pytest.raises(NotImplementedError, match=f"up to {pallas_tpu.largest_size()} points"):
       long_conv(u, kernel, implementation="pallas_tpu")
 
 

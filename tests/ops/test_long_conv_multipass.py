@@ -21,7 +21,7 @@ from effjax.ops.long_conv import butterfly, long_conv
 from effjax.ops.long_conv import pallas_gpu as pallas_gpu_impl
 from effjax.ops.long_conv.api import normalize_arguments
 from pallas_kernels.interpret import interpret_mode
-from pallas_kernels.long_conv import gpu
+from pallas_kernels.long_conv import pallas_gpu
 
 SMALL_ON_CHIP = 256  # one pass up to 256 points; longer transforms round up to 16 x 256
 KERNEL_NAMES = ("long_conv_outer_dft", "long_conv_fused_fft_complex", "long_conv_outer_idft",
@@ -35,16 +35,17 @@ def _numpy_circular_conv(x, kernel):
 
 
 @pytest.mark.parametrize("n, channels, max_on_chip", [
-    (4096, 40, SMALL_ON_CHIP), (8192, 5, gpu.MAX_ON_CHIP)], ids=["16x256_40ch", "16x512_5ch"])
+    (4096, 40, SMALL_ON_CHIP), (8192, 5, pallas_gpu.MAX_ON_CHIP)],
+    ids=["16x256_40ch", "16x512_5ch"])
 def test_three_pass_kernel_is_a_circular_convolution(n, channels, max_on_chip):
   """40 channels: padded to 64, two channel blocks in every pass; 8192 is three passes at the
   real on-chip limit (the smallest n0 = 16, so 512 points on chip)."""
-  n0, n1, n2 = gpu.factors(n, max_on_chip)
-  assert n0 == gpu.MIN_N0 and n1 * n2 == n // n0
+  n0, n1, n2 = pallas_gpu.factors(n, max_on_chip)
+  assert n0 == pallas_gpu.MIN_N0 and n1 * n2 == n // n0
   x = jax.random.normal(jax.random.key(0), (2, n, channels), jnp.float32)
   kernel = jax.random.normal(jax.random.key(1), (n, channels), jnp.float32) / np.sqrt(n)
   spectrum = jnp.swapaxes(butterfly.Butterfly(n, (n0, n1, n2)).forward(kernel), -3, -2)
-  y = gpu.fft_conv(x, spectrum.real, spectrum.imag, max_on_chip=max_on_chip, interpret=True)
+  y = pallas_gpu.fft_conv(x, spectrum.real, spectrum.imag, max_on_chip=max_on_chip, interpret=True)
   np.testing.assert_allclose(y, _numpy_circular_conv(x, kernel), atol=2e-5)
 
 
@@ -56,10 +57,11 @@ def test_three_pass_kernel_gates_in_passes_one_and_three(pre, post, skip):
   n, seq, channels = 4096, 3000, 40
   x, kernel, pre_gate, post_gate, skip = gated_kernel_inputs(seq, n, channels, jnp.float32, pre,
                                                              post, skip)
-  spectrum = jnp.swapaxes(butterfly.Butterfly(n, gpu.factors(n, SMALL_ON_CHIP)).forward(kernel),
-                          -3, -2)
-  y = gpu.fft_conv(x, spectrum.real, spectrum.imag, n=n, pre_gate=pre_gate, post_gate=post_gate,
-                   skip=skip, dtype=jnp.bfloat16, max_on_chip=SMALL_ON_CHIP, interpret=True)
+  split = pallas_gpu.factors(n, SMALL_ON_CHIP)
+  spectrum = jnp.swapaxes(butterfly.Butterfly(n, split).forward(kernel), -3, -2)
+  y = pallas_gpu.fft_conv(x, spectrum.real, spectrum.imag, n=n, pre_gate=pre_gate,
+                          post_gate=post_gate, skip=skip, dtype=jnp.bfloat16,
+                          max_on_chip=SMALL_ON_CHIP, interpret=True)
   assert y.shape == x.shape and y.dtype == jnp.bfloat16
   expected = numpy_gated_circular_conv(x, kernel, n, pre_gate, post_gate, skip)
   np.testing.assert_allclose(np.asarray(y, np.float32), expected,
@@ -84,23 +86,23 @@ def test_three_pass_kernel_checks_the_spectrum_layout():
   x = jnp.zeros((1, 4096, 2), jnp.float32)
   one_pass = jnp.zeros((64, 64, 2), jnp.float32)  # the one-pass layout of 4096
   with pytest.raises(ValueError, match=r"\(16, 16, 16, 2\)"):
-    gpu.fft_conv(x, one_pass, one_pass, max_on_chip=SMALL_ON_CHIP, interpret=True)
+    pallas_gpu.fft_conv(x, one_pass, one_pass, max_on_chip=SMALL_ON_CHIP, interpret=True)
 
 
 def test_factors_cover_every_power_of_two_up_to_the_limit():
-  assert gpu.largest_size() == 262144
+  assert pallas_gpu.largest_size() == 262144
   for log_n in range(8, 19):
     n = 1 << log_n
-    split = gpu.factors(n)
+    split = pallas_gpu.factors(n)
     *outer, n1, n2 = split
-    assert int(np.prod(split)) == n and gpu.split(n1 * n2) == (n1, n2)
-    assert not outer if n <= 4096 else gpu.MIN_N0 <= outer[0] <= gpu.MAX_N0
+    assert int(np.prod(split)) == n and pallas_gpu.split(n1 * n2) == (n1, n2)
+    assert not outer if n <= 4096 else pallas_gpu.MIN_N0 <= outer[0] <= pallas_gpu.MAX_N0
   # The most rows that leave at least 512 points on chip.
-  assert gpu.factors(8192) == (16, 16, 32) and gpu.factors(32768) == (64, 16, 32)
-  assert gpu.factors(65536) == (64, 32, 32) and gpu.factors(262144) == (64, 64, 64)
-  assert gpu.factors(524288) is None and gpu.factors(3 * 4096) is None
-  assert gpu.factors(4096, SMALL_ON_CHIP) == (16, 16, 16)
-  assert gpu.factors(2048, SMALL_ON_CHIP) is None  # n0 would be 8 < 16
+  assert pallas_gpu.factors(8192) == (16, 16, 32) and pallas_gpu.factors(32768) == (64, 16, 32)
+  assert pallas_gpu.factors(65536) == (64, 32, 32) and pallas_gpu.factors(262144) == (64, 64, 64)
+  assert pallas_gpu.factors(524288) is None and pallas_gpu.factors(3 * 4096) is None
+  assert pallas_gpu.factors(4096, SMALL_ON_CHIP) == (16, 16, 16)
+  assert pallas_gpu.factors(2048, SMALL_ON_CHIP) is None  # n0 would be 8 < 16
 
 
 class TestPallasGpuThreePass(LongConvTestBase):
@@ -154,14 +156,14 @@ def _interpreted_op(u, kernel, **options):
 
 
 @pytest.mark.parametrize("seq, channels, mode, max_on_chip, split, gated", [
-    pytest.param(16384, 768, "causal", gpu.MAX_ON_CHIP, (64, 16, 32), False,
+    pytest.param(16384, 768, "causal", pallas_gpu.MAX_ON_CHIP, (64, 16, 32), False,
                  marks=pytest.mark.slow),
-    pytest.param(131072, 3, "causal", gpu.MAX_ON_CHIP, (64, 64, 64), False,
+    pytest.param(131072, 3, "causal", pallas_gpu.MAX_ON_CHIP, (64, 64, 64), False,
                  marks=pytest.mark.slow),
-    pytest.param(65536, 5, "circular", gpu.MAX_ON_CHIP, (64, 32, 32), False,
+    pytest.param(65536, 5, "circular", pallas_gpu.MAX_ON_CHIP, (64, 32, 32), False,
                  marks=pytest.mark.slow),
     (300, 7, "bidirectional", SMALL_ON_CHIP, (16, 16, 16), False),
-    (16384, 40, "bidirectional", gpu.MAX_ON_CHIP, (64, 16, 32), True),
+    (16384, 40, "bidirectional", pallas_gpu.MAX_ON_CHIP, (64, 16, 32), True),
 ], ids=["causal_16k_768ch", "causal_128k_largest", "circular_64k", "small_limit",
         "gated_bidirectional_16k"])
 @TRITON_GPUS
@@ -173,7 +175,7 @@ def test_three_pass_compiles(monkeypatch, gpu_name, seq, channels, mode, max_on_
   twice each (forward and dv; three times with both gates and skip, all differentiated: the
   post-gate's gradient recomputes the forward), no one-pass kernel; the kernel spectrum has the
   ``[n0, n2, n1, channels]`` layout of the expected split."""
-  spectrum_shapes, fft_conv = set(), gpu.fft_conv
+  spectrum_shapes, fft_conv = set(), pallas_gpu.fft_conv
 
   def recording_fft_conv(x, k_re, k_im, **options):
     spectrum_shapes.add(k_re.shape)
@@ -196,7 +198,8 @@ def test_three_pass_compiles(monkeypatch, gpu_name, seq, channels, mode, max_on_
 
 def test_pallas_gpu_falls_through_beyond_the_three_pass_limit():
   """A causal seq of 262144 needs 262145 points: beyond 64 rows of 4096, so xla_fft serves it."""
-  u, kernel, *_ = Case(gpu.largest_size(), "causal", kernel_len=2, channels=1, batch=1).inputs()
+  u, kernel, *_ = Case(pallas_gpu.largest_size(), "causal", kernel_len=2, channels=1,
+                       batch=1).inputs()
   with interpret_mode():
     with pytest.raises(NotImplementedError,
                        match="up to 262144 points here; this call needs 262145"):

@@ -5,11 +5,14 @@ Implementations (see ``effjax.dispatch.DEFAULT_ORDER`` for the order tried per p
 * ``"reference"``: float32, materializes ``[q_len, kv_len]``; the test oracle, never a default.
 * ``"xla"``: FlashAttention-2-style blockwise online softmax in pure JAX with a recomputing
   ``custom_vjp``; O(N) memory in forward and backward. The default on CPU, the fallback elsewhere.
-* ``"pallas_gpu"``: Pallas kernels with Triton lowering (``pallas_kernels.flash_attention.gpu``):
-  forward, dq and dk/dv kernels, GQA by index mapping, causal/window/segment block skipping.
+* ``"pallas_gpu"``: Pallas kernels with Triton lowering
+  (``pallas_kernels.flash_attention.pallas_gpu``): forward, dq and dk/dv kernels, GQA by index
+  mapping, causal/window/segment block skipping.
 * ``"pallas_tpu"``: Pallas kernels with Mosaic TPU lowering
-  (``pallas_kernels.flash_attention.tpu``): the same three kernels and features; skipped blocks
-  start no compute and no DMA.
+  (``pallas_kernels.flash_attention.pallas_tpu``): the same three kernels and features; skipped
+  blocks start no compute and no DMA.
+* ``"mosaic_gpu"``: warp-specialized Pallas Mosaic GPU kernels for Hopper
+  (``pallas_kernels.flash_attention.mosaic_gpu``), FlashAttention-3 style; 16-bit inputs only.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(j
 
 register(OP, "reference", "effjax.ops.attention.reference:attention")
 register(OP, "xla", "effjax.ops.attention.xla:attention")
-register(OP, "pallas_gpu", "pallas_kernels.flash_attention.gpu:attention")
-register(OP, "pallas_tpu", "pallas_kernels.flash_attention.tpu:attention")
+register(OP, "pallas_gpu", "pallas_kernels.flash_attention.pallas_gpu:attention")
+register(OP, "pallas_tpu", "pallas_kernels.flash_attention.pallas_tpu:attention")
 # Hopper (sm_90) kernels; opt-in until measured on a GPU (not in DEFAULT_ORDER).
-register(OP, "mosaic_gpu", "pallas_kernels.flash_attention.hopper:attention")
+register(OP, "mosaic_gpu", "pallas_kernels.flash_attention.mosaic_gpu:attention")
 
 Window = tuple[int | None, int | None]
 

@@ -1,17 +1,18 @@
-"""``long_conv`` with the fused Pallas GPU kernel (:mod:`pallas_kernels.long_conv.gpu`).
+"""``long_conv`` with the fused Pallas GPU kernel (:mod:`pallas_kernels.long_conv.pallas_gpu`).
 
 The transform size is the next power of two ``>=`` the linear-convolution length (at least 256;
-circular mode uses ``seq`` itself when it is one) that :func:`pallas_kernels.long_conv.gpu.factors`
-splits: up to 4096 points (causal ``seq <= 2048``; 1024 before Hopper, see
-:func:`pallas_kernels.long_conv.gpu.default_limits`) in one pass, blocks of channels of a batch row
-(channels last, no transpose) transformed, multiplied and transformed back in one kernel (one HBM
-read and one write per element instead of the FFT convolution's round trips through complex64
-spectra); above that, up to 262144 points (causal ``seq <= 131072``), FlashButterfly's three passes
-(``n = n0 * m``: outer size-``n0`` DFTs with twiddles, the fused kernel on each complex row of ``m
-<= 4096`` points, the inverse outer DFTs; 40 bytes of HBM traffic per element instead of 8). Longer
-calls raise ``NotImplementedError`` so dispatch falls through to ``xla_fft``. The kernel spectrum
-(``[n2, n1, channels]``, or ``[n0, n2, n1, channels]``) is computed by the Monarch transform of
-:mod:`butterfly` with the kernel's factors (small: one signal per channel).
+circular mode uses ``seq`` itself when it is one) that
+:func:`pallas_kernels.long_conv.pallas_gpu.factors` splits: up to 4096 points (causal ``seq <=
+2048``; 1024 before Hopper, see :func:`pallas_kernels.long_conv.pallas_gpu.default_limits`) in one
+pass, blocks of channels of a batch row (channels last, no transpose) transformed, multiplied and
+transformed back in one kernel (one HBM read and one write per element instead of the FFT
+convolution's round trips through complex64 spectra); above that, up to 262144 points (causal ``seq
+<= 131072``), FlashButterfly's three passes (``n = n0 * m``: outer size-``n0`` DFTs with twiddles,
+the fused kernel on each complex row of ``m <= 4096`` points, the inverse outer DFTs; 40 bytes of
+HBM traffic per element instead of 8). Longer calls raise ``NotImplementedError`` so dispatch falls
+through to ``xla_fft``. The kernel spectrum (``[n2, n1, channels]``, or ``[n0, n2, n1, channels]``)
+is computed by the Monarch transform of :mod:`butterfly` with the kernel's factors (small: one
+signal per channel).
 
 The kernels load ``u`` and the gates from ``[batch, seq, channels]`` and store ``y`` in u's dtype
 themselves (zero rows up to ``n`` and the output window by masked loads and stores; gates and
@@ -36,17 +37,17 @@ from effjax.ops.long_conv import spectral
 from effjax.ops.long_conv.butterfly import Butterfly
 from effjax.ops.long_conv.xla_fft import RealFFT
 from pallas_kernels.interpret import gpu_compute_capability
-from pallas_kernels.long_conv import gpu
+from pallas_kernels.long_conv import pallas_gpu
 
-MIN_SIZE = gpu.MIN_TILE * gpu.MIN_TILE
+MIN_SIZE = pallas_gpu.MIN_TILE * pallas_gpu.MIN_TILE
 
 
 def _size(length: int, limits: tuple[int, int]) -> int:
-  """The least power of two ``>= max(length, MIN_SIZE)`` that :func:`gpu.factors` splits within
-  ``limits`` ``(max_on_chip, max_n0)``."""
+  """The least power of two ``>= max(length, MIN_SIZE)`` that :func:`pallas_gpu.factors` splits
+  within ``limits`` ``(max_on_chip, max_n0)``."""
   n = max(MIN_SIZE, 1 << max(length - 1, 0).bit_length())
-  largest = gpu.largest_size(*limits)
-  while n <= largest and gpu.factors(n, *limits) is None:
+  largest = pallas_gpu.largest_size(*limits)
+  while n <= largest and pallas_gpu.factors(n, *limits) is None:
     n *= 2
   if n > largest:
     raise NotImplementedError(f"the fused GPU kernel serves transforms of up to {largest} "
@@ -56,7 +57,7 @@ def _size(length: int, limits: tuple[int, int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _GpuKernel:
-  """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.gpu.fft_conv`."""
+  """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.pallas_gpu.fft_conv`."""
   n: int
   limits: tuple[int, int]  # (max_on_chip, max_n0)
   interpret: bool
@@ -67,7 +68,7 @@ class _GpuKernel:
 
   def spectrum(self, kernel_t, plan: spectral.Plan):
     """``(re, im)`` float32 ``[*n0, n2, n1, channels]`` in the kernel's digit-reversed layout."""
-    factors = gpu.factors(self.n, *self.limits)
+    factors = pallas_gpu.factors(self.n, *self.limits)
     spectrum = Butterfly(self.n, factors).forward(spectral.pad_kernel(kernel_t, plan))
     spectrum = jnp.swapaxes(spectrum, -3, -2)
     return spectrum.real, spectrum.imag
@@ -75,8 +76,8 @@ class _GpuKernel:
   def convolve(self, x: Float[Array, "batch seq channels"], k_re, k_im, **options
                ) -> Float[Array, "batch seq channels"]:
     max_on_chip, max_n0 = self.limits
-    return gpu.fft_conv(x, k_re, k_im, n=self.n, max_on_chip=max_on_chip, max_n0=max_n0,
-                        interpret=self.interpret, **options)
+    return pallas_gpu.fft_conv(x, k_re, k_im, n=self.n, max_on_chip=max_on_chip, max_n0=max_n0,
+                               interpret=self.interpret, **options)
 
 
 def long_conv(
@@ -96,7 +97,7 @@ def long_conv(
     interpret: run the kernels in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
     max_on_chip: the largest transform done in one pass, a power of two in ``[256, 4096]``; a
       smaller one makes longer transforms three passes of ``n0 >= 16`` rows (tests reach the
-      three-pass scheme at 4096 points with 256). None: :func:`gpu.default_limits` of the GPU
+      three-pass scheme at 4096 points with 256). None: :func:`pallas_gpu.default_limits` of the GPU
       compiled for (1024 points and outer DFTs of at most 32 before Hopper, else 4096 and 64).
 
   Raises:
@@ -104,17 +105,17 @@ def long_conv(
       ``max_n0 * max_on_chip`` (262144; 32768 before Hopper).
   """
   if max_on_chip is not None and (not isinstance(max_on_chip, int)
-                                  or gpu.split(max_on_chip) is None):
-    raise ValueError(f"max_on_chip must be a power of two in [{MIN_SIZE}, {gpu.MAX_ON_CHIP}], "
-                     f"got {max_on_chip!r}")
-  interpret = gpu.gpu_interpret(interpret)  # off a GPU, not interpreting: NotImplementedError
+                                  or pallas_gpu.split(max_on_chip) is None):
+    raise ValueError(f"max_on_chip must be a power of two in [{MIN_SIZE}, "
+                     f"{pallas_gpu.MAX_ON_CHIP}], got {max_on_chip!r}")
+  interpret = pallas_gpu.gpu_interpret(interpret)  # off a GPU, not interpreting: raises
   if max_on_chip is not None:
-    limits = (max_on_chip, gpu.MAX_N0)
+    limits = (max_on_chip, pallas_gpu.MAX_N0)
   else:  # the interpreter runs any tile: the defaults of an unknown (Hopper-class) GPU
-    limits = gpu.default_limits(None if interpret else gpu_compute_capability())
+    limits = pallas_gpu.default_limits(None if interpret else gpu_compute_capability())
   seq = u.shape[1]
   plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, limits),
-                              exact_circular=gpu.factors(seq, *limits) is not None)
+                              exact_circular=pallas_gpu.factors(seq, *limits) is not None)
   return spectral.fused_long_conv(u, kernel, plan=plan,
                                   fused=_GpuKernel(plan.n, limits, interpret), skip=skip,
                                   pre_gate=pre_gate, post_gate=post_gate)

@@ -1,6 +1,6 @@
-"""``long_conv`` with the fused Pallas TPU kernel (:mod:`pallas_kernels.long_conv.tpu`).
+"""``long_conv`` with the fused Pallas TPU kernel (:mod:`pallas_kernels.long_conv.pallas_tpu`).
 
-The transform size is :func:`pallas_kernels.long_conv.tpu.transform_size` of the
+The transform size is :func:`pallas_kernels.long_conv.pallas_tpu.transform_size` of the
 linear-convolution length: a multiple of 64 whose on-chip split ``n1 * n2`` fits VMEM (one
 pass; about 2048 points, a causal convolution up to about 1024 positions), else ``n0 * m`` run in
 three passes (up to ``n0 = 256``); circular mode uses ``n = seq`` when the kernel accepts it.
@@ -33,12 +33,12 @@ from jaxtyping import Array, Float
 from effjax.ops.long_conv import butterfly, spectral
 from effjax.ops.long_conv.butterfly import Butterfly
 from pallas_kernels.interpret import require_tpu_or_interpret
-from pallas_kernels.long_conv import tpu
+from pallas_kernels.long_conv import pallas_tpu
 
 
 @dataclasses.dataclass(frozen=True)
 class _TpuKernel:
-  """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.tpu.fft_conv`."""
+  """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.pallas_tpu.fft_conv`."""
   n: int
   interpret: Any  # pallas_call's interpret: pltpu.InterpretParams (TPU interpreter) or False
 
@@ -47,24 +47,25 @@ class _TpuKernel:
     """:mod:`butterfly`'s own split of ``n`` when it has one (its cost model), else the kernel's."""
     if butterfly.factorize(self.n) is not None:
       return Butterfly.of_size(self.n, pack_batch=True)
-    return Butterfly(self.n, tpu.factors(self.n), pack_batch=True)
+    return Butterfly(self.n, pallas_tpu.factors(self.n), pack_batch=True)
 
   def spectrum(self, kernel_t, plan: spectral.Plan):
     """``(re, im)`` float32 ``[n, channels]``, the digit-reversed Monarch spectrum flattened."""
-    spectrum = Butterfly(self.n, tpu.factors(self.n)).forward(spectral.pad_kernel(kernel_t, plan))
+    spectrum = Butterfly(self.n, pallas_tpu.factors(self.n)).forward(
+        spectral.pad_kernel(kernel_t, plan))
     spectrum = spectrum.reshape(self.n, spectrum.shape[-1])
     return spectrum.real, spectrum.imag
 
   def convolve(self, x: Float[Array, "batch seq channels"], k_re, k_im, **options
                ) -> Float[Array, "batch seq channels"]:
-    return tpu.fft_conv(x, k_re, k_im, n=self.n, interpret=self.interpret, **options)
+    return pallas_tpu.fft_conv(x, k_re, k_im, n=self.n, interpret=self.interpret, **options)
 
 
 def _size(length: int) -> int:
-  n = tpu.transform_size(length)
+  n = pallas_tpu.transform_size(length)
   if n is None:
     raise NotImplementedError(f"the fused TPU kernel serves transforms of up to "
-                              f"{tpu.largest_size()} points; this call needs {length}")
+                              f"{pallas_tpu.largest_size()} points; this call needs {length}")
   return n
 
 
@@ -87,6 +88,6 @@ def long_conv(
   interpret = require_tpu_or_interpret()  # off a TPU, not interpreting: NotImplementedError
   seq = u.shape[1]
   plan = spectral.Plan.create(mode, seq, kernel.shape[1], _size,
-                              exact_circular=tpu.factors(seq) is not None)
+                              exact_circular=pallas_tpu.factors(seq) is not None)
   return spectral.fused_long_conv(u, kernel, plan=plan, fused=_TpuKernel(plan.n, interpret),
                                   skip=skip, pre_gate=pre_gate, post_gate=post_gate)

@@ -1,4 +1,4 @@
-"""The Hopper (Mosaic GPU, warp-specialized) forward, dq and dk/dv kernels.
+"""The Mosaic GPU (Hopper, warp-specialized) forward, dq and dk/dv kernels.
 
 On CPU the kernel runs in Pallas' Mosaic GPU interpreter, which simulates the three warpgroups,
 TMA copies and barriers (and fails on a barrier phase nobody waits for), with 64-key blocks so
@@ -17,10 +17,10 @@ from attention_test_base import AttentionTestBase, Case
 
 from effjax.ops.attention import flash_attention
 from effjax.ops.attention.api import normalize_arguments
-from pallas_kernels.flash_attention import hopper, masks
+from pallas_kernels.flash_attention import masks, mosaic_gpu
 from pallas_kernels.interpret import interpret_mode
 
-SMALL = hopper.HopperConfig(block_kv=64)
+SMALL = mosaic_gpu.BlockSizes(block_kv=64)
 
 # What the kernel supports: 16-bit inputs, causal/window bands, segment ids, softcap, GQA, any
 # lengths, head dims <= 256.
@@ -43,8 +43,8 @@ class _Interpreted(AttentionTestBase):
   """The shared checks (forward, LSE, gradients, bf16 error rule) on the interpreted kernel."""
 
   def attention(self, q, k, v, **options):
-    return hopper.attention(q, k, v, config=SMALL, interpret=True,
-                            **normalize_arguments(q, k, v, **options))
+    return mosaic_gpu.attention(q, k, v, block_sizes=SMALL, interpret=True,
+                                **normalize_arguments(q, k, v, **options))
 
 
 class _Compiled(AttentionTestBase):
@@ -138,8 +138,8 @@ def test_ping_pong_and_overlap_schedules_in_the_interpreter(schedule, q_len, kv_
   completes); the same output and LSE as the plain schedule, bitwise."""
   q, k, v, options = Case(q_len, kv_len, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16",
                           **options).inputs()
-  run = lambda **config: hopper.attention(
-      q, k, v, config=hopper.HopperConfig(block_kv=64, **config), interpret=True,
+  run = lambda **schedule: mosaic_gpu.attention(
+      q, k, v, block_sizes=mosaic_gpu.BlockSizes(block_kv=64, **schedule), interpret=True,
       **normalize_arguments(q, k, v, return_lse=True, **options))
   plain = {"stages": schedule["stages"]} if "stages" in schedule else {}
   for got, want in zip(run(**schedule), run(**plain)):
@@ -175,7 +175,7 @@ def test_unsupported_calls_fall_through(change, words):
 def test_off_hopper_it_falls_through():
   q, k, v, options = Case(16, 16, head_dim=64, kv_heads=1, batch=1, dtype="bfloat16").inputs()
   with pytest.raises(NotImplementedError, match="sm_90"):
-    hopper.attention(q, k, v, scale=0.125)
+    mosaic_gpu.attention(q, k, v, scale=0.125)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -186,9 +186,9 @@ def test_off_hopper_it_falls_through():
     (dict(overlap="yes"), ["overlap", "bool", "yes"]),
     (dict(ping_pong=True, overlap=True), ["ping_pong", "overlap", "exclusive"]),
 ])
-def test_bad_config_raises(change, words):
+def test_bad_block_sizes_raise(change, words):
   with pytest.raises(ValueError) as raised:
-    hopper.HopperConfig(**change)
+    mosaic_gpu.BlockSizes(**change)
   for word in words:
     assert word in str(raised.value)
 
@@ -201,12 +201,13 @@ _SLOW = pytest.mark.slow
     pytest.param(dict(causal=True), 256, 256, 128, 128, marks=_SLOW),
     pytest.param(dict(), 64, 128, 128, 192, marks=_SLOW),
     pytest.param(dict(window=(100, 20), softcap=30.0), 128, 128, 300, 500, marks=_SLOW),
-    pytest.param(dict(causal=True, config=hopper.HopperConfig(ping_pong=True)), 128, 128, 256,
-                 512, marks=_SLOW),
-    pytest.param(dict(causal=True, softcap=30.0, config=hopper.HopperConfig(overlap=True)), 128,
-                 128, 256, 512, marks=_SLOW),
+    pytest.param(dict(causal=True, block_sizes=mosaic_gpu.BlockSizes(ping_pong=True)), 128, 128,
+                 256, 512, marks=_SLOW),
+    pytest.param(dict(causal=True, softcap=30.0, block_sizes=mosaic_gpu.BlockSizes(overlap=True)),
+                 128, 128, 256, 512, marks=_SLOW),
     (dict(window=(100, 20), segments=True,
-          config=hopper.HopperConfig(block_kv=64, stages=3, overlap=True)), 128, 128, 200, 300),
+          block_sizes=mosaic_gpu.BlockSizes(block_kv=64, stages=3, overlap=True)),
+     128, 128, 200, 300),
     pytest.param(dict(causal=True, segments=True), 128, 128, 300, 300, marks=_SLOW),
     (dict(segments=True), 256, 256, 128, 200)])  # the Triton backward with segment ids
 def test_compiles_for_h100(options, head_dim, v_head_dim, q_len, kv_len):
@@ -222,11 +223,11 @@ def test_compiles_for_h100(options, head_dim, v_head_dim, q_len, kv_len):
          if options.pop("segments", False) else (None, None))
 
   def forward_backward(q, k, v, q_ids, kv_ids):
-    out, vjp = jax.vjp(lambda q, k, v: hopper.attention(
+    out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.attention(
         q, k, v, scale=0.1, q_segment_ids=q_ids, kv_segment_ids=kv_ids, **options), q, k, v)
     return out, vjp(out)
 
   compiled = compile_for_gpu("h100", forward_backward, q, k, v, *ids)
-  hopper_backward = max(head_dim, v_head_dim) <= 128  # else the Triton backward
-  assert gpu_kernel_calls(compiled, "mosaic_gpu") == (3 if hopper_backward else 1)
-  assert gpu_kernel_calls(compiled, "triton") == (0 if hopper_backward else 2)
+  mosaic_backward = max(head_dim, v_head_dim) <= 128  # else the Triton backward
+  assert gpu_kernel_calls(compiled, "mosaic_gpu") == (3 if mosaic_backward else 1)
+  assert gpu_kernel_calls(compiled, "triton") == (0 if mosaic_backward else 2)

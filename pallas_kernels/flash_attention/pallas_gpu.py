@@ -188,8 +188,8 @@ class Call:
       block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim, dtype,
                                         None if interpret else gpu_compute_capability())
     elif not isinstance(block_sizes, BlockSizes):
-      raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.gpu.BlockSizes or "
-                      f"None, got {block_sizes!r}")
+      raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.pallas_gpu.BlockSizes "
+                      f"or None, got {block_sizes!r}")
     return cls(mask=mask, scale=float(scale), softcap=softcap,
                blocks=block_sizes.fit(mask.q_len, mask.kv_len), heads=heads, kv_heads=kv_heads,
                segments=segments, interpret=bool(interpret))
