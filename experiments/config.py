@@ -10,6 +10,7 @@ command line), a value of the wrong type, or a value rejected by the schema's ``
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import pathlib
 import types
@@ -64,13 +65,23 @@ def parse_config(schema: type[T], path: str | pathlib.Path | None,
                  overrides: Sequence[str] = ()) -> T:
   """Loads ``path`` (YAML) into ``schema`` and applies ``--dotted.key=value`` overrides.
 
+  A field whose type is a draccus choice type (``cache: {type: kivi, bits: 2}``) takes the keys of
+  the class its ``type`` selects (from an override ``--cache.type=...``, else the file, else the
+  choice type's ``default_choice_name()``, as draccus decodes it); a key of another choice is an
+  unknown key.
+
   Raises:
     ConfigError: unknown key, wrong type or invalid value, naming the key.
   """
+  keys = _override_keys(overrides)
+  choices = {key[:-len(".type")]: value for key, value in keys
+             if key.endswith(".type") and value is not None}
+  data = {}
   if path is not None:
-    _check_keys(schema, yaml.safe_load(pathlib.Path(path).read_text()) or {}, prefix="")
-  for key in _override_keys(overrides):
-    _check_dotted_key(schema, key)
+    data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    _check_keys(schema, data, prefix="", choices=choices)
+  for key, value in keys:
+    _check_dotted_key(schema, key, data, value, choices)
   try:
     return draccus.parse(schema, config_path=path, args=list(overrides), exit_on_error=False)
   except (draccus.ParsingError, draccus.utils.DecodingError, ValueError, TypeError) as error:
@@ -80,45 +91,126 @@ def parse_config(schema: type[T], path: str | pathlib.Path | None,
     raise ConfigError(f"invalid config: {error}") from error
 
 
-def _override_keys(overrides: Sequence[str]) -> list[str]:
+def _override_keys(overrides: Sequence[str]) -> list[tuple[str, str | None]]:
+  """(dotted key, value or None when the value is the next argument) of each ``--key=value``."""
   keys = []
   for override in overrides:
     if override.startswith("--"):
-      keys.append(override[2:].split("=", 1)[0])
+      key, *value = override[2:].split("=", 1)
+      keys.append((key, value[0] if value else None))
   return keys
 
 
-def _check_dotted_key(schema: type, dotted: str) -> None:
+def _check_dotted_key(schema: type, dotted: str, data: Any, value: str | None,
+                      choices: dict[str, str]) -> None:
+  """``dotted`` names a field of ``schema``; a mapping or list ``value`` has valid keys."""
   current: Any = schema
-  for depth, part in enumerate(dotted.split(".")):
+  parts = dotted.split(".")
+  for depth, part in enumerate(parts):
+    prefix = ".".join(parts[:depth])
+    current = _resolve_choice(current, data, prefix, choices)
+    if _is_choice(current) and part == "type" and depth == len(parts) - 1:
+      return  # the name is checked by _resolve_choice
     fields = _fields(current)
     if fields is None or part not in fields:
-      parent = ".".join(dotted.split(".")[:depth]) or "<top level>"
-      valid = sorted(fields) if fields else []
+      parent = prefix or "<top level>"
+      valid = sorted(fields or ())
+      if _is_choice(current):
+        parent += f" (type: {_choice_name(current)})"
+        valid = sorted([*valid, "type"])
       raise ConfigError(f"unknown config key {dotted!r} (valid keys under {parent}: {valid})")
     current = fields[part]
+    data = data.get(part) if isinstance(data, dict) else None
+  if value is not None and (_fields(current) is not None or _list_item(current) is not None):
+    try:
+      parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+      return  # draccus reports it
+    _check_keys(current, parsed, prefix=f"{dotted}.", choices=choices)
 
 
-def _check_keys(schema: type, data: Any, prefix: str) -> None:
+def _check_keys(schema: type, data: Any, prefix: str, choices: dict[str, str]) -> None:
+  item = _list_item(schema)
+  if item is not None and isinstance(data, list):
+    for index, value in enumerate(data):
+      _check_keys(item, value, prefix=f"{prefix.rstrip('.')}[{index}].", choices={})
+    return
+  schema = _resolve_choice(schema, data, prefix.rstrip("."), choices)
   fields = _fields(schema)
   if fields is None or not isinstance(data, dict):
     return
+  parent = prefix.rstrip(".") or "<top level>"
+  if _is_choice(schema):
+    fields = {**fields, "type": str}
+    parent += f" (type: {_choice_name(schema)})"
   for key, value in data.items():
     dotted = f"{prefix}{key}"
     if key not in fields:
-      raise ConfigError(f"unknown config key {dotted!r} (valid keys under "
-                        f"{prefix.rstrip('.') or '<top level>'}: {sorted(fields)})")
-    if _fields(fields[key]) is not None and not isinstance(value, dict) and value is not None:
+      raise ConfigError(f"unknown config key {dotted!r} (valid keys under {parent}: "
+                        f"{sorted(fields)})")
+    if (_fields(fields[key]) is not None and not isinstance(value, dict) and value is not None
+        and not _is_choice(fields[key])):
       raise ConfigError(f"config key {dotted!r} must be a mapping of "
                         f"{sorted(_fields(fields[key]))}, got {value!r}")
-    _check_keys(fields[key], value, prefix=f"{dotted}.")
+    if _is_choice(fields[key]) and not isinstance(value, (dict, type(None))):
+      raise ConfigError(f"config key {dotted!r} must be a mapping with a 'type' key (one of "
+                        f"{sorted(fields[key].get_known_choices())}), got {value!r}")
+    _check_keys(fields[key], value, prefix=f"{dotted}.", choices=choices)
+
+
+def _is_choice(schema: Any) -> bool:
+  return isinstance(schema, type) and issubclass(schema, draccus.ChoiceRegistry)
+
+
+def _choice_name(schema: type) -> str:
+  return schema.get_choice_name(schema)
+
+
+def _resolve_choice(schema: Any, data: Any, dotted: str, choices: dict[str, str]) -> Any:
+  """The registered class a choice-type ``schema`` selects at key ``dotted``, else ``schema``.
+
+  The name comes from ``choices`` (``--dotted.type=`` overrides), else ``data['type']``, else
+  the choice type's default.
+  """
+  schema = _unwrap_optional(schema)
+  if not _is_choice(schema):
+    return schema
+  known = schema.get_known_choices()
+  if schema in known.values():
+    return schema
+  name = choices.get(dotted)
+  if name is None and isinstance(data, dict):
+    name = data.get("type")
+  if name is None:
+    name = schema.default_choice_name()
+  if name not in known:
+    key = f"{dotted}.type" if dotted else "type"
+    raise ConfigError(f"invalid value for {key!r}: got {name!r}, expected one of {sorted(known)}")
+  return known[name]
+
+
+def _unwrap_optional(schema: Any) -> Any:
+  if isinstance(schema, types.UnionType) or typing.get_origin(schema) is typing.Union:
+    options = [arg for arg in typing.get_args(schema) if arg is not type(None)]
+    return options[0] if len(options) == 1 else None
+  return schema
+
+
+def _list_item(schema: Any) -> Any:
+  """The item type of ``list[X]`` / ``Sequence[X]`` / ``tuple[X, ...]``, else None."""
+  schema = _unwrap_optional(schema)
+  origin = typing.get_origin(schema)
+  args = typing.get_args(schema)
+  if origin in (list, collections.abc.Sequence) and len(args) == 1:
+    return args[0]
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    return args[0]
+  return None
 
 
 def _fields(schema: Any) -> dict[str, Any] | None:
   """Field name -> type of a dataclass type (through Optional), else None."""
-  if isinstance(schema, types.UnionType) or typing.get_origin(schema) is typing.Union:
-    options = [arg for arg in typing.get_args(schema) if arg is not type(None)]
-    schema = options[0] if len(options) == 1 else None
+  schema = _unwrap_optional(schema)
   if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
     return None
   hints = typing.get_type_hints(schema)

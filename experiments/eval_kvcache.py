@@ -31,7 +31,7 @@ import numpy as np
 import tqdm
 from jax import lax
 
-from experiments.cache_config import CacheConfig
+from experiments.cache_config import CacheConfig, FullCacheConfig, KIVIConfig
 from experiments.config import ExperimentConfig, require
 
 
@@ -39,7 +39,7 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def _default_caches() -> list[CacheConfig]:
-  return [CacheConfig("full"), CacheConfig("kivi", bits=4), CacheConfig("kivi", bits=2)]
+  return [FullCacheConfig(), KIVIConfig(bits=4), KIVIConfig(bits=2)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from effjax.models import Sampling, generate, load_smollm2
-from experiments.cache_config import CacheConfig
+from experiments.cache_config import CacheConfig, FullCacheConfig
 from experiments.config import ConfigError, ExperimentConfig, require
 
 # SmolLM2's chat template (GGUF ``tokenizer.chat_template``) is ChatML with this default system
@@ -45,9 +45,9 @@ class Config(ExperimentConfig):
   """Nucleus sampling: the most likely tokens up to probability top_p (needs temperature > 0)."""
   num_layers: int | None = None
   """Use only the first num_layers blocks (smoke tests); None: the whole model."""
-  cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
-  """The KV cache decoded through: {type: full} or {type: kivi, bits: 2, group_size: 32,
-  residual: 128}."""
+  cache: CacheConfig = dataclasses.field(default_factory=FullCacheConfig)
+  """The KV cache decoded through; `type` (full, kivi, vidkv, xquant, xquant_cl) selects which
+  of the keys below apply."""
 
   def __post_init__(self):
     require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an int >= 1")

@@ -11,7 +11,7 @@ from cache_test_utils import decode_logits, outlier_normal, tiny_model
 from effjax import testing
 from effjax.kv_cache import FullKVCache, KVCache, VidKV, VidKVCache, kivi, quant
 from effjax.kv_cache.vidkv import inverse_real_fft, real_fft
-from experiments.cache_config import CacheConfig
+from experiments.cache_config import VidKVConfig
 from experiments.config import ConfigError
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 6, 2, 16
@@ -228,8 +228,9 @@ def test_bad_arguments_are_clear_errors(make, match):
 
 
 def test_cache_config_selects_vidkv():
-  assert CacheConfig("vidkv").cache_type() == VidKV(1.5, 32, 128)
-  assert CacheConfig("vidkv").label == "VidKV K1.5V1.58"
-  assert CacheConfig("vidkv", key_bits=1.25, residual=64).label == "VidKV K1.25V1.58 (G=32, R=64)"
-  with pytest.raises(ConfigError, match=r"invalid VidKV settings in 'cache': key_bits is 3"):
-    CacheConfig("vidkv", key_bits=3)
+  assert VidKVConfig().cache_type() == VidKV(1.5, 32, 128)
+  assert VidKVConfig().label == "VidKV K1.5V1.58"
+  assert VidKVConfig(key_bits=1.25, residual=64).label == "VidKV K1.25V1.58 (G=32, R=64)"
+  with pytest.raises(ConfigError, match=r"invalid VidKV settings in cache config "
+                     r"\{type: vidkv, key_bits: 3, .*\}: key_bits is 3"):
+    VidKVConfig(key_bits=3)

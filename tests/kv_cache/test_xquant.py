@@ -299,11 +299,12 @@ def test_errors():
 
 
 def test_cache_config_selects_xquant():
-  from experiments.cache_config import CacheConfig
+  from experiments.cache_config import XQuantCLConfig, XQuantConfig
   from experiments.config import ConfigError
-  assert CacheConfig("xquant", bits=3, group_size=64).cache_type() == XQuant(3, 64)
-  config = CacheConfig("xquant_cl", bits=2, first_bits=4, first_layers=2, group_size=64)
+  assert XQuantConfig(bits=3, group_size=64).cache_type() == XQuant(3, 64)
+  assert XQuantConfig().cache_type() == XQuant()  # the library's defaults
+  config = XQuantCLConfig(bits=2, first_bits=4, first_layers=2, group_size=64)
   assert config.cache_type() == XQuantCL(2, 4, 2, 64)
   assert config.label == "XQuant-CL-2 (first 2 @4, G=64)"
   with pytest.raises(ConfigError, match=r"invalid XQuant-CL settings.*first_bits is 5"):
-    CacheConfig("xquant_cl", first_bits=5)
+    XQuantCLConfig(first_bits=5)
