@@ -274,6 +274,21 @@ def test_bad_input_is_a_clear_error(monkeypatch):
     _mesh(sizes=(3,))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stage=True), r"stage=True must be one of \(0, 1, 2, 3\)"),  # bool is an int
+    (dict(stage=1.0), r"stage=1.0 must be one of \(0, 1, 2, 3\)"),
+    (dict(stage=1, micro_batches=True), r"micro_batches=True must be a positive integer"),
+    (dict(stage=1, micro_batches=2.0), r"micro_batches=2.0 must be a positive integer"),
+    (dict(stage=1, compute_dtype=jnp.int8), r"compute_dtype=.*int8.* must be None or a floating"),
+    (dict(stage=1, compute_dtype="fast"), r"compute_dtype='fast' must be None or a floating"),
+    (dict(stage=1, offload_optimizer="yes"), r"offload_optimizer='yes' must be a bool"),
+])
+def test_wrong_types_are_clear_errors(kwargs, match):
+  params = _mlp_params(jax.random.key(0))
+  with pytest.raises((TypeError, ValueError), match=match):
+    zero.zero_trainer(_mlp_loss, _optimizer(), params, _mesh(), **kwargs)
+
+
 def test_choose_stage_takes_the_least_communication_that_fits():
   params = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}   # 4 MiB
   optimizer = optax.adam(1e-3)

@@ -54,18 +54,24 @@ class Sampling:
   top_p: float | None = None
 
   def __post_init__(self):
-    if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+    if not (_is_real(self.temperature) and math.isfinite(self.temperature)
             and self.temperature >= 0):
       raise ValueError(f"temperature is {self.temperature!r}; expected a finite float >= 0")
-    if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+    if self.top_k is not None and (isinstance(self.top_k, bool)
+                                   or not isinstance(self.top_k, (int, np.integer))
                                    or self.top_k < 1):
       raise ValueError(f"top_k is {self.top_k!r}; expected None or an int >= 1")
-    if self.top_p is not None and not (isinstance(self.top_p, (int, float))
-                                       and 0 < self.top_p <= 1):
+    if self.top_p is not None and not (_is_real(self.top_p) and 0 < self.top_p <= 1):
       raise ValueError(f"top_p is {self.top_p!r}; expected None or a float in (0, 1]")
     if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
       raise ValueError(f"top_k={self.top_k} / top_p={self.top_p} need a temperature > 0; "
                        "temperature=0 is greedy")
+
+
+def _is_real(value: Any) -> bool:
+  """A real number (Python or NumPy), not a bool (an int in Python) nor a bool array."""
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+      value, (bool, np.bool_))
 
 
 def sample_tokens(logits: Float[Array, "batch vocab"], key: jax.Array,

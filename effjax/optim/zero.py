@@ -126,11 +126,15 @@ def zero_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation, param
   Raises:
     ValueError: stage out of range, micro_batches < 1, a mesh without data/fsdp axes, or host
       offload on a backend without ``pinned_host`` memory.
+    TypeError: compute_dtype not None or a floating dtype, offload_optimizer not a bool.
   """
-  if stage not in STAGES:
+  if isinstance(stage, bool) or not isinstance(stage, int) or stage not in STAGES:
     raise ValueError(f"stage={stage!r} must be one of {STAGES}")
-  if not isinstance(micro_batches, int) or micro_batches < 1:
+  if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
     raise ValueError(f"micro_batches={micro_batches!r} must be a positive integer")
+  _check_compute_dtype(compute_dtype)
+  if not isinstance(offload_optimizer, bool):
+    raise TypeError(f"offload_optimizer={offload_optimizer!r} must be a bool")
   axes = sharding.mesh_axes(mesh, "state")
   if offload_optimizer:
     _check_memory_kind(mesh, OFFLOAD_MEMORY_KIND)
@@ -278,6 +282,19 @@ def _reuse_full(axes: tuple[str, ...], dim: int, shard: jax.Array, full: jax.Arr
 def _master_dtype(dtype: Any) -> Any:
   """Floating parameters are kept (and optimized) in float32; others unchanged."""
   return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _check_compute_dtype(compute_dtype: Any) -> None:
+  """Raises TypeError unless ``compute_dtype`` is None or a floating dtype."""
+  if compute_dtype is None:
+    return
+  try:
+    floating = jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise TypeError(f"compute_dtype={compute_dtype!r} must be None or a floating dtype "
+                    "(e.g. jnp.bfloat16)")
 
 
 def _check_memory_kind(mesh: Mesh, kind: str) -> None:

@@ -51,6 +51,11 @@ def test_temperature_sharpens():
     (dict(temperature=1.0, top_k=0), "top_k is 0"),
     (dict(temperature=1.0, top_p=1.5), "top_p is 1.5"),
     (dict(top_k=5), "need a temperature > 0"),
+    (dict(temperature=True), "temperature is True"),  # bool is an int: not a temperature
+    (dict(temperature="0.5"), "temperature is '0.5'"),
+    (dict(temperature=1.0, top_k=True), "top_k is True"),
+    (dict(temperature=1.0, top_p=True), "top_p is True"),
+    (dict(temperature=1.0, top_p=float("nan")), "top_p is nan"),
 ])
 def test_bad_sampling_is_a_clear_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
