@@ -1,6 +1,7 @@
 """effjax.dispatch: registry, default-order table, fall-through and error reporting."""
 
 import logging
+import pathlib
 
 import pytest
 
@@ -102,3 +103,18 @@ def test_registering_a_different_target_under_a_taken_name_fails(op):
   dispatch.register(op, "fallback", dispatch._REGISTRY[op]["fallback"].target)  # idempotent
   with pytest.raises(ValueError, match="already registered"):
     dispatch.register(op, "fallback", lambda x: x)
+
+
+def test_kernels_in_default_orders_ran_on_their_hardware():
+  """A Pallas kernel enters a default order only with a committed measurement on that hardware."""
+  import effjax  # noqa: F401  (registers every op)
+  root = pathlib.Path(__file__).resolve().parent.parent
+  for op, orders in dispatch.DEFAULT_ORDER.items():
+    for platform, order in orders.items():
+      for name in order:
+        if name in dispatch.KERNEL_NAMES:
+          evidence = dispatch.KERNEL_EVIDENCE.get((op, platform, name))
+          assert evidence, f"{op} {platform} default {name!r} has no KERNEL_EVIDENCE entry"
+          assert (root / evidence).is_file(), evidence
+  for (op, platform, name), evidence in dispatch.KERNEL_EVIDENCE.items():
+    assert name in dispatch.DEFAULT_ORDER[op][platform] and name in dispatch.implementations(op)
