@@ -42,9 +42,11 @@ def check_positive_int(name: str, value: Any) -> None:
 
 def check_kv(k: jax.Array, v: jax.Array, *, batch: int, kv_heads: int, head_dim: int,
              max_len: int) -> None:
-  """Validates keys/values written to a cache of that geometry (ValueError naming the argument)."""
+  """Validates keys/values written to a cache of that geometry: a ValueError (shape) or TypeError
+  (not floating) naming the argument."""
   expected = (batch, kv_heads, head_dim)
   for name, x in (("k", k), ("v", v)):
+    check_floating_array(name, x)
     if x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
       raise ValueError(
           f"{name} has shape {x.shape}; expected [batch, seq, kv_heads, head_dim] with "
@@ -55,12 +57,42 @@ def check_kv(k: jax.Array, v: jax.Array, *, batch: int, kv_heads: int, head_dim:
     raise ValueError(f"k has {k.shape[1]} tokens; expected at most max_len={max_len}")
 
 
-def check_start(start: Any, batch: int) -> jax.Array:
-  """``start`` as int32 ``[batch]``, or a ValueError naming it."""
+def check_floating_array(name: str, x: Any) -> None:
+  """Raises TypeError naming ``name`` unless ``x`` is an array of a floating dtype."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not hasattr(x, "shape"):
+    raise TypeError(f"{name} is a {type(x).__name__}; expected a floating array")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} has dtype {dtype}; expected a floating dtype")
+
+
+def check_floating_dtype(name: str, dtype: Any) -> None:
+  """Raises TypeError naming ``name`` unless ``dtype`` is a floating dtype (a cache's storage)."""
+  try:
+    given = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{name} is {dtype!r}; expected a floating dtype (e.g. jnp.float32)") from None
+  if not jnp.issubdtype(given, jnp.floating):
+    raise TypeError(f"{name} is {given}; expected a floating dtype (e.g. jnp.float32)")
+
+
+def check_start(start: Any, batch: int, seq: int | None = None) -> jax.Array:
+  """``start`` as int32 ``[batch]``, or a ValueError naming it.
+
+  With ``seq`` (a prompt's length), a concrete ``start`` must lie in ``[0, seq]`` (``seq``: the
+  row's prompt is empty, its first real token comes with the next append); a traced one (under
+  ``jit``) is checked for shape and dtype only.
+  """
   start = jnp.asarray(start)
   if start.shape != (batch,) or not jnp.issubdtype(start.dtype, jnp.integer):
     raise ValueError(f"start has dtype {start.dtype} and shape {start.shape}; expected integer "
                      f"[batch] = [{batch}]")
+  if seq is not None and not isinstance(start, jax.core.Tracer):
+    values = np.asarray(start)  # concrete: no ops staged into an enclosing trace
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > seq:
+      raise ValueError(f"start has values in [{low}, {high}]; expected each in [0, seq={seq}] "
+                       "(the slot of each row's first real token)")
   return start.astype(jnp.int32)
 
 
@@ -102,7 +134,7 @@ class KVCache(flax.struct.PyTreeNode, abc.ABC):
     Args:
       k, v: keys (after RoPE) and values of the prompt.
       start: slot of each row's first real token (the number of padding slots before it), in
-        ``[0, seq)``.
+        ``[0, seq]`` (``seq``: no real token yet; it comes with the next append).
     """
 
   @abc.abstractmethod

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache.base import (
     KVCache,
+    check_floating_dtype,
     check_kv,
     check_positive_int,
     check_query,
@@ -45,6 +46,7 @@ class FullKVCache(KVCache):
     for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
       check_positive_int(name, value)
+    check_floating_dtype("dtype", dtype)
     zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
     return cls(k=zeros, v=zeros, start=jnp.zeros((batch,), jnp.int32),
                length=jnp.zeros((), jnp.int32))
@@ -61,7 +63,7 @@ class FullKVCache(KVCache):
               v: Float[Array, "batch seq kv_heads head_dim"],
               start: Int[Array, "batch"]) -> Self:
     self._check_kv(k, v)
-    start = check_start(start, self.k.shape[0])
+    start = check_start(start, self.k.shape[0], k.shape[1])
     return self.replace(
         k=lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, 0, 0, 0)),
         v=lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, 0, 0, 0)),

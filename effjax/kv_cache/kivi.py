@@ -52,6 +52,7 @@ from effjax.kv_cache import quant
 from effjax.kv_cache.attention import blockwise_decode_attention, kivi_decode_attention
 from effjax.kv_cache.base import (
     StreamingQuantizedCache,
+    check_floating_dtype,
     check_group_and_residual,
     check_kv,
     check_positive_int,
@@ -149,6 +150,7 @@ class KIVICache(StreamingQuantizedCache):
     for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
       check_positive_int(name, value)
+    check_floating_dtype("dtype", dtype)
     value_bits = bits if value_bits is None else value_bits
     _check_settings(bits, group_size, residual, value_bits)
     if head_dim % group_size:
@@ -264,7 +266,7 @@ class KIVICache(StreamingQuantizedCache):
     """Quantizes the keys of the first ``(seq // R) * R`` slots and the values of all but the last
     R (KIVI's prefill); the rest stays in full precision. Replaces any content."""
     check_kv(k, v, **self._geometry, max_len=self.max_len)
-    cache = self.replace(start=check_start(start, self._geometry["batch"]))
+    cache = self.replace(start=check_start(start, self._geometry["batch"], k.shape[1]))
     seq, residual = k.shape[1], self.residual
     k_quantized, v_quantized = seq // residual * residual, max(0, seq - residual)
     updates: dict[str, jax.Array] = {}

@@ -78,6 +78,7 @@ from effjax.kv_cache import quant
 from effjax.kv_cache.attention import blockwise_decode_attention, vidkv_decode_attention
 from effjax.kv_cache.base import (
     StreamingQuantizedCache,
+    check_floating_dtype,
     check_group_and_residual,
     check_kv,
     check_positive_int,
@@ -191,6 +192,7 @@ class VidKVCache(StreamingQuantizedCache):
     for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
       check_positive_int(name, value)
+    check_floating_dtype("dtype", dtype)
     _check_settings(key_bits, group_size, residual)
     hot = round((key_bits - 1) * head_dim)
     block = KIVICache._block_size(group_size, max_len)  # pylint: disable=protected-access
@@ -322,7 +324,7 @@ class VidKVCache(StreamingQuantizedCache):
     """Quantizes keys and values of the first ``(seq // R) * R`` slots; the rest stays in full
     precision (KIVI's key rule). Replaces any content."""
     check_kv(k, v, **self._geometry, max_len=self.max_len)
-    cache = self.replace(start=check_start(start, self._geometry["batch"]))
+    cache = self.replace(start=check_start(start, self._geometry["batch"], k.shape[1]))
     seq = k.shape[1]
     quantized = seq // self.residual * self.residual
     updates = cache._store(k[:, :quantized], v[:, :quantized], jnp.zeros((), jnp.int32)) \

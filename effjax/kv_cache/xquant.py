@@ -94,6 +94,8 @@ from effjax.kv_cache.attention import blockwise_decode_attention, combine_with_t
 from effjax.kv_cache.base import (
     LayerInputCache,
     LayerInputs,
+    check_floating_array,
+    check_floating_dtype,
     check_positive_int,
     check_query,
     check_room,
@@ -319,6 +321,7 @@ class XQuantCache(LayerInputCache):
                         ("head_dim", head_dim), ("d_model", d_model),
                         ("group_size", group_size), ("block_size", block_size)):
       check_positive_int(name, value)
+    check_floating_dtype("dtype", dtype)
     _check_bits("bits", bits)
     _check_residual(residual)
     if latent and cross_layer:
@@ -426,6 +429,7 @@ class XQuantCache(LayerInputCache):
     batch, d_model = self.codes.shape[0], inputs.key_kernel.shape[0]
     for name in ("x", "residual"):
       x = getattr(inputs, name)
+      check_floating_array(f"inputs.{name}", x)
       if x.ndim != 3 or x.shape[0] != batch or x.shape[2] != d_model:
         raise ValueError(f"inputs.{name} has shape {x.shape}; expected [batch={batch}, seq, "
                          f"d_model={d_model}]")
@@ -489,7 +493,7 @@ class XQuantCache(LayerInputCache):
     seq = inputs.x.shape[1]
     if seq > self.max_len:
       raise ValueError(f"inputs.x has {seq} tokens; expected at most max_len={self.max_len}")
-    empty = self.replace(start=check_start(start, self.codes.shape[0]),
+    empty = self.replace(start=check_start(start, self.codes.shape[0], seq),
                          length=jnp.zeros((), jnp.int32), window=jnp.zeros_like(self.window))
     return empty._write(empty._source(inputs), previous)
 
