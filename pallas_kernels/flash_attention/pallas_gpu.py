@@ -40,14 +40,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import shapes
 from pallas_kernels.flash_attention import masks
 from pallas_kernels.interpret import gpu_compute_capability, gpu_interpret
 
@@ -200,11 +201,11 @@ class Call:
 
   @property
   def q_pad(self) -> int:
-    return round_up(self.mask.q_len, self.blocks.q_multiple)
+    return shapes.round_up(self.mask.q_len, self.blocks.q_multiple)
 
   @property
   def kv_pad(self) -> int:
-    return round_up(self.mask.kv_len, self.blocks.kv_multiple)
+    return shapes.round_up(self.mask.kv_len, self.blocks.kv_multiple)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def _forward(config: Call, q, k, v, q_segment_ids, kv_segment_ids):
   """Pads, runs the forward kernel, unpads: ``([b, q_len, h, dv] in q's dtype, [b, h, q_len])``."""
   blocks = config.blocks
   batch, q_len, heads, v_dim = *q.shape[:3], v.shape[-1]
-  qp, kp, vp = _pad_queries(config, q), _pad_keys(config, k), _pad_keys(config, v)
+  qp, kp, vp = _padded(q, config.q_pad), _padded(k, config.kv_pad), _padded(v, config.kv_pad)
   segment_args, segment_specs = _segment_inputs(
       config, q_segment_ids, kv_segment_ids, blocks.block_q, blocks.block_kv, queries_tiled=True)
   q_blocks = config.q_pad // blocks.block_q
@@ -270,10 +271,10 @@ def backward(config: Call, residuals, cotangents):
   blocks = config.blocks
   batch, heads = q.shape[0], q.shape[2]
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  stats = [pad_axis(jnp.where(lse == -jnp.inf, 0.0, lse), 2, config.q_pad),  # all-masked rows
-           pad_axis(delta - d_lse, 2, config.q_pad)]
-  qp, dop = _pad_queries(config, q), _pad_queries(config, d_out)
-  kp, vp = _pad_keys(config, k), _pad_keys(config, v)
+  stats = [shapes.pad_axis(jnp.where(lse == -jnp.inf, 0.0, lse), 2, config.q_pad),  # all-masked
+           shapes.pad_axis(delta - d_lse, 2, config.q_pad)]
+  qp, dop = _padded(q, config.q_pad), _padded(d_out, config.q_pad)
+  kp, vp = _padded(k, config.kv_pad), _padded(v, config.kv_pad)
   compiler_params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd,
                                          num_stages=blocks.num_stages_bwd)
 
@@ -587,8 +588,8 @@ def _segment_inputs(config: Call, q_segment_ids, kv_segment_ids, block_q: int, b
   """
   if not config.segments:
     return [], lambda block_index: []
-  q_ids = pad_axis(q_segment_ids.astype(jnp.int32), 1, config.q_pad, mode="edge")
-  kv_ids = pad_axis(kv_segment_ids.astype(jnp.int32), 1, config.kv_pad, mode="edge")
+  q_ids = shapes.pad_axis(q_segment_ids.astype(jnp.int32), 1, config.q_pad, mode="edge")
+  kv_ids = shapes.pad_axis(kv_segment_ids.astype(jnp.int32), 1, config.kv_pad, mode="edge")
   if queries_tiled:
     bounds = _block_bounds(kv_ids, block_kv)
     tiled, tile = (lambda index: pl.BlockSpec((None, block_q), lambda i, b, h: (b, index(i)))), 0
@@ -618,28 +619,11 @@ def _block_bounds(ids, block: int):
           jnp.pad(hi, ((0, 0), (0, extra)), constant_values=_INT_MIN))
 
 
-def _pad_queries(config: Call, x):
-  """``[b, q_len, h, d] -> [b, q_pad, h, d_pad]`` with zeros (no copy when already aligned)."""
-  return pad_axis(pad_axis(x, 1, config.q_pad), 3, _tile(x.shape[3]))
-
-
-def _pad_keys(config: Call, x):
-  return pad_axis(pad_axis(x, 1, config.kv_pad), 3, _tile(x.shape[3]))
-
-
-def pad_axis(x, axis: int, size: int, *, mode: str = "constant"):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, mode=mode)
+def _padded(x, length: int):
+  """``[b, len, h, d] -> [b, length, h, _tile(d)]`` with zeros (no copy when already aligned)."""
+  return shapes.pad_axes(x, {1: length, 3: _tile(x.shape[3])})
 
 
 def _tile(n: int) -> int:
   """The power of two >= max(n, 16)."""
-  return max(_MIN_TILE, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
+  return shapes.next_power_of_two(n, _MIN_TILE)

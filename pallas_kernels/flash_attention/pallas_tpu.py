@@ -78,6 +78,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels import shapes
 from pallas_kernels.flash_attention import masks
 from pallas_kernels.interpret import require_tpu_or_interpret
 
@@ -213,10 +214,9 @@ def _block_sizes(block_sizes: Sequence[int] | None, q_len: int, kv_len: int, hea
 
 def _fit_block(length: int, target: int) -> int:
   """``length`` rounded up to 8 if that fits in ``target``, else near-equal 128-multiples."""
-  if _round_up(length, _SUBLANES) <= target:
-    return _round_up(length, _SUBLANES)
-  count = -(-length // target)
-  return _round_up(-(-length // count), _LANES)
+  if shapes.round_up(length, _SUBLANES) <= target:
+    return shapes.round_up(length, _SUBLANES)
+  return shapes.balanced_block(length, target, _LANES)
 
 
 def _check_block_sizes(block_sizes: Sequence[int], q_len: int, kv_len: int, *,
@@ -226,11 +226,11 @@ def _check_block_sizes(block_sizes: Sequence[int], q_len: int, kv_len: int, *,
                  and size % _SUBLANES == 0 for size in block_sizes)):
     raise ValueError(f"block_sizes must be a pair of positive multiples of {_SUBLANES}, "
                      f"got {block_sizes!r}")
-  fitted = tuple(min(size, _round_up(length, _SUBLANES))
+  fitted = tuple(min(size, shapes.round_up(length, _SUBLANES))
                  for size, length in zip(block_sizes, (q_len, kv_len)))
   if tpu:
     for name, size, length in zip(("block_q", "block_kv"), fitted, (q_len, kv_len)):
-      if size % _LANES and size != _round_up(length, _SUBLANES):
+      if size % _LANES and size != shapes.round_up(length, _SUBLANES):
         raise ValueError(f"block_sizes: {name} must be a multiple of {_LANES} on a TPU unless "
                          f"it covers the whole length {length}, got {block_sizes!r}")
   return fitted
@@ -250,11 +250,11 @@ class _Config:
 
   @property
   def q_pad(self) -> int:
-    return _round_up(self.mask.q_len, self.block_q)
+    return shapes.round_up(self.mask.q_len, self.block_q)
 
   @property
   def kv_pad(self) -> int:
-    return _round_up(self.mask.kv_len, self.block_kv)
+    return shapes.round_up(self.mask.kv_len, self.block_kv)
 
   @property
   def q_blocks(self) -> int:
@@ -415,7 +415,7 @@ class _Schedule:
     starts = jnp.arange(major_count) * major_block
     lo, hi = positions_seen(starts, starts + major_block)
     first = jnp.broadcast_to(lo // minor_block, (1, major_count))
-    stop = jnp.broadcast_to(-(-hi // minor_block), (1, major_count))
+    stop = jnp.broadcast_to(shapes.cdiv(hi, minor_block), (1, major_count))
     if config.segments:
       q_bounds = _segment_bounds(q_segment_ids, config.block_q, config.q_pad)
       kv_bounds = _segment_bounds(kv_segment_ids, config.block_kv, config.kv_pad)
@@ -443,7 +443,7 @@ def _row(config: _Config, b, index, count: int):
 
 def _segment_bounds(ids, block: int, padded: int) -> tuple[jax.Array, jax.Array]:
   """Per-block ``(min, max)`` of ``[b, length]`` ids padded (edge values) to ``padded``."""
-  ids = _pad_axis(ids.astype(jnp.int32), 1, padded, mode="edge")
+  ids = shapes.pad_axis(ids.astype(jnp.int32), 1, padded, mode="edge")
   tiles = ids.reshape(ids.shape[0], padded // block, block)
   return tiles.min(-1), tiles.max(-1)
 
@@ -519,8 +519,8 @@ def _segment_inputs(config: _Config, specs: _Specs, q_segment_ids, kv_segment_id
   ids as a row (for the ``[block_kv, block_q]`` mask that says which keys the block sees)."""
   if not config.segments:
     return [], []
-  q_ids = _pad_axis(q_segment_ids.astype(jnp.int32), 1, config.q_pad)
-  kv_ids = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, config.kv_pad)
+  q_ids = shapes.pad_axis(q_segment_ids.astype(jnp.int32), 1, config.q_pad)
+  kv_ids = shapes.pad_axis(kv_segment_ids.astype(jnp.int32), 1, config.kv_pad)
   pairs = [(q_ids, True), (kv_ids, False)]
   if transposed:
     pairs += [(kv_ids, False), (q_ids, True)]
@@ -743,7 +743,7 @@ def _statistic_row(column):
 
 def _lanes(x, width: int):
   """A lane-broadcast ``[rows, 128]`` array as ``[rows, width]`` (tiled, then cut)."""
-  return jnp.tile(x, (1, -(-width // _LANES)))[:, :width]
+  return jnp.tile(x, (1, shapes.cdiv(width, _LANES)))[:, :width]
 
 
 def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
@@ -759,7 +759,7 @@ def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
 
 def _heads_major(x, length: int):
   """``[b, s, h, d] -> [b, h, length, lane_width(d)]``, zero-padded."""
-  x = _pad_axis(_pad_axis(x, 1, length), 3, _lane_width(x.shape[3]))
+  x = shapes.pad_axes(x, {1: length, 3: _lane_width(x.shape[3])})
   return x.transpose(0, 2, 1, 3)
 
 
@@ -770,22 +770,10 @@ def _from_heads_major(x, length: int, dim: int):
 
 def _lane_width(dim: int) -> int:
   """A head dim padded to whole 128-lane vregs."""
-  return _round_up(dim, _LANES)
+  return shapes.round_up(dim, _LANES)
 
 
 def _sublane_broadcast(x, length: int):
   """A per-query ``[b, h, q_len]`` statistic as ``[b, h, 8, length]`` float32 rows."""
-  x = _pad_axis(x.astype(jnp.float32), 2, length)
+  x = shapes.pad_axis(x.astype(jnp.float32), 2, length)
   return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], _SUBLANES, x.shape[2]))
-
-
-def _pad_axis(x, axis: int, size: int, *, mode: str = "constant"):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, mode=mode)
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple

@@ -74,6 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
+from pallas_kernels import shapes
 from pallas_kernels.interpret import gpu_interpret
 from pallas_kernels.long_conv import dft, gating
 
@@ -141,12 +142,7 @@ def factors(n: int, max_on_chip: int = MAX_ON_CHIP, max_n0: int = MAX_N0
 def channel_block(m: int, channels: int) -> int:
   """Channels per on-chip program: ``BLOCK_ELEMENTS / m`` (1 at m = 4096, 16 at 256), or the
   next power of two ``>= channels`` when that is fewer."""
-  return min(BLOCK_ELEMENTS // m, _power_of_two(channels))
-
-
-def _power_of_two(size: int) -> int:
-  """The least power of two ``>= size``."""
-  return 1 << max(size - 1, 0).bit_length()
+  return min(BLOCK_ELEMENTS // m, shapes.next_power_of_two(channels))
 
 
 def _dot(f, a, precision):
@@ -275,7 +271,7 @@ def _edge_operands(edge: _Edge, x, gates: dict[str, jax.Array | None], n: int, g
   specs = [pl.BlockSpec((None, n, edge.cb), grid_spec)] * len(arrays)
   if edge.skip:
     skip = gates["skip"].astype(jnp.float32)
-    arrays[-1] = jnp.pad(skip, (0, -len(skip) % edge.cb))
+    arrays[-1] = shapes.pad_to_multiple(skip, 0, edge.cb)
     specs[-1] = pl.BlockSpec((edge.cb,), lambda *ids: (ids[2],))
   return names, arrays, specs
 
@@ -307,7 +303,7 @@ def _on_chip(signal: tuple[jax.Array, ...], k_hat_re, k_hat_im, n1: int, n2: int
   name = "long_conv_fused_fft" if edge is not None else "long_conv_fused_fft_complex"
   return pl.pallas_call(
       functools.partial(_kernel, names=(*names, *out_names), precision=precision, edge=edge),
-      grid=(batch, rows, -(-channels // cb)),
+      grid=(batch, rows, shapes.cdiv(channels, cb)),
       in_specs=specs + [spectrum] * 2 + [whole((n1, n1))] * 2 + [whole((n2, n2))] * 2
       + [whole((n1, n2))] * 2,
       out_specs=out_specs,
@@ -400,10 +396,10 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "*n0 
   n0, m = n // (n1 * n2), n1 * n2
   # Powers of two: pass 2 takes cb channels per program, passes 1 and 3 up to 32 (a multiple).
   cb = channel_block(m, channels)
-  unit = cb if n0 == 1 else min(_OUTER_CHANNELS, _power_of_two(channels))
-  padded = -(-channels // unit) * unit
-  pad = lambda a: jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((0, padded - channels),))
-  k_re, k_im = (pad(k).reshape(n0, n2, n1, padded) for k in (k_hat_re, k_hat_im))
+  unit = cb if n0 == 1 else min(_OUTER_CHANNELS, shapes.next_power_of_two(channels))
+  padded = shapes.round_up(channels, unit)
+  k_re, k_im = (shapes.pad_axis(k, -1, padded).reshape(n0, n2, n1, padded)
+                for k in (k_hat_re, k_hat_im))
   precision = (lax.Precision.HIGHEST if interpret
                else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
   gates = dict(pre_gate=pre_gate, post_gate=post_gate, skip=skip)

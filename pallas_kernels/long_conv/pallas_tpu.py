@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -93,6 +92,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
+from pallas_kernels import shapes
 from pallas_kernels.interpret import require_tpu_or_interpret
 from pallas_kernels.long_conv import dft, gating
 
@@ -122,8 +122,8 @@ def mxu_cost(n1: int, n2: int, complex_signal: bool) -> float:
   ``[M, K] @ [K, 128]`` dot loads ``ceil(K / 128)`` weight tiles and pushes ``M`` rows plus about
   128 cycles of fill per tile: stage 1 is ``n2`` of them with ``M = K = n1`` (2 + 2 dots for a
   real signal, 4 + 4 for a complex one), stage 2 ``n1`` of them with ``M = K = n2`` (8 dots)."""
-  stage1 = n2 * (8 if complex_signal else 4) * math.ceil(n1 / _LANES) * (n1 + _LANES)
-  stage2 = n1 * 8 * math.ceil(n2 / _LANES) * (n2 + _LANES)
+  stage1 = n2 * (8 if complex_signal else 4) * shapes.cdiv(n1, _LANES) * (n1 + _LANES)
+  stage2 = n1 * 8 * shapes.cdiv(n2, _LANES) * (n2 + _LANES)
   return (stage1 + stage2) / (n1 * n2)
 
 
@@ -141,7 +141,7 @@ def tiles(m: int, complex_signal: bool = False) -> tuple[int, int] | None:
 def _multi_pass_cost(n0: int, m: int) -> float:
   """:func:`mxu_cost` of the on-chip complex size ``m`` plus passes 1 and 3 (four ``K = n0``
   dots per element, streamed by XLA), per element."""
-  return mxu_cost(*tiles(m, True), True) + 4 * math.ceil(n0 / _LANES)
+  return mxu_cost(*tiles(m, True), True) + 4 * shapes.cdiv(n0, _LANES)
 
 
 @functools.cache
@@ -162,12 +162,12 @@ def factors(n: int) -> tuple[int, ...] | None:
 def transform_size(length: int) -> int | None:
   """The ``n >= length`` of least ``n * cost`` that :func:`factors` accepts: one pass whenever one
   fits (``n`` up to ``2 * length``), else the multi-pass split; None beyond its limit."""
-  first = _STEP * max(1, math.ceil(length / _STEP))
+  first = shapes.round_up(max(length, 1), _STEP)
   one_pass = [n for n in range(first, 2 * first + 1, _STEP) if tiles(n)]
   if one_pass:
     return min(one_pass, key=lambda n: (n * mxu_cost(*tiles(n), False), n))
-  splits = [(max(2, math.ceil(length / m)), m) for m in range(_STEP, _MAX_M + 1, _STEP)
-            if tiles(m, True) is not None and math.ceil(length / m) <= MAX_N0]
+  splits = [(max(2, shapes.cdiv(length, m)), m) for m in range(_STEP, _MAX_M + 1, _STEP)
+            if tiles(m, True) is not None and shapes.cdiv(length, m) <= MAX_N0]
   if not splits:
     return None
   n0, m = min(splits, key=lambda split: (split[0] * split[1] * _multi_pass_cost(*split),
@@ -316,7 +316,7 @@ def _fused(signal: tuple[jax.Array, ...], k_re, k_im, n0: int, n1: int, n2: int,
     specs = [data] * len(arrays)
     if edge.skip:  # [1, lanes] float32, a lane vector per channel block
       skip = gates["skip"].astype(jnp.float32)
-      arrays[-1] = jnp.pad(skip, (0, lanes - len(skip)))[None]
+      arrays[-1] = shapes.pad_axis(skip, 0, lanes)[None]
       specs[-1] = pl.BlockSpec((1, block), lambda k0, c, b: (0, c))
     out_names, out_specs = ["out"], [data]
     out_shape = [jax.ShapeDtypeStruct(signal[0].shape, dtype)]
@@ -387,11 +387,10 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "n ch
   if k_hat_re.shape != (n, channels) or k_hat_im.shape != (n, channels):
     raise ValueError(f"kernel spectrum must have shape {(n, channels)}, got {k_hat_re.shape} and "
                      f"{k_hat_im.shape}")
-  lanes = channels if channels < _LANES else -(-channels // _LANES) * _LANES
-  pad = lambda a: jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((0, lanes - a.shape[-1]),))
+  lanes = channels if channels < _LANES else shapes.round_up(channels, _LANES)
   n0, n1, n2 = split if len(split) == 3 else (1, *split)
   m = n1 * n2
-  k_re, k_im = (pad(k).reshape(n0, m, lanes) for k in (k_hat_re, k_hat_im))
+  k_re, k_im = (shapes.pad_axis(k, -1, lanes).reshape(n0, m, lanes) for k in (k_hat_re, k_hat_im))
   if n0 == 1:
     dtypes = [jnp.dtype(dtype), *(a.dtype for a in (x, pre_gate, post_gate) if a is not None)]
     if not interpret and jnp.dtype(jnp.float16) in dtypes:
@@ -406,7 +405,7 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "n ch
   v = x.astype(jnp.float32)
   if pre_gate is not None:
     v = v * pre_gate.astype(jnp.float32)
-  rows = pad(jnp.pad(v, ((0, 0), (0, n - seq), (0, 0)))).reshape(batch, n0, m * lanes)
+  rows = shapes.pad_axes(v, {1: n, 2: lanes}).reshape(batch, n0, m * lanes)
   first = lambda f: jnp.einsum("pq,bqr->bpr", f, rows, precision=_HIGHEST)
   signal = tuple(first(f).reshape(batch, n0, m, lanes) for f in (f0_re, f0_im))
   z_re, z_im = (z.reshape(batch, n0, m * lanes)

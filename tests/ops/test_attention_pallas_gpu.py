@@ -19,6 +19,7 @@ from attention_test_base import AttentionTestBase, Case, numpy_mask, packed_segm
 
 from effjax.ops.attention import flash_attention
 from effjax.ops.attention.api import normalize_arguments
+from pallas_kernels import shapes
 from pallas_kernels.flash_attention import masks, pallas_gpu
 from pallas_kernels.interpret import interpret_mode
 
@@ -95,7 +96,7 @@ def test_segment_block_ranges_are_exact_for_sorted_ids(length, segments, block):
   ids = jnp.stack([packed_segment_ids(1, length, segments)[0],
                    jnp.asarray(np.sort(np.random.default_rng(length).integers(0, segments, length)),
                                jnp.int32)])
-  padded = pallas_gpu.pad_axis(ids, 1, -(-length // block) * block, mode="edge")
+  padded = shapes.pad_to_multiple(ids, 1, block, mode="edge")
   lo, hi = pallas_gpu._block_bounds(padded, block)
   for row in range(2):
     for start in range(0, length, block):

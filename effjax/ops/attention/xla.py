@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels import shapes
 from pallas_kernels.flash_attention import masks
 
 # Block-size heuristic: blocks of up to _MAX_BLOCK positions, halved (down to _MIN_BLOCK) until
@@ -113,10 +114,9 @@ def default_block_sizes(q_len: int, kv_len: int, batch_heads: int) -> tuple[int,
 
 def _fit_block(length: int, target: int) -> int:
   """``length`` itself if it fits in ``target``, else near-equal blocks of a multiple of 8."""
-  count = -(-length // target)
-  if count == 1:
+  if length <= target:
     return length
-  return -(-length // count // _ALIGN) * _ALIGN
+  return shapes.balanced_block(length, target, _ALIGN)
 
 
 def _check_block_sizes(block_sizes: Sequence[int]) -> tuple[int, int]:
@@ -311,7 +311,7 @@ def _block_range(positions_seen, index, block, other_block):
   """The half-open range of ``other_block``-sized blocks that block ``index`` interacts with."""
   start, stop = positions_seen(index * block, (index + 1) * block)
   first = start // other_block
-  return first, jnp.maximum(-(-stop // other_block), first)
+  return first, jnp.maximum(shapes.cdiv(stop, other_block), first)
 
 
 def _block(x, index, size: int, axis: int = 3):
@@ -342,7 +342,7 @@ class _Layout:
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1:3]
     return cls(batch, q_len, kv_len, kv_heads, heads // kv_heads,
-               -(-q_len // config.block_q), -(-kv_len // config.block_kv),
+               shapes.cdiv(q_len, config.block_q), shapes.cdiv(kv_len, config.block_kv),
                config.block_q, config.block_kv)
 
   @property
@@ -355,24 +355,25 @@ class _Layout:
 
   def queries(self, x):
     """``[b, q_len, h, d] -> [b, kv_heads, group, q_pad, d]``."""
-    x = _pad_axis(x, 1, self.q_pad)
+    x = shapes.pad_axis(x, 1, self.q_pad)
     x = x.reshape(self.batch, self.q_pad, self.kv_heads, self.group, x.shape[-1])
     return x.transpose(0, 2, 3, 1, 4)
 
   def keys(self, x):
     """``[b, kv_len, kv_heads, d] -> [b, kv_heads, kv_pad, d]``."""
-    return _pad_axis(x, 1, self.kv_pad).transpose(0, 2, 1, 3)
+    return shapes.pad_axis(x, 1, self.kv_pad).transpose(0, 2, 1, 3)
 
   def query_stats(self, x):
     """``[b, h, q_len] -> [b, kv_heads, group, q_pad]``."""
-    x = _pad_axis(x, 2, self.q_pad)
+    x = shapes.pad_axis(x, 2, self.q_pad)
     return x.reshape(self.batch, self.kv_heads, self.group, self.q_pad)
 
   def segments(self, q_segment_ids, kv_segment_ids):
     """Segment ids padded to whole blocks, or None."""
     if q_segment_ids is None:
       return None
-    return _pad_axis(q_segment_ids, 1, self.q_pad), _pad_axis(kv_segment_ids, 1, self.kv_pad)
+    return (shapes.pad_axis(q_segment_ids, 1, self.q_pad),
+            shapes.pad_axis(kv_segment_ids, 1, self.kv_pad))
 
   def unblock_output(self, x):
     """Per-block outputs ``[q_blocks, b, kv_heads, group, block_q, dv] -> [b, q_len, h, dv]``."""
@@ -393,10 +394,3 @@ class _Layout:
     """Per-block ``[kv_blocks, b, kv_heads, block_kv, d] -> [b, kv_len, kv_heads, d]``."""
     x = x.transpose(1, 0, 3, 2, 4)
     return x.reshape(self.batch, self.kv_pad, self.kv_heads, x.shape[-1])[:, :self.kv_len]
-
-
-def _pad_axis(x, axis: int, size: int):
-  """Zero-pads ``x`` along ``axis`` to ``size``."""
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
