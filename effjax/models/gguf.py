@@ -3,8 +3,9 @@
 GGUF (llama.cpp's format) stores the architecture's hyperparameters as metadata (``llama.*`` keys),
 the weights as (often quantized) tensors named ``token_embd``, ``blk.N.attn_q`` ..., and the
 tokenizer. This module reads all three with the ``gguf`` package: the config comes from the
-metadata, every weight is dequantized to float32 with ``gguf.quants.dequantize``, and the tokenizer
-is :meth:`effjax.data.Tokenizer.from_gguf`.
+metadata, every weight is dequantized to float32 with ``gguf.quants.dequantize`` (any type it
+implements: :func:`dequantizable_tensor_types`, e.g. F16, BF16, Q8_0, the K-quants of Q4_K_M
+files), and the tokenizer is :meth:`effjax.data.Tokenizer.from_gguf`.
 
 Q/K row layout. llama.cpp's HF converter permutes the rows of ``attn_q`` and ``attn_k``, per head,
 from HF's "rotate half" RoPE layout (pairs ``(i, i + head_dim/2)``) to interleaved pairs
@@ -20,6 +21,8 @@ dequantized tensor at a time on the host; the file itself is memory-mapped.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import os
 import re
 from collections.abc import Callable
@@ -36,8 +39,6 @@ if TYPE_CHECKING:
   import gguf
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-# gguf.GGMLQuantizationType names of the tensor types the loader dequantizes.
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q4_1", "Q8_0")
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's default when llama.rope.freq_base is absent
 
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
@@ -116,16 +117,45 @@ def rope_rows_to_rotate_half(w: np.ndarray, num_heads: int) -> np.ndarray:
   return w.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+@functools.cache
+def dequantizable_tensor_types() -> tuple[str, ...]:
+  """Names of the GGML tensor types the installed ``gguf`` package dequantizes (the loader takes
+  all of them): F32, F16, BF16, the legacy and K-quants (Q4_K_M files mix Q4_K and Q6_K), the
+  IQ and ternary types, ... depending on its version."""
+  gguf = import_eval_dependency("gguf")
+  names = []
+  for kind in gguf.GGMLQuantizationType:
+    if kind not in gguf.GGML_QUANT_SIZES:
+      continue
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    try:
+      gguf.quants.dequantize(np.zeros((1, size), np.uint8), kind)
+    except NotImplementedError:
+      continue
+    names.append(kind.name)
+  return tuple(names)
+
+
 def _dequantize(tensor: Any) -> np.ndarray:
-  """A GGUF tensor as float32 numpy, in numpy (row-major) shape: GGUF's dims reversed."""
-  quants = import_eval_dependency("gguf").quants
-  kind = tensor.tensor_type.name
-  if kind not in SUPPORTED_TENSOR_TYPES:
+  """A GGUF tensor as float32 numpy, in numpy (row-major) shape: GGUF's dims reversed.
+
+  Every type is dequantized by ``gguf.quants.dequantize`` (llama.cpp's reference formulas).
+  """
+  gguf = import_eval_dependency("gguf")
+  kind = tensor.tensor_type
+  if kind.name not in dequantizable_tensor_types():
     raise UnsupportedGGUFError(
-        f"GGUF tensor {tensor.name!r} has type {kind}; supported types: "
-        f"{list(SUPPORTED_TENSOR_TYPES)}")
-  values = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        f"GGUF tensor {tensor.name!r} has type {kind.name}, which the gguf package "
+        f"{_version('gguf')} cannot dequantize; it can: {list(dequantizable_tensor_types())}")
+  values = np.asarray(gguf.quants.dequantize(tensor.data, kind), np.float32)
   return values.reshape(tuple(int(n) for n in reversed(tensor.shape)))
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "(unknown version)"
 
 
 # A GGUF tensor's place in DecoderLM: parameter path, numpy shape in the file, conversion.
@@ -174,7 +204,7 @@ def params_from_gguf(reader: gguf.GGUFReader, config: TransformerConfig) -> dict
     config: usually :func:`config_from_gguf` (possibly with fewer layers).
 
   Raises:
-    UnsupportedGGUFError: a tensor type other than SUPPORTED_TENSOR_TYPES, a tensor with no
+    UnsupportedGGUFError: a tensor type gguf cannot dequantize, a tensor with no
       DecoderLM counterpart, a tensor whose shape disagrees with the metadata, or a missing one.
   """
   targets = _targets(config)
