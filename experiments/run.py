@@ -1,6 +1,9 @@
-"""``effjax-run CONFIG.yaml [--dotted.key=value ...]``: runs the experiment a config names.
+"""``effjax-run CONFIG [--dotted.key=value ...]``: runs the experiment a config names.
 
-Also ``python -m experiments.run``. ``effjax-run CONFIG.yaml --help`` lists every key with its help.
+CONFIG is a YAML file's path, or the name of a shipped config (``effjax-run quickstart``, also
+``quickstart.yaml``): the repository's ``configs/`` folder, which the package ships as
+``experiments/configs``, so names work from any directory; a file at that path wins over a name.
+Also ``python -m experiments.run``. ``effjax-run CONFIG --help`` lists every key with its help.
 Each experiment module defines ``Config`` (a frozen dataclass deriving from
 :class:`experiments.config.ExperimentConfig`) and ``main(config) -> dict`` (a summary of results).
 """
@@ -8,6 +11,7 @@ Each experiment module defines ``Config`` (a frozen dataclass deriving from
 from __future__ import annotations
 
 import importlib
+import pathlib
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -33,8 +37,47 @@ def experiment_module(name: str) -> ModuleType:
   return importlib.import_module(EXPERIMENTS[name])
 
 
-def load(path: str, overrides: Sequence[str] = ()) -> tuple[ModuleType, Any]:
-  """Loads a config file with overrides; returns (experiment module, config)."""
+def shipped_configs_dir() -> pathlib.Path | None:
+  """The folder of shipped configs: ``experiments/configs`` in an installed wheel, the
+  repository's ``configs/`` in a source checkout (editable install); None if neither."""
+  package = pathlib.Path(__file__).resolve().parent
+  if (package / "configs").is_dir():
+    return package / "configs"
+  checkout = package.parent
+  if (checkout / "configs").is_dir() and (checkout / "pyproject.toml").is_file():
+    return checkout / "configs"
+  return None
+
+
+def shipped_configs() -> dict[str, pathlib.Path]:
+  """Name (file stem) -> path of every shipped config."""
+  folder = shipped_configs_dir()
+  return {} if folder is None else {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config(config: str | pathlib.Path) -> pathlib.Path:
+  """The config file ``config`` names: an existing path, else a shipped config's name (with or
+  without ``.yaml``).
+
+  Raises:
+    ConfigError: neither, listing the shipped configs.
+  """
+  path = pathlib.Path(config)
+  if path.is_file():
+    return path
+  shipped = shipped_configs()
+  name = path.name.removesuffix(".yaml").removesuffix(".yml")
+  if path.parent == pathlib.Path(".") and name in shipped:
+    return shipped[name]
+  raise ConfigError(f"config file {str(config)!r} does not exist, and it is not the name of a "
+                    f"shipped config; shipped configs: {sorted(shipped)} "
+                    f"(run one by name: effjax-run quickstart)")
+
+
+def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> tuple[ModuleType, Any]:
+  """Loads a config (a path or a shipped config's name, see :func:`resolve_config`) with
+  overrides; returns (experiment module, config)."""
+  path = resolve_config(path)
   name = read_experiment_name(path)
   module = experiment_module(name)
   config = parse_config(module.Config, path, overrides)
@@ -44,7 +87,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[ModuleType, Any]:
   return module, config
 
 
-def run(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
   """Runs the experiment ``path`` names; returns its summary."""
   module, config = load(path, overrides)
   return module.main(config)
@@ -53,15 +96,19 @@ def run(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0].startswith("-"):
-    print("usage: effjax-run CONFIG.yaml [--key.sub=value ...] [--help]\n"
+    print("usage: effjax-run CONFIG [--key.sub=value ...] [--help]\n"
+          "CONFIG: a YAML file, or a shipped config's name: "
+          f"{', '.join(shipped_configs()) or '(none found)'}\n"
           f"experiments: {', '.join(sorted(EXPERIMENTS))}", file=sys.stderr)
     return 2
-  path, overrides = argv[0], argv[1:]
+  name, overrides = argv[0], argv[1:]
   try:
+    path = resolve_config(name)
     if "--help" in overrides or "-h" in overrides:
       module = experiment_module(read_experiment_name(path))
       try:
-        draccus.parse(module.Config, config_path=path, args=["--help"], prog=f"effjax-run {path}")
+        draccus.parse(module.Config, config_path=str(path), args=["--help"],
+                      prog=f"effjax-run {name}")
       except SystemExit as done:  # argparse exits after printing help
         return int(done.code or 0)
       return 0

@@ -9,6 +9,7 @@ from experiments import run
 from experiments.config import ConfigError
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS_BY_NAME = {path.stem: path for path in CONFIGS}
 
 
 def test_there_are_configs():
@@ -86,3 +87,47 @@ def test_cli_help_lists_keys(capsys):
   quickstart = next(path for path in CONFIGS if path.name == "quickstart.yaml")
   assert run.main([str(quickstart), "--help"]) == 0
   assert "learning_rate" in capsys.readouterr().out
+
+
+# --- Shipped configs by name, from any directory --------------------------------------------------
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart.yaml"])
+def test_a_shipped_config_loads_by_name_from_any_directory(tmp_path, monkeypatch, name):
+  monkeypatch.chdir(tmp_path)
+  path = run.resolve_config(name)
+  assert path.name == "quickstart.yaml" and path.read_text() == CONFIGS_BY_NAME[
+      "quickstart"].read_text()
+  module, config = run.load(name)
+  assert config.experiment == "train_lm" and module.__name__ == "experiments.train_lm"
+
+
+def test_every_shipped_config_is_found_by_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert sorted(run.shipped_configs()) == sorted(CONFIGS_BY_NAME)
+  for name, path in CONFIGS_BY_NAME.items():
+    assert run.resolve_config(name).read_text() == path.read_text()
+
+
+def test_a_path_still_works_and_wins_over_a_shipped_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "quickstart.yaml").write_text("experiment: train_lm\nsteps: 3\n")
+  assert run.resolve_config("quickstart.yaml") == pathlib.Path("quickstart.yaml")
+  assert run.load("quickstart.yaml")[1].steps == 3
+  assert run.load(str(CONFIGS_BY_NAME["smollm2_eval"]))[1].experiment == "eval_perplexity"
+
+
+def test_an_unknown_name_lists_the_shipped_configs(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match=r"'quickstrat' does not exist.*shipped configs: "
+                                        r"\[.*'quickstart'.*'smollm2_eval'.*\]"):
+    run.load("quickstrat")
+  assert run.main(["quickstrat"]) == 2
+  assert "shipped configs" in capsys.readouterr().err
+
+
+def test_cli_help_by_name_from_another_directory(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  assert run.main(["quickstart", "--help"]) == 0
+  assert "learning_rate" in capsys.readouterr().out
+  assert run.main([]) == 2
+  assert "quickstart" in capsys.readouterr().err  # the usage lists the shipped configs

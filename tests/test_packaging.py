@@ -84,3 +84,19 @@ def test_flax_lower_bound_supports_the_jax_lower_bound():
   project = _project()
   if _dependency_bound("jax", project["dependencies"]) >= (0, 10, 0):
     assert _dependency_bound("flax", project["dependencies"]) >= (0, 12, 7)
+
+
+def test_the_package_ships_the_configs_folder(monkeypatch):
+  # What setup.py hands setuptools (a wheel built from it holds experiments/configs/*.yaml, which
+  # effjax-run resolves by name; checked by hand with `pip wheel --no-deps .` + `unzip -l`).
+  import setuptools  # pylint: disable=g-import-not-at-top
+  captured = {}
+  monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+  monkeypatch.chdir(ROOT)
+  exec(compile((ROOT / "setup.py").read_text(), "setup.py", "exec"), {"__name__": "__main__"})
+  assert "experiments.configs" in captured["packages"]
+  assert captured["package_dir"] == {"experiments.configs": "configs"}
+  assert captured["package_data"]["experiments.configs"] == ["*.yaml"]
+  expected = setuptools.find_packages(include=["effjax*", "pallas_kernels*", "experiments*"])
+  assert set(expected) <= set(captured["packages"])
+  assert list((ROOT / "configs").glob("*.yaml"))
