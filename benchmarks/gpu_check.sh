@@ -16,8 +16,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 GPU_SUITES=(attention_gpu long_conv kvcache_decode)
 [ -n "${SUITES:-}" ] && read -ra GPU_SUITES <<< "$SUITES"  # e.g. SUITES="attention_gpu"
-TESTS=${TESTS:-tests/ops tests/kv_cache/test_decode_kernels.py tests/kv_cache/test_vidkv_decode_kernels.py \
-  tests/kv_cache/test_xquant_decode_kernels.py}
+TESTS=${TESTS:-tests/ops}  # every op's kernel tests, the quantized-cache decode kernels' included
 
 summary="$OUT/gpu_check.md"
 log="$OUT/gpu_check.log"

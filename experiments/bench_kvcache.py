@@ -29,9 +29,12 @@ import jax.numpy as jnp
 
 from effjax import benchmarking
 from effjax.kv_cache import KIVI, FullKVCache, LayerInputs, VidKV, XQuant
-from effjax.kv_cache.attention import kivi_decode_attention, vidkv_decode_attention
-from effjax.kv_cache.xquant import xquant_decode_attention
 from effjax.nn import TransformerConfig
+from effjax.ops.kv_decode import (
+    kivi_decode_attention,
+    vidkv_decode_attention,
+    xquant_decode_attention,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, D_MODEL = 9, 3, 64, 576
 CACHES = {"fp": FullKVCache, "KIVI-4": KIVI(bits=4), "KIVI-2": KIVI(bits=2),

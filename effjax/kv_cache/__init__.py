@@ -8,6 +8,10 @@ group quantizer are in :mod:`effjax.kv_cache.quant`. :class:`XQuantCache` (setti
 cross-layer deltas) and rematerializes K/V: a :class:`LayerInputCache`.
 :class:`VidKVCache` (settings :class:`VidKV`): 1.x-bit keys (2-bit anomalous channels, 1-bit
 FFT of the rest) and ternary per-channel values, full-precision residual.
+
+Decode attention over the quantized caches is an op per format in :mod:`effjax.ops.kv_decode`
+(``kivi_decode_attention``, ``vidkv_decode_attention``, ``xquant_decode_attention``: a block-wise
+XLA path and Pallas kernels), which the caches' ``decode_attention`` / ``attend_inputs`` call.
 """
 
 from effjax.kv_cache.base import CacheType, KVCache, LayerInputCache, LayerInputs

@@ -155,9 +155,9 @@ class KVCache(flax.struct.PyTreeNode, abc.ABC):
 
   def decode_attention(self, q: Float[Array, "batch seq heads head_dim"], *,
                        scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
-    """:meth:`attend` as a decoding step runs it (:func:`effjax.models.extend`): caches with
-    fused decode kernels (KIVI, VidKV) choose an implementation through ``effjax.dispatch``;
-    the others attend directly."""
+    """:meth:`attend` as a decoding step runs it (:func:`effjax.models.extend`): the quantized
+    caches (KIVI, VidKV) run their op of :mod:`effjax.ops.kv_decode` in the platform's default
+    order (``effjax.dispatch``); the others attend directly."""
     return self.attend(q, scale=scale)
 
   def nbytes(self) -> int:

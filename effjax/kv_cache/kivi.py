@@ -32,8 +32,9 @@ bytes; key scales and zero points ``2 * batch * (S / G) * H * head_dim * 2``; va
 zero points ``2 * batch * S * H * (head_dim / G) * 2``; residual keys
 ``batch * R * H * head_dim * itemsize`` and values ``batch * (R + 1) * H * head_dim * itemsize``;
 4 int32 counters plus ``start``. At 2 bits, G = 32, head_dim = 64 that is 48 bytes per token and
-kv head (fp16: 256) plus the residual. :meth:`KIVICache.attend` dequantizes block by block
-(:mod:`effjax.kv_cache.attention`).
+kv head (fp16: 256) plus the residual. Attention (:meth:`KIVICache.decode_attention`,
+:meth:`KIVICache.attend`) is the op :func:`effjax.ops.kv_decode.kivi_decode_attention`: block by
+block in XLA, or fused Pallas kernels that read the packed codes in place.
 """
 
 from __future__ import annotations
@@ -49,16 +50,15 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache import quant
-from effjax.kv_cache.attention import blockwise_decode_attention, kivi_decode_attention
 from effjax.kv_cache.base import (
     StreamingQuantizedCache,
     check_floating_dtype,
     check_group_and_residual,
     check_kv,
     check_positive_int,
-    check_query,
     check_start,
 )
+from effjax.ops import kv_decode
 
 SUPPORTED_BITS = (*quant.PACKED_BITS, 16)  # 16: quantization disabled (a test mode)
 DECODE_BLOCK_TOKENS = 256  # slots dequantized at a time by attend (rounded up to a multiple of G)
@@ -184,6 +184,11 @@ class KIVICache(StreamingQuantizedCache):
     """Slots per dequantized block in attend: a multiple of G, at most ~DECODE_BLOCK_TOKENS."""
     return -(-min(DECODE_BLOCK_TOKENS, max_len) // group_size) * group_size
 
+  @property
+  def block_size(self) -> int:
+    """Slots the XLA decode path dequantizes at a time (a multiple of G dividing the slots)."""
+    return self._block_size(self.group_size, self.max_len)
+
   # Encoding and decoding. Keys: groups of G slots per channel; values: G channels per slot.
 
   def _encode(self, x: jax.Array, *, keys: bool, mask: jax.Array | None = None):
@@ -221,7 +226,24 @@ class KIVICache(StreamingQuantizedCache):
     """``[batch, T, 1, 1]``: which slots hold real tokens (not left padding)."""
     return (slots[None, :] >= self.start[:, None])[:, :, None, None]
 
-  def _keys_at(self, slots: Int[Array, "T"]) -> jax.Array:
+  def decode_block(self, j0: Int[Array, ""], size: int
+                   ) -> tuple[Float[Array, "batch size kv_heads head_dim"],
+                              Float[Array, "batch size kv_heads head_dim"]]:
+    """float32 quantized keys and values of slots ``[j0, j0 + size)`` (multiples of G; valid
+    below ``k_quantized`` / ``v_quantized``), dequantized from the codes."""
+    key_scales = [None, None] if self.key_bits == 16 else [
+        jnp.repeat(lax.dynamic_slice_in_dim(s, j0 // self.group_size, size // self.group_size,
+                                            axis=1), self.group_size, axis=1)
+        for s in (self.k_scale, self.k_zero)]
+    value_scales = [None, None] if self.value_bits == 16 else [
+        self._value_scales(lax.dynamic_slice_in_dim(s, j0, size, axis=1))
+        for s in (self.v_scale, self.v_zero)]
+    return (self._decode(self.key_bits, lax.dynamic_slice_in_dim(self.k_codes, j0, size, 1),
+                         *key_scales),
+            self._decode(self.value_bits, lax.dynamic_slice_in_dim(self.v_codes, j0, size, 1),
+                         *value_scales))
+
+  def keys_at(self, slots: Int[Array, "T"]) -> jax.Array:
     """float32 keys ``[batch, T, kv_heads, head_dim]`` of ``slots`` as attend sees them."""
     scales = [None, None] if self.key_bits == 16 else [
         jnp.take(s, slots // self.group_size, axis=1, mode="clip")
@@ -232,7 +254,7 @@ class KIVICache(StreamingQuantizedCache):
     return jnp.where((slots < self.k_quantized)[None, :, None, None], quantized,
                      full.astype(jnp.float32))
 
-  def _values_at(self, slots: Int[Array, "T"]) -> jax.Array:
+  def values_at(self, slots: Int[Array, "T"]) -> jax.Array:
     """float32 values ``[batch, T, kv_heads, head_dim]`` of ``slots`` as attend sees them."""
     scales = [None, None] if self.value_bits == 16 else [
         self._value_scales(jnp.take(s, slots, axis=1, mode="clip"))
@@ -255,8 +277,8 @@ class KIVICache(StreamingQuantizedCache):
     """
     slots = jnp.arange(self.max_len)
     filled = (slots < self.length)[None, :, None, None]
-    return (jnp.where(filled, self._keys_at(slots), 0.0),
-            jnp.where(filled, self._values_at(slots), 0.0))
+    return (jnp.where(filled, self.keys_at(slots), 0.0),
+            jnp.where(filled, self.values_at(slots), 0.0))
 
   # The cache interface.
 
@@ -316,41 +338,13 @@ class KIVICache(StreamingQuantizedCache):
 
   def decode_attention(self, q: Float[Array, "batch seq heads head_dim"], *,
                        scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
-    """:func:`effjax.kv_cache.attention.kivi_decode_attention`: the fused decode kernels where
-    ``effjax.dispatch`` picks them, else :meth:`attend`."""
-    return kivi_decode_attention(self, q, scale=scale)
+    """:func:`effjax.ops.kv_decode.kivi_decode_attention` in the platform's default order."""
+    return kv_decode.kivi_decode_attention(self, q, scale=scale)
 
   def attend(self, q: Float[Array, "batch seq heads head_dim"], *,
              scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
-    """Attention over the cache, dequantizing ``_block_size`` slots at a time.
-
-    Slots below ``max(0, length - R - 1)`` have both key and value quantized and are read block
-    by block; the last ``R + 1`` slots (the residual region) are gathered slot by slot.
-    Memory: see :mod:`effjax.kv_cache.attention` (never a float32 copy of the whole cache).
-    """
-    check_query(q, **self._geometry)
-    head_dim = q.shape[-1]
-    block = self._block_size(self.group_size, self.max_len)
-    prefix_end = jnp.maximum(self.length - self.residual - 1, 0)
-
-    def load_block(j0):
-      key_scales = [None, None] if self.key_bits == 16 else [
-          jnp.repeat(lax.dynamic_slice_in_dim(s, j0 // self.group_size, block // self.group_size,
-                                              axis=1), self.group_size, axis=1)
-          for s in (self.k_scale, self.k_zero)]
-      value_scales = [None, None] if self.value_bits == 16 else [
-          self._value_scales(lax.dynamic_slice_in_dim(s, j0, block, axis=1))
-          for s in (self.v_scale, self.v_zero)]
-      return (self._decode(self.key_bits, lax.dynamic_slice_in_dim(self.k_codes, j0, block, 1),
-                           *key_scales),
-              self._decode(self.value_bits, lax.dynamic_slice_in_dim(self.v_codes, j0, block, 1),
-                           *value_scales))
-
-    tail_slots = prefix_end + jnp.arange(self.residual + 1)
-    out = blockwise_decode_attention(
-        q, load_block=load_block, block_size=block, prefix_end=prefix_end,
-        tail_slots=tail_slots, tail_k=self._keys_at(tail_slots),
-        tail_v=self._values_at(tail_slots), start=self.start, length=self.length,
-        scale=head_dim**-0.5 if scale is None else scale)
-    out = jnp.where(self.length <= self.max_len, out, jnp.nan)
-    return out.astype(q.dtype)
+    """:func:`effjax.ops.kv_decode.kivi_decode_attention` by its ``"xla"`` implementation:
+    slots below ``max(0, length - R - 1)`` (key and value quantized) dequantized
+    :attr:`block_size` at a time, the last ``R + 1`` slots gathered slot by slot; never a float32
+    copy of the whole cache."""
+    return kv_decode.kivi_decode_attention(self, q, scale=scale, implementation="xla")

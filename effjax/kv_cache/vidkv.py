@@ -52,10 +52,10 @@ channel masks ``batch * (S / G) * H * W(D, 1) * 4``; value codes
 ``batch * S * ceil(H * D / 20) * 4``, value scales ``batch * (S / G) * H * D * 2``; residual keys
 and values ``2 * batch * R * H * D * itemsize``; ``start`` and 2 int32 counters. At ``D = 64``,
 ``G = 32``, ``key_bits = 1.5``: keys 1.5 + 0.75 (scales) + 0.03 (mask) bits per element, values
-1.67 (3 heads) + 0.5 bits. :meth:`VidKVCache.attend` dequantizes block by block
-(:mod:`effjax.kv_cache.attention`), never a float32 copy of the whole cache;
-:func:`effjax.kv_cache.attention.vidkv_decode_attention` runs it or the fused Pallas decode kernels
-(``pallas_kernels.kv_decode.vidkv_gpu`` / ``vidkv_tpu``), which read the packed codes in place.
+1.67 (3 heads) + 0.5 bits. Attention (:meth:`VidKVCache.decode_attention`,
+:meth:`VidKVCache.attend`) is the op :func:`effjax.ops.kv_decode.vidkv_decode_attention`: block by
+block in XLA (never a float32 copy of the whole cache), or fused Pallas kernels
+(``pallas_kernels.kv_decode.vidkv``) that read the packed codes in place.
 
 Claim (paper): K1.5 / V1.58 with almost no drop from fp16 on LLaVA-OV-7B and Qwen2.5-VL-7B on six
 video benchmarks.
@@ -75,17 +75,16 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache import quant
-from effjax.kv_cache.attention import blockwise_decode_attention, vidkv_decode_attention
 from effjax.kv_cache.base import (
     StreamingQuantizedCache,
     check_floating_dtype,
     check_group_and_residual,
     check_kv,
     check_positive_int,
-    check_query,
     check_start,
 )
 from effjax.kv_cache.kivi import SCALE_DTYPE, KIVICache
+from effjax.ops import kv_decode
 
 
 def real_fft(x: Float[Array, "... n"]) -> Float[Array, "... n"]:
@@ -248,7 +247,12 @@ class VidKVCache(StreamingQuantizedCache):
             "k_hot": quant.pack(anomalous.astype(jnp.uint32), 1),
             "v_codes": quant.pack_ternary(v_codes.reshape(batch, tokens, -1)), "v_scale": v_scale}
 
-  def _decode(self, j0: jax.Array, tokens: int) -> tuple[jax.Array, jax.Array]:
+  @property
+  def block_size(self) -> int:
+    """Slots the XLA decode path dequantizes at a time (KIVI's rule: a multiple of G)."""
+    return KIVICache._block_size(self.group_size, self.max_len)  # pylint: disable=protected-access
+
+  def decode_block(self, j0: jax.Array, tokens: int) -> tuple[jax.Array, jax.Array]:
     """float32 keys and values ``[batch, tokens, kv_heads, head_dim]`` of the quantized slots
     ``[j0, j0 + tokens)`` (``j0`` and ``tokens`` multiples of G)."""
     batch, _, kv_heads, head_dim = self.k_residual.shape
@@ -306,7 +310,7 @@ class VidKVCache(StreamingQuantizedCache):
     For tests and inspection only: it materializes the whole cache in float32.
     """
     slots = jnp.arange(self.k_codes.shape[1])
-    quantized = self._decode(jnp.zeros((), jnp.int32), slots.size)
+    quantized = self.decode_block(jnp.zeros((), jnp.int32), slots.size)
     rows = jnp.clip(slots - self.quantized, 0, self.residual - 1)
     out = []
     for decoded, residual in zip(quantized, (self.k_residual, self.v_residual)):
@@ -355,20 +359,11 @@ class VidKVCache(StreamingQuantizedCache):
 
   def decode_attention(self, q: Float[Array, "batch seq heads head_dim"], *,
                        scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
-    """:func:`effjax.kv_cache.attention.vidkv_decode_attention`: the fused decode kernels where
-    ``effjax.dispatch`` picks them, else :meth:`attend`."""
-    return vidkv_decode_attention(self, q, scale=scale)
+    """:func:`effjax.ops.kv_decode.vidkv_decode_attention` in the platform's default order."""
+    return kv_decode.vidkv_decode_attention(self, q, scale=scale)
 
   def attend(self, q: Float[Array, "batch seq heads head_dim"], *,
              scale: float | None = None) -> Float[Array, "batch seq heads head_dim"]:
-    """Attention over the cache: quantized slots dequantized ``_block_size`` slots at a time,
-    then the residual. Memory: see :mod:`effjax.kv_cache.attention`."""
-    check_query(q, **self._geometry)
-    block = KIVICache._block_size(self.group_size, self.max_len)  # pylint: disable=protected-access
-    out = blockwise_decode_attention(
-        q, load_block=lambda j0: self._decode(j0, block), block_size=block,
-        prefix_end=self.quantized, tail_slots=self.quantized + jnp.arange(self.residual),
-        tail_k=self.k_residual, tail_v=self.v_residual, start=self.start, length=self.length,
-        scale=q.shape[-1]**-0.5 if scale is None else scale)
-    out = jnp.where(self.length <= self.max_len, out, jnp.nan)
-    return out.astype(q.dtype)
+    """:func:`effjax.ops.kv_decode.vidkv_decode_attention` by its ``"xla"`` implementation:
+    quantized slots dequantized :attr:`block_size` at a time, then the residual."""
+    return kv_decode.vidkv_decode_attention(self, q, scale=scale, implementation="xla")

@@ -42,7 +42,7 @@ For XQuant-CL the window holds ``h_i`` itself (exact ``acc_i``), and a token lea
 ``delta_i = h_i - acc_{i-1}`` against the already quantized ``acc_{i-1}`` (closed loop kept).
 
 Attention (:meth:`XQuantCache.attend_inputs`) runs block by block
-(:func:`effjax.kv_cache.attention.blockwise_decode_attention`, ``block_size`` slots at a time):
+(:func:`effjax.ops.kv_decode.blockwise_decode_attention`, ``block_size`` slots at a time):
 each block of the stream is dequantized, its keys rebuilt (projection, then RoPE at the slots'
 positions) and folded into an online softmax; the window is the tail. V is never rebuilt. With
 ``Z`` the value stream (X, or ``X U_v``) and ``C_v`` its projection (``W_v``, or ``S_v B_v^T``),
@@ -52,13 +52,13 @@ weights are applied to the stream and the value projection once per head, ``head
 * head_dim`` multiply-adds instead of ``max_len * width * kv_heads * head_dim``. K cannot absorb
 ``W_k`` this way because RoPE depends on the position (why MLA decouples RoPE).
 
-Implementations (:func:`xquant_decode_attention`, op ``"xquant_decode"``, which
-:meth:`XQuantCache.attend_inputs` and so the model's decode step go through): the block-wise XLA
-path above (CPU's default, and XQuant-CL's and 16 bits' only one), and fused Pallas
-flash-decoding kernels (``pallas_kernels.kv_decode.xquant_gpu`` for Triton, ``xquant_tpu`` for
-Mosaic; first in the GPU/TPU default orders) that read the packed codes in place, dequantize in
-registers/VMEM, rebuild and rotate the keys in-kernel and return per-split partials of the
-weighted value stream, combined here with the window (SmolLM2 latents, G = 64: 216 / 120 bytes
+Implementations (:func:`effjax.ops.kv_decode.xquant_decode_attention`, op ``"xquant_decode"``,
+which :meth:`XQuantCache.attend_inputs` and so the model's decode step go through; the order tried
+per platform is ``effjax.dispatch.DEFAULT_ORDER``): the block-wise XLA path above (XQuant-CL's and
+16 bits' only one), and fused Pallas flash-decoding kernels
+(``pallas_kernels.kv_decode.xquant``: Triton and Mosaic TPU) that read the packed codes in place,
+dequantize in registers/VMEM, rebuild and rotate the keys in-kernel and return per-split partials
+of the weighted value stream, combined with the window (SmolLM2 latents, G = 64: 216 / 120 bytes
 read per slot at 4 / 2 bits, vs 768 for float16 K/V).
 
 Claims (paper): X is half of K+V for MHA (2x for free); XQuant ~7.7x smaller than the fp16 KV
@@ -88,20 +88,19 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from effjax.dispatch import Implementation, dispatch, register
+from effjax.dispatch import Implementation
 from effjax.kv_cache import quant
-from effjax.kv_cache.attention import blockwise_decode_attention, combine_with_tail
 from effjax.kv_cache.base import (
     LayerInputCache,
     LayerInputs,
     check_floating_array,
     check_floating_dtype,
     check_positive_int,
-    check_query,
     check_room,
     check_start,
 )
-from effjax.nn.rope import apply_rope, rope_frequencies
+from effjax.nn.rope import apply_rope
+from effjax.ops import kv_decode
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16: quantization disabled (a test mode)
 SCALE_DTYPE = jnp.float16
@@ -391,21 +390,21 @@ class XQuantCache(LayerInputCache):
                                    fields["scale"], fields["zero"], axis=-1,
                                    group_size=self.group_size)
 
-  def _decode_block(self, j0: jax.Array, size: int) -> Float[Array, "batch size width"]:
+  def decode_block(self, j0: jax.Array, size: int) -> Float[Array, "batch size width"]:
     """float32 stored stream of slots ``[j0, j0 + size)`` (meaningful below ``_quantized``)."""
     return self._decode({name: lax.dynamic_slice_in_dim(getattr(self, name), j0, size, axis=1)
                          for name in ("codes", "scale", "zero")})
 
-  def _quantized(self) -> jax.Array:
+  @property
+  def quantized(self) -> Int[Array, ""]:
     """Slots read from the codes (the rest, up to ``length``, are in the window)."""
     return jnp.maximum(self.length - self.residual, 0)
 
-  def _window_slots(self) -> Int[Array, "R"]:
+  def window_slots(self) -> Int[Array, "R"]:
     """The slot each window row holds (slots ``>= length`` are not filled yet)."""
-    quantized = self._quantized()
-    return quantized + (jnp.arange(self.residual) - quantized) % self.residual
+    return self.quantized + (jnp.arange(self.residual) - self.quantized) % self.residual
 
-  def _chain(self, previous: CrossLayerCarry | None) -> tuple[XQuantCache, ...]:
+  def chain(self, previous: CrossLayerCarry | None) -> tuple[XQuantCache, ...]:
     """Caches whose decoded blocks sum to this layer's stream (XQuant-CL: layers ``0..i``)."""
     return (*previous.caches, self) if self.cross_layer and previous is not None else (self,)
 
@@ -417,10 +416,10 @@ class XQuantCache(LayerInputCache):
     For tests and inspection only: it materializes the whole stream in float32.
     """
     slots = jnp.arange(self.codes.shape[1])
-    z = sum(cache._decode_block(0, slots.size) for cache in self._chain(previous))
+    z = sum(cache.decode_block(0, slots.size) for cache in self.chain(previous))
     if self.residual:
       window = jnp.take(self.window, slots % self.residual, axis=1).astype(jnp.float32)
-      z = jnp.where((slots >= self._quantized())[None, :, None], window, z)
+      z = jnp.where((slots >= self.quantized)[None, :, None], window, z)
     return jnp.where((slots < self.length)[None, :, None], z, 0.0)[:, :self.max_len]
 
   # The LayerInputCache interface.
@@ -462,7 +461,7 @@ class XQuantCache(LayerInputCache):
     seq, residual = source.shape[1], self.residual
     length = self.length + seq
     slots = jnp.maximum(length - residual, 0) - seq + jnp.arange(seq)
-    leaving = slots >= self._quantized()
+    leaving = slots >= self.quantized
     z = jnp.take(source, slots - self.length, axis=1, mode="clip")
     if residual:
       earlier = jnp.take(self.window, slots % residual, axis=1).astype(jnp.float32)
@@ -507,29 +506,30 @@ class XQuantCache(LayerInputCache):
 
   def attend_inputs(self, q: Float[Array, "batch seq heads head_dim"], inputs: LayerInputs,
                     previous: CrossLayerCarry | None, *, scale: float | None = None,
-                    implementation: Implementation = None, num_splits: int | None = None
+                    implementation: Implementation = None,
+                    block_sizes: kv_decode.DecodeBlockSizes | None = None
                     ) -> Float[Array, "batch seq heads head_dim"]:
     """Attention with ``K = rope(Z_k C_k)`` rematerialized from the stream and the value
     projection applied once per head after the weighted sum of the value stream (module
-    docstring), by :func:`xquant_decode_attention` (``implementation``: the platform's default
-    order, e.g. the fused Pallas kernel on a GPU, XLA on CPU). ``previous``: the carry this layer
-    was written with."""
-    return xquant_decode_attention(self, q, inputs, previous, scale=scale,
-                                   implementation=implementation, num_splits=num_splits)
+    docstring): :func:`effjax.ops.kv_decode.xquant_decode_attention` (``implementation`` None:
+    the platform's default order). ``previous``: the carry this layer was written with."""
+    return kv_decode.xquant_decode_attention(self, q, inputs, previous, scale=scale,
+                                             implementation=implementation,
+                                             block_sizes=block_sizes)
 
-  def _projections(self, inputs: LayerInputs
-                   ) -> tuple[Float[Array, "key_width kv_heads head_dim"],
-                              Float[Array, "value_width kv_heads head_dim"]]:
+  def projections(self, inputs: LayerInputs
+                  ) -> tuple[Float[Array, "key_width kv_heads head_dim"],
+                             Float[Array, "value_width kv_heads head_dim"]]:
     """float32 ``(C_k, C_v)``: ``S_k B_k^T`` and ``S_v B_v^T`` (latent), else ``W_k`` and
     ``W_v``."""
     if self.latent:
       return tuple(self.factors.up)
     return tuple(w.astype(jnp.float32) for w in (inputs.key_kernel, inputs.value_kernel))
 
-  def _keys_and_values(self, z: Float[Array, "batch T width"], slots: Int[Array, "T"],
-                       key_up: jax.Array, inputs: LayerInputs
-                       ) -> tuple[Float[Array, "batch T kv_heads head_dim"],
-                                  Float[Array, "batch T value_width"]]:
+  def keys_and_values(self, z: Float[Array, "batch T width"], slots: Int[Array, "T"],
+                      key_up: jax.Array, inputs: LayerInputs
+                      ) -> tuple[Float[Array, "batch T kv_heads head_dim"],
+                                 Float[Array, "batch T value_width"]]:
     """Keys ``rope(Z_k C_k)`` at the slots' positions and the value stream ``Z_v`` of ``z``."""
     if self.latent:
       key_in, value_in = z[..., :self.width // 2], z[..., self.width // 2:]
@@ -540,133 +540,3 @@ class XQuantCache(LayerInputCache):
     positions = jnp.maximum(slots[None, :] - self.start[:, None], 0)
     keys = apply_rope(jnp.einsum("btw,wkd->btkd", key_in, key_up), positions, inputs.rope_theta)
     return keys, value_in
-
-  def _tail(self, key_up: jax.Array, inputs: LayerInputs) -> dict[str, jax.Array]:
-    """The full-precision window as :func:`blockwise_decode_attention`'s tail (empty if R = 0)."""
-    if not self.residual:
-      return {}
-    slots = self._window_slots()
-    keys, values = self._keys_and_values(self.window.astype(jnp.float32), slots, key_up, inputs)
-    return {"tail_slots": slots, "tail_k": keys, "tail_v": values}
-
-  def _project_values(self, mixed: Float[Array, "batch seq heads value_width"],
-                      value_up: jax.Array, q: jax.Array
-                      ) -> Float[Array, "batch seq heads head_dim"]:
-    """Each head's weighted value stream times its kv head's ``C_v``, in ``q.dtype``; NaN if the
-    cache overflowed."""
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = value_up.shape[1]
-    mixed = mixed.reshape(batch, seq, kv_heads, heads // kv_heads, -1)
-    out = jnp.einsum("bskgw,wkd->bskgd", mixed, value_up)  # W_v once per head
-    out = jnp.where(self.length <= self.max_len, out, jnp.nan)
-    return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
-
-  def _attend_blockwise(self, q: Float[Array, "batch seq heads head_dim"], inputs: LayerInputs,
-                        previous: CrossLayerCarry | None, *, scale: float | None
-                        ) -> Float[Array, "batch seq heads head_dim"]:
-    """The XLA path: :func:`blockwise_decode_attention` with keys rebuilt per block."""
-    _, kv_heads, head_dim = inputs.key_kernel.shape
-    check_query(q, batch=self.codes.shape[0], kv_heads=kv_heads, head_dim=head_dim)
-    key_up, value_up = self._projections(inputs)
-    chain = self._chain(previous)
-    block = self.block_size
-    mixed = blockwise_decode_attention(
-        q, load_block=lambda j0: self._keys_and_values(
-            sum(cache._decode_block(j0, block) for cache in chain), j0 + jnp.arange(block),
-            key_up, inputs),
-        block_size=block, prefix_end=self._quantized(), start=self.start, length=self.length,
-        scale=head_dim**-0.5 if scale is None else scale, **self._tail(key_up, inputs))
-    return self._project_values(mixed, value_up, q)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode attention with a choice of implementation (the Pallas kernels rebuild keys in-kernel)
-
-XQUANT_DECODE = "xquant_decode"
-
-
-def xquant_decode_attention(cache: XQuantCache, q: Float[Array, "batch seq heads head_dim"],
-                            inputs: LayerInputs, previous: CrossLayerCarry | None = None, *,
-                            scale: float | None = None, implementation: Implementation = None,
-                            num_splits: int | None = None
-                            ) -> Float[Array, "batch seq heads head_dim"]:
-  """:meth:`XQuantCache.attend_inputs` by implementation (op ``"xquant_decode"``).
-
-  Implementations (default order per platform: ``effjax.dispatch.DEFAULT_ORDER``):
-
-  * ``"xla"``: :func:`blockwise_decode_attention`, the stream dequantized and its keys rebuilt
-    ``block_size`` slots at a time. Serves every call.
-  * ``"pallas_gpu"`` / ``"pallas_tpu"``: the flash-decoding kernels
-    ``pallas_kernels.kv_decode.xquant_gpu`` / ``xquant_tpu`` over the quantized slots (packed
-    codes dequantized in registers/VMEM, keys projected and rotated in-kernel, ``num_splits``
-    partials per kv head), plus the full-precision window as one more partial computed here,
-    combined by log-sum-exp (:func:`effjax.kv_cache.attention.combine_with_tail`); ``C_v`` is
-    applied once per head afterwards. They serve quantized XQuant caches (latent or X, any
-    ``seq``: causal inside the kernel); XQuant-CL (accumulator rebuilt from earlier layers'
-    codes) and 16 bits raise NotImplementedError, so the next implementation is tried.
-
-  HBM bytes read per slot and layer by the kernels (SmolLM2, latent stream of 384 channels,
-  G = 64): 216 at 4 bits and 120 at 2 bits (codes + float16 scales/zeros), vs 768 for float16
-  K/V and 240 / 144 for KIVI-4 / KIVI-2 (G = 32); extra HBM is the ``num_splits + 1`` partials,
-  ``batch * (num_splits + 1) * seq * heads * (value_width + 1)`` float32. No float32 copy of the
-  cache exists on either path.
-
-  Args:
-    cache: an XQuantCache holding at least one token (written with ``inputs``' layer).
-    q: queries of the last ``seq`` stored tokens.
-    inputs: the layer's inputs and weights (only the weights and RoPE settings are read).
-    previous: XQuant-CL: the carry this layer was written with.
-    scale: logit scale (default ``head_dim ** -0.5``).
-    implementation: None (platform default), a name or a sequence of names.
-    num_splits: the kernels' splits per kv head (default: their heuristic); ignored by xla.
-  """
-  return dispatch(XQUANT_DECODE, implementation, cache, q, inputs, previous, scale=scale,
-                  num_splits=num_splits)
-
-
-def _xla(cache: XQuantCache, q: jax.Array, inputs: LayerInputs, previous: Any, *,
-         scale: float | None, num_splits: int | None) -> jax.Array:
-  del num_splits
-  # pylint: disable-next=protected-access
-  return cache._attend_blockwise(q, inputs, previous, scale=scale)
-
-
-def _pallas(kernel: Any, cache: XQuantCache, q: jax.Array, inputs: LayerInputs, previous: Any, *,
-            scale: float | None, num_splits: int | None) -> jax.Array:
-  """The kernel's partials over slots ``[start, length - R)`` + the window's, then ``C_v``."""
-  # pylint: disable=protected-access
-  del previous
-  if cache.cross_layer or cache.bits == 16:
-    raise NotImplementedError("the XQuant decode kernels serve quantized XQuant caches, got "
-                              f"{'XQuant-CL' if cache.cross_layer else 'XQuant'} at "
-                              f"{cache.bits} bits (XQuant-CL and 16 bits: XLA only)")
-  _, kv_heads, head_dim = inputs.key_kernel.shape
-  check_query(q, batch=cache.codes.shape[0], kv_heads=kv_heads, head_dim=head_dim)
-  scale = head_dim**-0.5 if scale is None else scale
-  key_up, value_up = cache._projections(inputs)
-  half = cache.width // 2
-  key_channels, value_channels = (((0, half), (half, cache.width)) if cache.latent
-                                  else ((0, cache.width),) * 2)
-  out, lse = kernel(q, cache.codes, cache.scale, cache.zero, key_up,
-                    rope_frequencies(head_dim, inputs.rope_theta), cache.start,
-                    cache._quantized(), cache.length, bits=cache.bits,
-                    group_size=cache.group_size, key_channels=key_channels,
-                    value_channels=value_channels, scale=scale, num_splits=num_splits)
-  mixed = combine_with_tail(q, out, lse, scale=scale, start=cache.start, length=cache.length,
-                            **cache._tail(key_up, inputs))
-  return cache._project_values(mixed, value_up, q)
-
-
-def _pallas_gpu(*args: Any, **options: Any) -> jax.Array:
-  from pallas_kernels.kv_decode import xquant_gpu  # pylint: disable=g-import-not-at-top (Triton)
-  return _pallas(xquant_gpu.decode_partials, *args, **options)
-
-
-def _pallas_tpu(*args: Any, **options: Any) -> jax.Array:
-  from pallas_kernels.kv_decode import xquant_tpu  # pylint: disable=g-import-not-at-top (Mosaic)
-  return _pallas(xquant_tpu.decode_partials, *args, **options)
-
-
-register(XQUANT_DECODE, "xla", _xla)
-register(XQUANT_DECODE, "pallas_gpu", _pallas_gpu)
-register(XQUANT_DECODE, "pallas_tpu", _pallas_tpu)

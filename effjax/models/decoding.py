@@ -8,8 +8,8 @@ each layer's post-RoPE keys and values through that layer's :class:`effjax.kv_ca
   ``attention_fn`` (e.g. flash attention: O(prompt) memory), masking left padding with segment
   ids;
 * :func:`extend` stores the new tokens' K/V with ``cache.append`` and attends with
-  ``cache.decode_attention`` (one token per decoding step, GQA without repeating K/V; the fused
-  decode kernels where a cache has them and ``effjax.dispatch`` picks them).
+  ``cache.decode_attention`` (one token per decoding step, GQA without repeating K/V; a quantized
+  cache's op of :mod:`effjax.ops.kv_decode`, by the implementation ``effjax.dispatch`` picks).
 
 Caches that store the layer input instead of K/V (:class:`effjax.kv_cache.LayerInputCache`,
 XQuant) get it as :class:`effjax.kv_cache.LayerInputs`: the router intercepts each

@@ -1,7 +1,9 @@
-"""What the GPU and TPU decode kernels share: the static settings, the GQA query grouping and the
-layout of their per-split results.
+"""What the decode kernels share, whatever their platform: the tiling settings
+(:class:`DecodeBlockSizes`), the static settings of a call, the GQA query grouping, the layout of
+their per-split results and their combination, and each cache format's lane arithmetic.
 
-The cache arrays are KIVI's (``effjax.kv_cache.KIVICache``), slot-major:
+The KIVI kernels (``kivi.pallas_gpu``, ``kivi.pallas_tpu``) read KIVI's cache
+(``effjax.kv_cache.KIVICache``), slot-major:
 
 * ``k_codes``, ``v_codes``: uint32 ``[batch, slots, kv_heads, words]``: the ``bits``-wide codes of
   one slot's ``head_dim`` channels packed ``32 // bits`` to a word, channel ``c`` in word
@@ -15,10 +17,12 @@ A key or value is ``code * scale + zero``. The kernels attend over slots ``[star
 this quantized prefix only; the caller adds the full-precision residual window as one more
 partial result and combines all of them with :func:`combine`.
 
-VidKV's cache (``effjax.kv_cache.VidKVCache``; kernels in ``vidkv_gpu`` / ``vidkv_tpu``) is laid
-out per slot and per key group too; its lane layouts (:func:`key_code_lanes`,
+VidKV's cache (``effjax.kv_cache.VidKVCache``; kernels ``vidkv.pallas_gpu`` / ``vidkv.pallas_tpu``)
+is laid out per slot and per key group too; its lane layouts (:func:`key_code_lanes`,
 :func:`value_code_lanes`), base-3 digit extraction (:func:`ternary_digit`) and channel order
 (:func:`channel_positions`) live here, written with ops that lower both to Triton and to Mosaic.
+XQuant's stream (``effjax.kv_cache.XQuantCache``; kernels ``xquant.pallas_gpu`` /
+``xquant.pallas_tpu``): :class:`XQuantSettings` and the helpers after it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,42 @@ from jaxtyping import Array, Float, Int
 
 PACKED_BITS = (1, 2, 3, 4, 8)
 TERNARY_PER_WORD = 20  # base-3 digits per uint32 word (3**20 < 2**32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+  """How a decode kernel tiles the cache (every kernel wrapper takes one); a None field takes
+  the kernel's heuristic.
+
+  Attributes:
+    block_slots: cache slots a program reads per step. The TPU kernels' grid step: a divisor of
+      the cache's slots that is a multiple of 8 key groups (KIVI, VidKV) or of 8 slots (XQuant),
+      or all the slots. XQuant's GPU kernel's loop step: a power of two >= 16. KIVI's and VidKV's
+      GPU kernels step one key group at a time: only G.
+    num_splits: partial results per (batch row, kv head) on GPU, per batch row on TPU, each over
+      a contiguous share of the filled slots (flash-decoding's split-K); more splits make more
+      programs and ``num_splits`` times the partial results' memory.
+  """
+  block_slots: int | None = None
+  num_splits: int | None = None
+
+  def __post_init__(self):
+    for name in ("block_slots", "num_splits"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < 1):
+        raise ValueError(f"{name} is {value!r}; expected a positive int or None (the kernel's "
+                         "heuristic)")
+
+
+def block_sizes_or_default(block_sizes: DecodeBlockSizes | None) -> DecodeBlockSizes:
+  """``block_sizes``, or all-heuristic :class:`DecodeBlockSizes` for None; TypeError otherwise."""
+  if block_sizes is None:
+    return DecodeBlockSizes()
+  if not isinstance(block_sizes, DecodeBlockSizes):
+    raise TypeError(f"block_sizes is {block_sizes!r}; expected a "
+                    "pallas_kernels.kv_decode.common.DecodeBlockSizes or None")
+  return block_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +126,14 @@ class VidKVSettings(Geometry):
 
 
 def check(q, k_codes, k_scale, v_codes, v_scale, *, key_bits: int, value_bits: int,
-          group_size: int, num_splits: int) -> None:
+          group_size: int) -> None:
   """Raises ValueError unless the arrays have KIVI's layout for these settings."""
   batch, _, heads, head_dim = q.shape
   _, slots, kv_heads, _ = k_codes.shape
   for name, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
     if bits not in PACKED_BITS:
       raise ValueError(f"{name} is {bits!r}; expected one of {PACKED_BITS}")
-  _check_geometry(q, k_codes, group_size, num_splits)
+  _check_geometry(q, k_codes, group_size)
   if head_dim % group_size:
     raise ValueError(f"head_dim is {head_dim}; expected a multiple of group_size={group_size} "
                      "(KIVI's values are quantized per group of G channels)")
@@ -106,13 +146,13 @@ def check(q, k_codes, k_scale, v_codes, v_scale, *, key_bits: int, value_bits: i
 
 
 def check_vidkv(q, k_codes, k_scale, k_zero, k_hot, v_codes, v_scale, transform, *, hot: int,
-                group_size: int, num_splits: int) -> None:
+                group_size: int) -> None:
   """Raises ValueError unless the arrays have VidKV's layout for these settings."""
   batch, _, heads, head_dim = q.shape
   _, slots, kv_heads, _ = k_codes.shape
   if not isinstance(hot, int) or not 0 <= hot <= head_dim:
     raise ValueError(f"hot is {hot!r}; expected an int in [0, head_dim={head_dim}]")
-  _check_geometry(q, k_codes, group_size, num_splits)
+  _check_geometry(q, k_codes, group_size)
   groups = (batch, slots // group_size, kv_heads)
   _check_shapes({
       "k_codes": (k_codes, (batch, slots, kv_heads,
@@ -126,14 +166,12 @@ def check_vidkv(q, k_codes, k_scale, k_zero, k_hot, v_codes, v_scale, transform,
   })
 
 
-def _check_geometry(q, k_codes, group_size: int, num_splits: int) -> None:
+def _check_geometry(q, k_codes, group_size: int) -> None:
   heads = q.shape[2]
   slots, kv_heads = k_codes.shape[1:3]
   if heads % kv_heads or slots % group_size:
     raise ValueError(f"q {q.shape} and k_codes {k_codes.shape}: expected heads a multiple of "
                      f"kv_heads and slots a multiple of group_size={group_size}")
-  if not isinstance(num_splits, int) or num_splits < 1:
-    raise ValueError(f"num_splits is {num_splits!r}; expected a positive int")
 
 
 def _check_shapes(arrays: dict[str, tuple[jax.Array, tuple[int, ...]]]) -> None:
@@ -247,14 +285,15 @@ def channel_positions(anomalous: Array, counted: Array, hot: int) -> Int[Array, 
   return jnp.where(anomalous > 0, counted - 1, hot + lane - counted)
 
 
-# XQuant (layout: effjax.kv_cache.XQuantCache; kernels in xquant_gpu / xquant_tpu). One stream of
-# ``width`` channels per slot, shared by every kv head: ``codes`` uint32 ``[batch, slots, words]``
-# (channel ``c`` in word ``c // (32 // bits)`` at bit ``bits * (c % (32 // bits))``), ``scale`` /
-# ``zero`` float16 ``[batch, slots, width / G]`` per G consecutive channels. The kernels never
-# gather lanes: the ``j``-th code of every word (``(words >> bits * j) & mask``) is a
-# ``[slots, words]`` tile of channels ``word * (32 // bits) + j``, so the key projection is split
-# into ``32 // bits`` matmuls against the matching rows of ``C_k`` (permuted once, outside) and the
-# value stream is accumulated in that permuted order and put back in order outside.
+# XQuant (layout: effjax.kv_cache.XQuantCache; kernels in xquant.pallas_gpu / .pallas_tpu). One
+# stream of ``width`` channels per slot, shared by every kv head: ``codes`` uint32 ``[batch,
+# slots, words]`` (channel ``c`` in word ``c // (32 // bits)`` at bit ``bits * (c % (32 //
+# bits))``), ``scale`` / ``zero`` float16 ``[batch, slots, width / G]`` per G consecutive
+# channels. The kernels never gather lanes: the ``j``-th code of every word (``(words >> bits *
+# j) & mask``) is a ``[slots, words]`` tile of channels ``word * (32 // bits) + j``, so the key
+# projection is split into ``32 // bits`` matmuls against the matching rows of ``C_k`` (permuted
+# once, outside) and the value stream is accumulated in that permuted order and put back in order
+# outside.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,8 +353,8 @@ def xquant_settings(q, codes, scale, zero, key_up, inv_freq, *, bits: int, group
                     key_channels: tuple[int, int], value_channels: tuple[int, int],
                     logit_scale: float, num_splits: int, tiles: str) -> XQuantSettings:
   """The settings of one XQuant kernel call (arguments as
-  ``pallas_kernels.kv_decode.xquant_gpu.decode_partials``); raises ValueError unless the arrays
-  have XQuant's layout for them."""
+  ``pallas_kernels.kv_decode.xquant.pallas_gpu.decode_partials``, ``num_splits`` resolved); raises
+  ValueError unless the arrays have XQuant's layout for them."""
   batch, seq, heads, head_dim = q.shape
   slots = codes.shape[1]
   kv_heads = key_up.shape[1]
@@ -341,8 +380,6 @@ def xquant_settings(q, codes, scale, zero, key_up, inv_freq, *, bits: int, group
                  "scale": (scale, groups), "zero": (zero, groups),
                  "key_up": (key_up, (key_width, kv_heads, head_dim)),
                  "inv_freq": (inv_freq, (head_dim // 2,))})
-  if not isinstance(num_splits, int) or num_splits < 1:
-    raise ValueError(f"num_splits is {num_splits!r}; expected a positive int")
   return settings
 
 

@@ -140,7 +140,7 @@ def test_blockwise_attention_equals_the_dense_remat(settings, d_model, kv_heads)
   *_, (caches, previous, _) = _write_layers(caches, inputs, start, total - sum(appends), appends)
   q = jnp.asarray(rng.standard_normal((batch, 3, heads, head_dim)), jnp.float32)
   for cache, x, carry in zip(caches, inputs, previous):
-    assert cache.block_size == 8 and int(cache._quantized()) > 8  # several blocks are read
+    assert cache.block_size == 8 and int(cache.quantized) > 8  # several blocks are read
     out = jax.jit(lambda c, q, p, x=x: c.attend_inputs(q, x, p))(cache, q, carry)
     testing.assert_close(out, _dense_attention(cache, q, x, carry), atol=2e-5, rtol=2e-5)
 

@@ -14,7 +14,7 @@ per key group, ``n = D - hot``):
 
 One program per (batch row, kv head, split) holds all ``seq * group`` query rows of its kv head
 (GQA: the codes are read once per kv head) and walks its share of the quantized slots one key
-group (G slots) at a time (:func:`pallas_kernels.kv_decode.gpu.flash_decode`: float32 online
+group (G slots) at a time (:func:`pallas_kernels.kv_decode.common_gpu.flash_decode`: float32 online
 softmax, per-split normalized output and natural-log LSE, combined by the caller with
 :func:`pallas_kernels.kv_decode.common.combine`). The keys are ``k = u T P``: ``u`` the decoded
 stored-order key, ``T = transform`` (the constant ``blockdiag(I_hot, inverse real FFT)``: the
@@ -44,14 +44,13 @@ full-precision copy of the cache exists; the results are ``batch * kv_heads * nu
 tensor cores: about float32 accuracy; the interpreter uses float32), half the work of mapping
 the keys (``[G, D] @ [D, D]``) while ``rows <= G``, besides the attention's two ``[rows, D] x
 [D, G]`` matmuls (IEEE float32, as KIVI's kernel), so this kernel may be compute-bound where
-KIVI's is bandwidth-bound: not yet timed on a GPU.
+KIVI's is bandwidth-bound.
 
 Shared memory (Triton stages dot operands through it, 3xTF32 ones split in two): only
 ``[D, 32]`` one-hot and transform tiles, and the transform's chunk loop is a loop, not unrolled,
-because Triton hoists loop-invariant loads and their shared-memory copies out of the group loop.
-Measured with Triton and ptxas: 30 KB at ``D = 64``, 54 KB at ``D = 128`` (mapping the keys with
-``[D, D]`` tiles took 218 KB at ``D = 128``, more than an A100 or an L4 gives a block), under
-:data:`pallas_kernels.kv_decode.gpu.SHARED_MEMORY_BUDGET`.
+because Triton hoists loop-invariant loads and their shared-memory copies out of the group loop;
+``[D, D]`` tiles would not fit :data:`pallas_kernels.kv_decode.common_gpu.SHARED_MEMORY_BUDGET` at
+``D = 128``.
 
 Limits: Triton tiles need powers of two, so ``head_dim`` and G must be powers of two >= 16 (else
 NotImplementedError, and dispatch falls back to XLA).
@@ -70,12 +69,12 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from pallas_kernels.interpret import gpu_interpret
 from pallas_kernels.kv_decode import common
-from pallas_kernels.kv_decode.gpu import (
+from pallas_kernels.kv_decode.common_gpu import (
     check_tiles,
     columns,
     flash_decode,
+    key_group_splits,
     launch,
-    splits_or_default,
 )
 
 # Lanes per step of the key path: one word of the anomalous-channel mask, and [head_dim, 32]
@@ -100,7 +99,7 @@ def decode_partials(
     hot: int,
     group_size: int,
     scale: float,
-    num_splits: int | None = None,
+    block_sizes: common.DecodeBlockSizes | None = None,
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "batch splits seq heads head_dim"], Float[Array, "batch splits seq heads"]]:
   """Per-split attention of ``q`` over the quantized slots ``[start[b], end)`` (layout: module
@@ -111,7 +110,9 @@ def decode_partials(
       ``D - hot`` points as a matrix (``x = c @ M``): maps a decoded stored-order key to the
       anomalous then the normal channels.
     hot: 2-bit (anomalous) channels per key group.
-    num_splits: default :func:`pallas_kernels.kv_decode.gpu.default_num_splits`.
+    block_sizes: ``num_splits`` (None:
+      :func:`pallas_kernels.kv_decode.common_gpu.default_num_splits`); ``block_slots`` None or G
+      (the kernel steps one key group at a time). None: both heuristic.
     interpret: run in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
 
   Returns:
@@ -120,12 +121,12 @@ def decode_partials(
   Raises:
     NotImplementedError: off a GPU and not interpreting, or ``head_dim``/G not a power of two
       >= 16.
-    ValueError: the arrays do not have VidKV's layout.
+    ValueError: the arrays do not have VidKV's layout, or ``block_slots`` is not G.
   """
   interpret = gpu_interpret(interpret)
-  num_splits = splits_or_default(num_splits, q, k_codes, group_size)
+  num_splits = key_group_splits(block_sizes, q, k_codes, group_size)
   common.check_vidkv(q, k_codes, k_scale, k_zero, k_hot, v_codes, v_scale, transform, hot=hot,
-                     group_size=group_size, num_splits=num_splits)
+                     group_size=group_size)
   check_tiles(q.shape[3], group_size)
   settings = common.VidKVSettings(hot=hot, **common.geometry(
       q, k_codes.shape[2], group_size=group_size, num_splits=num_splits, scale=scale))

@@ -1,10 +1,10 @@
 """Flash-decoding over VidKV's packed 1.x-bit cache as a Pallas kernel for TPU (Mosaic lowering).
 
-Layout of the cache: :mod:`pallas_kernels.kv_decode.vidkv_gpu`. Grid, splits and online softmax
-are the KIVI TPU kernel's (:func:`pallas_kernels.kv_decode.tpu.launch`): grid ``(batch, split,
-step)``, each (row, split) walking its share of the quantized slots one block of ``block`` slots
-(8k key groups, :func:`pallas_kernels.kv_decode.tpu.block_slots`) per step, every kv head per block
-with all its GQA query rows; a block carries every kv head (minor dims merged: free reshapes).
+Layout of the cache: :mod:`pallas_kernels.kv_decode.vidkv.pallas_gpu`. Grid, splits and online
+softmax: :mod:`pallas_kernels.kv_decode.common_tpu` (grid ``(batch, split, step)``, each (row,
+split) walking its share of the quantized slots one block of ``block`` slots, 8k key groups
+(:func:`pallas_kernels.kv_decode.common_tpu.key_group_tiling`), per step, every kv head per block
+with all its GQA query rows).
 
 Dequantization in VMEM, per kv head and block, with matmuls instead of lane gathers:
 
@@ -23,19 +23,17 @@ Query rows are causal (``seq > 1``): row ``r`` sees slots up to ``last + r // gr
 
 Memory: HBM reads are the packed codes, scales, zero points and masks of the filled blocks (about
 36 bytes per slot and kv head at ``D = 64``, ``G = 32``, ``key_bits = 1.5``, 3 kv heads, against
-256 for float16 K and V; see :mod:`pallas_kernels.kv_decode.vidkv_gpu`); results ``batch *
+256 for float16 K and V; see :mod:`pallas_kernels.kv_decode.vidkv.pallas_gpu`); results ``batch *
 num_splits * kv_heads * rows * (D + 128)`` float32. VMEM: the double-buffered blocks, the
 ``[block, D]`` key scratch, a few ``[block, D]`` float32 tiles and the accumulators (kv heads are
-a loop, not unrolled): compiled for v5e, 4 MiB of scoped VMEM at ``D = 64``, ``key_bits = 1.5``,
-3 kv heads, 512 slots per block (5.75 MiB at ``D = 128``).
+a loop, not unrolled).
 
-float16 steps, zero points and value scales travel as their uint16 bits and are decoded in VMEM,
-as in the KIVI kernel (Mosaic rejects float16 vector loads on v4 to v6e; same bytes read).
+float16 steps, zero points and value scales travel as their uint16 bits and are decoded in VMEM
+(:func:`pallas_kernels.kv_decode.common_tpu.float16_bits`; same bytes read).
 
-Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for v4, v5e, v5p
-and v6e (:mod:`pallas_kernels.aot`), not run or timed on a TPU. Per kv head and block the MXU
-does two ``[block, D] @ [D, D]`` float32 matmuls (transform, permutations) and the one-hot
-gathers, beyond the attention's: more than KIVI's kernel; the block's key groups are unrolled.
+Compute: per kv head and block the MXU does two ``[block, D] @ [D, D]`` float32 matmuls
+(transform, permutations) and the one-hot gathers, beyond the attention's: more than KIVI's
+kernel; the block's key groups are unrolled.
 """
 
 from __future__ import annotations
@@ -51,14 +49,14 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from pallas_kernels.interpret import require_tpu_or_interpret
 from pallas_kernels.kv_decode import common
-from pallas_kernels.kv_decode.tpu import (
+from pallas_kernels.kv_decode.common_tpu import (
     as_float32,
     decode_step,
     float16_bits,
     gather_lanes,
+    key_group_tiling,
     launch,
     online_update,
-    plan,
     slots_to_groups,
     word_halves,
 )
@@ -80,20 +78,26 @@ def decode_partials(
     hot: int,
     group_size: int,
     scale: float,
-    num_splits: int | None = None,
+    block_sizes: common.DecodeBlockSizes | None = None,
+    interpret: bool | None = None,
 ) -> tuple[Float[Array, "batch splits seq heads head_dim"], Float[Array, "batch splits seq heads"]]:
   """Per-split attention of ``q`` over the quantized slots ``[start[b], end)``, query ``s`` seeing
   slots up to ``last + s`` only; arguments and results as
-  :func:`pallas_kernels.kv_decode.vidkv_gpu.decode_partials`.
+  :func:`pallas_kernels.kv_decode.vidkv.pallas_gpu.decode_partials`.
+
+  Args:
+    block_sizes: None fields: :func:`pallas_kernels.kv_decode.common_tpu.key_group_tiling`.
+    interpret: True runs the TPU interpreter, False the compiled kernel; None follows
+      ``pallas_kernels.interpret.interpret_mode``.
 
   Raises:
-    NotImplementedError: not on a TPU and not inside ``pallas_kernels.interpret.interpret_mode``.
-    ValueError: the arrays do not have VidKV's layout.
+    NotImplementedError: not on a TPU, not interpreting and not compiling for a TPU.
+    ValueError: the arrays do not have VidKV's layout, or ``block_slots`` does not tile them.
   """
-  interpret = require_tpu_or_interpret()
-  block, num_splits = plan(k_codes, group_size, num_splits)
+  interpret = require_tpu_or_interpret(interpret)
+  block, num_splits = key_group_tiling(block_sizes, k_codes, group_size)
   common.check_vidkv(q, k_codes, k_scale, k_zero, k_hot, v_codes, v_scale, transform, hot=hot,
-                     group_size=group_size, num_splits=num_splits)
+                     group_size=group_size)
   settings = common.VidKVSettings(hot=hot, **common.geometry(
       q, k_codes.shape[2], group_size=group_size, num_splits=num_splits, scale=scale))
   return _decode_jit(settings, block, interpret, q, k_codes, k_scale, k_zero, k_hot, v_codes,

@@ -3,7 +3,8 @@
 XQuant (Tomar et al. 2025) caches a per-token quantized stream ``Z`` (the layer input X, or its
 SVD latents ``[X U_k, X U_v]``) instead of K/V; layout in :mod:`pallas_kernels.kv_decode.common`.
 One program per (batch row, kv head, split) walks its share of the filled quantized slots
-``_SLOTS`` at a time and, per block, in registers:
+``block_slots`` (:class:`pallas_kernels.kv_decode.common.DecodeBlockSizes`) at a time and, per
+block, in registers:
 
 1. loads the packed words of the key segment (masked loads: the word tile is padded to a power
    of two and the last block may overrun the slots) and the per-token scales/zeros;
@@ -36,21 +37,18 @@ bandwidth-bound; the float32 matmuls run at IEEE precision (no TF32) to match th
 
 Shared memory (Triton stages dot operands through it): the key projection is a loop over code
 positions, not unrolled, because Triton hoists loop-invariant loads and their shared-memory
-copies out of the slot loop: unrolled, all ``2 * 32 / bits`` weight tiles of ``C_k`` were
-resident at once (SmolLM2's 576-wide X stream: 400 KB, more than any GPU has). Looped, it takes
-about ``num_stages`` weight tiles plus one dequantized value tile (:func:`_num_stages`: 16 KB
-for SmolLM2's latents, 52 KB for its X stream at 4 bits, 88 KB for a 1024-wide X stream at
-head_dim 128), under :data:`pallas_kernels.kv_decode.gpu.SHARED_MEMORY_BUDGET`, so it compiles
-for an L4 as for an H100. The weight tiles are re-read from L1/L2 every block.
+copies out of the slot loop (unrolled, all ``2 * 32 / bits`` weight tiles of ``C_k`` would be
+resident at once). Looped, it takes about ``num_stages`` weight tiles plus one dequantized value
+tile (:func:`_num_stages`), under :data:`pallas_kernels.kv_decode.common_gpu.SHARED_MEMORY_BUDGET`.
+The weight tiles are re-read from L1/L2 every block.
 
 Limits: ``head_dim / 2`` must be a power of two >= 16 (Triton tiles; else NotImplementedError).
 Segment word tiles are padded to powers of two (lanes past the stream are masked loads, zero
 weights). For a latent stream only the key words are projected and only the value words
 accumulated; an unquantized (16-bit) stream is not served (the caller's XLA path is), nor a
 key tile whose weights exceed the shared-memory budget (a 2048-wide X stream at head_dim 128:
-NotImplementedError). Not tuned on a GPU: ``_SLOTS`` and 4 warps are guesses, and a wide X
-stream (SmolLM2's 576 channels at 4 bits: 8 accumulators of ``[rows, 128]``) may spill
-registers.
+NotImplementedError). Registers hold ``32 / bits`` accumulators of ``[rows, value tile]`` (a
+576-wide X stream at 4 bits: 8 of ``[rows, 128]``).
 """
 
 from __future__ import annotations
@@ -66,11 +64,17 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from pallas_kernels.interpret import gpu_interpret
 from pallas_kernels.kv_decode import common
-from pallas_kernels.kv_decode.gpu import MIN_TILE, SHARED_MEMORY_BUDGET, default_num_splits
+from pallas_kernels.kv_decode.common_gpu import (
+    MIN_TILE,
+    SHARED_MEMORY_BUDGET,
+    default_num_splits,
+)
 
-_SLOTS = 32  # slots per loop step
+_BLOCK_SLOTS = 32  # default slots per loop step
 _WORD_BYTES = 4  # float32 weights and dequantized tiles, uint32 words
-_SCRATCH = 8 * 1024  # what Triton allocates besides the weight and value tiles (measured)
+# What Triton allocates besides the weight and value tiles (measured with Triton and ptxas for
+# sm_80 and sm_90).
+_SCRATCH = 8 * 1024
 
 
 def decode_partials(
@@ -89,7 +93,7 @@ def decode_partials(
     key_channels: tuple[int, int],
     value_channels: tuple[int, int],
     scale: float,
-    num_splits: int | None = None,
+    block_sizes: common.DecodeBlockSizes | None = None,
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "batch splits seq heads value_width"],
            Float[Array, "batch splits seq heads"]]:
@@ -110,7 +114,9 @@ def decode_partials(
     bits, group_size: the stream's code width and G.
     key_channels, value_channels: ``[begin, end)`` stream channels of ``Z_k`` and ``Z_v``.
     scale: logit scale.
-    num_splits: default ``pallas_kernels.kv_decode.gpu.default_num_splits``.
+    block_sizes: ``block_slots``, slots per loop step, a power of two >= 16 (None:
+      :data:`_BLOCK_SLOTS`); ``num_splits`` (None:
+      :func:`pallas_kernels.kv_decode.common_gpu.default_num_splits`).
     interpret: run in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
 
   Returns:
@@ -121,7 +127,8 @@ def decode_partials(
   Raises:
     NotImplementedError: off a GPU and not interpreting, ``head_dim / 2`` not a power of two
       >= 16, or a key weight tile too large for the shared-memory budget (:func:`_num_stages`).
-    ValueError: the arrays do not have XQuant's layout.
+    ValueError: the arrays do not have XQuant's layout, or ``block_slots`` is not a power of two
+      >= 16.
   """
   interpret = gpu_interpret(interpret)
   batch, head_dim = q.shape[0], q.shape[3]
@@ -130,30 +137,33 @@ def decode_partials(
   if half < MIN_TILE or half & (half - 1):
     raise NotImplementedError(f"Triton XQuant decode kernel needs head_dim / 2 a power of two >= "
                               f"{MIN_TILE}, got head_dim={head_dim}")
-  if num_splits is None:
-    num_splits = default_num_splits(batch, kv_heads, slots, _SLOTS)
+  sizes = common.block_sizes_or_default(block_sizes)
+  block = _BLOCK_SLOTS if sizes.block_slots is None else sizes.block_slots
+  if block < MIN_TILE or block & (block - 1):
+    raise ValueError(f"block_slots is {block}; expected a power of two >= {MIN_TILE}")
+  num_splits = (default_num_splits(batch, kv_heads, slots, block) if sizes.num_splits is None
+                else sizes.num_splits)
   settings = common.xquant_settings(
       q, codes, code_scale, code_zero, key_up, inv_freq, bits=bits, group_size=group_size,
       key_channels=key_channels, value_channels=value_channels, logit_scale=scale,
       num_splits=num_splits, tiles="pow2")
-  return _decode_jit(settings, interpret, q, codes, code_scale, code_zero, key_up, inv_freq,
-                     start, end, length)
+  return _decode_jit(settings, block, interpret, q, codes, code_scale, code_zero, key_up,
+                     inv_freq, start, end, length)
 
 
-def _num_stages(settings: common.XQuantSettings) -> int:
+def _num_stages(settings: common.XQuantSettings, block: int) -> int:
   """Pipelining depth of the key projection's loop that fits :data:`SHARED_MEMORY_BUDGET`.
 
   Triton stages each ``[key tile, head_dim / 2]`` weight tile ``W`` of the loop over code
-  positions through shared memory, ``num_stages`` deep, and one ``[_SLOTS, value tile]``
-  dequantized value operand ``Z``: about ``num_stages * W + Z`` plus :data:`_SCRATCH` (measured
-  with Triton and ptxas for sm_80/sm_90). 2 (the next weight tile loads under the current
-  matmul) where that fits, else 1.
+  positions through shared memory, ``num_stages`` deep, and one ``[block, value tile]``
+  dequantized value operand ``Z``: about ``num_stages * W + Z`` plus :data:`_SCRATCH`. 2 (the next
+  weight tile loads under the current matmul) where that fits, else 1.
 
   Raises:
     NotImplementedError: a stream so wide that even one stage does not fit.
   """
   weight = settings.key_segment.tile * settings.head_dim // 2 * _WORD_BYTES
-  value = _SLOTS * settings.value_segment.tile * _WORD_BYTES
+  value = block * settings.value_segment.tile * _WORD_BYTES
   for stages in (2, 1):
     if stages * weight + value + _SCRATCH <= SHARED_MEMORY_BUDGET:
       return stages
@@ -162,9 +172,9 @@ def _num_stages(settings: common.XQuantSettings) -> int:
       f"{settings.head_dim} needs more than {SHARED_MEMORY_BUDGET} bytes of shared memory")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode_jit(settings: common.XQuantSettings, interpret: bool, q, codes, code_scale,
-                code_zero, key_up, inv_freq, start, end, length):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode_jit(settings: common.XQuantSettings, block: int, interpret: bool, q, codes,
+                code_scale, code_zero, key_up, inv_freq, start, end, length):
   batch, slots = codes.shape[:2]
   kv_heads = key_up.shape[1]
   half, per_word, splits = settings.head_dim // 2, settings.per_word, settings.num_splits
@@ -180,7 +190,7 @@ def _decode_jit(settings: common.XQuantSettings, interpret: bool, q, codes, code
   stream_spec = lambda array: pl.BlockSpec((None, slots, array.shape[2]),
                                            lambda b, h, s: (b, 0, 0))
   out, lse = pl.pallas_call(
-      functools.partial(_kernel, settings),
+      functools.partial(_kernel, settings, block),
       grid=(batch, kv_heads, splits),
       in_specs=[pl.BlockSpec((None, None, 2, rows, half), lambda b, h, s: (b, h, 0, 0, 0)),
                 stream_spec(codes), stream_spec(code_scale), stream_spec(code_zero),
@@ -193,7 +203,7 @@ def _decode_jit(settings: common.XQuantSettings, interpret: bool, q, codes, code
       out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, per_word, rows, tile),
                                       jnp.float32),
                  jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=_num_stages(settings)),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=_num_stages(settings, block)),
       interpret=interpret,
       name="xquant_decode",
   )(queries, codes, code_scale, code_zero, weights,
@@ -201,25 +211,25 @@ def _decode_jit(settings: common.XQuantSettings, interpret: bool, q, codes, code
   return common.ungroup(settings, common.stream_output(settings, out), lse)
 
 
-def _kernel(settings: common.XQuantSettings, q_ref, codes_ref, scale_ref, zero_ref, w_ref, f_ref,
-            bounds_ref, o_ref, lse_ref):
+def _kernel(settings: common.XQuantSettings, block: int, q_ref, codes_ref, scale_ref, zero_ref,
+            w_ref, f_ref, bounds_ref, o_ref, lse_ref):
   """One (row, kv head, split): online softmax over its share of the filled slot blocks."""
   splits, per_word = settings.num_splits, settings.per_word
   first, end, length = bounds_ref[0], bounds_ref[1], bounds_ref[2]
-  lo = first // _SLOTS
-  hi = jnp.maximum((end + _SLOTS - 1) // _SLOTS, lo)
+  lo = first // block
+  hi = jnp.maximum((end + block - 1) // block, lo)
   per_split = (hi - lo + splits - 1) // splits
   begin = lo + pl.program_id(2) * per_split
   stop = jnp.minimum(begin + per_split, hi)
   q_lo, q_hi, inv_freq = q_ref[0], q_ref[1], f_ref[...]
   rows = q_lo.shape[0]
-  row = lax.broadcasted_iota(jnp.int32, (rows, _SLOTS), 0)
+  row = lax.broadcasted_iota(jnp.int32, (rows, block), 0)
   key_segment, value_segment = settings.key_segment, settings.value_segment
 
   def step(i, carry):
     m, l, acc = carry
-    slot = i * _SLOTS + lax.broadcasted_iota(jnp.int32, (_SLOTS,), 0)
-    stream = _Block(settings, codes_ref, scale_ref, zero_ref, i * _SLOTS,
+    slot = i * block + lax.broadcasted_iota(jnp.int32, (block,), 0)
+    stream = _Block(settings, codes_ref, scale_ref, zero_ref, i * block, block,
                     (slot >= first) & (slot < end),
                     {key_segment: bounds_ref[3], value_segment: bounds_ref[4]})
 
@@ -228,7 +238,7 @@ def _kernel(settings: common.XQuantSettings, q_ref, codes_ref, scale_ref, zero_r
       return k[0] + common.dot(z, w_ref[0, j]), k[1] + common.dot(z, w_ref[1, j])
 
     k_lo, k_hi = lax.fori_loop(0, per_word, project,
-                               (jnp.zeros((_SLOTS, settings.head_dim // 2), jnp.float32),) * 2)
+                               (jnp.zeros((block, settings.head_dim // 2), jnp.float32),) * 2)
     angles = jnp.maximum(slot - first, 0).astype(jnp.float32)[:, None] * inv_freq
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     logits = (common.dot(q_lo, k_lo * cos - k_hi * sin, trans_b=True)
@@ -255,14 +265,15 @@ def _kernel(settings: common.XQuantSettings, q_ref, codes_ref, scale_ref, zero_r
 
 
 class _Block:
-  """One block of ``_SLOTS`` slots of the stream: each segment's words (and, when every code
+  """One block of ``size`` slots of the stream: each segment's words (and, when every code
   position shares its word's scale layout, their float32 scales and zeros) loaded once, before
   the key projection's loop over code positions; dequantized per (segment, code position)."""
 
-  def __init__(self, settings, codes_ref, scale_ref, zero_ref, t0, valid, word0):
+  def __init__(self, settings, codes_ref, scale_ref, zero_ref, t0, size, valid, word0):
     self.settings, self.refs, self.t0 = settings, (codes_ref, scale_ref, zero_ref), t0
+    self.size = size
     self.valid = valid[:, None]  # [slots, 1]: in [start, end)
-    self.in_cache = (t0 + lax.broadcasted_iota(jnp.int32, (_SLOTS,), 0)) < codes_ref.shape[0]
+    self.in_cache = (t0 + lax.broadcasted_iota(jnp.int32, (size,), 0)) < codes_ref.shape[0]
     self.words = {segment: self._load_words(segment, first)  # segment -> [slots, tile] uint32
                   for segment, first in word0.items()}
     self.shared_affine = ({segment: self._affine(segment, 0) for segment in word0}
@@ -271,21 +282,21 @@ class _Block:
   def _load_words(self, segment: common.Segment, first):
     """The segment's ``[slots, tile]`` words from its traced first word ``first``."""
     lane = lax.broadcasted_iota(jnp.int32, (1, segment.tile), 1)
-    return plgpu.load(self.refs[0].at[pl.ds(self.t0, _SLOTS), pl.ds(first, segment.tile)],
+    return plgpu.load(self.refs[0].at[pl.ds(self.t0, self.size), pl.ds(first, segment.tile)],
                       mask=self.in_cache[:, None] & (lane < segment.words), other=0)
 
   def _affine(self, segment: common.Segment, j):
     """float32 ``[slots, tile]`` scale and zero of code position ``j``'s channels (``j`` static
     or traced): one masked column load and select per scale column (Triton has no lane
     gather)."""
-    lane = lax.broadcasted_iota(jnp.int32, (_SLOTS, segment.tile), 1)
+    lane = lax.broadcasted_iota(jnp.int32, (self.size, segment.tile), 1)
     column_of_lane = common.group_of_lane(self.settings, segment, lane, j)
     return tuple(self._columns(ref, column_of_lane) for ref in self.refs[1:])
 
   def _columns(self, ref, column_of_lane):
     out = jnp.zeros(column_of_lane.shape, jnp.float32)
     for column in range(ref.shape[1]):
-      values = plgpu.load(ref.at[pl.ds(self.t0, _SLOTS), pl.ds(column, 1)],
+      values = plgpu.load(ref.at[pl.ds(self.t0, self.size), pl.ds(column, 1)],
                           mask=self.in_cache[:, None], other=0).astype(jnp.float32)
       out = jnp.where(column_of_lane == column, values, out)
     return out

@@ -1,16 +1,16 @@
 """Flash-decoding over XQuant's quantized stream with keys rematerialized in-kernel (Mosaic TPU).
 
-The TPU counterpart of :mod:`pallas_kernels.kv_decode.xquant_gpu` (same math, same results).
-Grid ``(batch, split, step)``: each (row, split) walks its share of the filled quantized slots one
-block of ``block`` slots per step (the "arbitrary" axis; a step past the share does no compute and
-no DMA, its block index clamped as in :mod:`pallas_kernels.kv_decode.tpu`), with float32
-online-softmax statistics per kv head in VMEM scratch. Per block, in VMEM:
+The TPU counterpart of :mod:`pallas_kernels.kv_decode.xquant.pallas_gpu` (same math, same
+results). Grid ``(batch, split, step)``: each (row, split) walks its share of the filled quantized
+slots one block of ``block`` slots per step (the "arbitrary" axis; a step past the share does no
+compute and no DMA, its block index clamped as in :mod:`pallas_kernels.kv_decode.common_tpu`),
+with float32 online-softmax statistics per kv head in VMEM scratch. Per block, in VMEM:
 
 1. the block's packed words ``[block, words]`` and per-token scales/zeros are DMA'd once for all
    kv heads (the stream is shared by every kv head: one program per row reads it once); the
    float16 scales/zeros travel as their uint16 bits and are decoded to float32 in VMEM
-   (:func:`pallas_kernels.kv_decode.tpu.float16_to_float32`: Mosaic rejects float16 vector loads
-   on v4 to v6e; same bytes read);
+   (:func:`pallas_kernels.kv_decode.common_tpu.float16_to_float32`: Mosaic rejects float16 vector
+   loads on v4 to v6e; same bytes read);
 2. code position ``j`` of every word is a ``[block, words]`` tile (shift and mask, no lane
    gather) written to a VMEM scratch; its per-group scales/zeros are broadcast to it by one-hot
    matmuls (exact);
@@ -28,15 +28,13 @@ HBM bytes read per slot: as the GPU kernel (SmolLM2 latents, G = 64: 216 at 4 bi
 bits, vs 768 for float16 K/V), read once. Results: ``batch * splits * kv_heads * rows * (words
 * 32 / bits + 128)`` float32. VMEM: the double-buffered code/scale blocks, ``C_k`` (``kv_heads *
 words * 32 / bits * head_dim`` float32, double-buffered), the ``32 / bits`` dequantized ``[block,
-words]`` tiles, and the accumulators: 5.1 MiB of scoped VMEM compiled for v5e at 2 bits (latents)
-and 3.2 MiB at 4 bits (X), 256 slots per block (v5e's default limit: 16 MiB).
+words]`` tiles, and the accumulators.
 
-Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for v4, v5e, v5p
-and v6e (:mod:`pallas_kernels.aot`), not run or timed on a TPU. Every segment is the whole
-slot's words (Mosaic has no cheap unaligned lane slice), so a latent stream's key projection also
-multiplies the value words by zero weights and its accumulator also sums the key words (twice
-the MXU work of the GPU kernel's segments); the projection runs as ``32 / bits`` matmuls of
-depth ``words`` (under-filling the MXU depth for narrow streams).
+Limits: every segment is the whole slot's words (Mosaic has no cheap unaligned lane slice), so a
+latent stream's key projection also multiplies the value words by zero weights and its
+accumulator also sums the key words (twice the MXU work of the GPU kernel's segments); the
+projection runs as ``32 / bits`` matmuls of depth ``words`` (under-filling the MXU depth for
+narrow streams).
 """
 
 from __future__ import annotations
@@ -52,28 +50,20 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from pallas_kernels.interpret import require_tpu_or_interpret
 from pallas_kernels.kv_decode import common
-from pallas_kernels.kv_decode.tpu import (
-    _LANES,
-    _SUBLANES,
-    _lanes,
+from pallas_kernels.kv_decode.common_tpu import (
+    LANES,
+    SUBLANES,
     as_float32,
     decode_step,
-    default_num_splits,
     float16_bits,
     gather_lanes,
+    lanes,
     softmax_update,
     split_range,
+    tiling,
 )
 
-_TARGET_BLOCK = 256  # slots per grid step
-
-
-def block_slots(slots: int) -> int:
-  """Slots per grid step: the largest multiple of 8 dividing ``slots`` up to
-  :data:`_TARGET_BLOCK`, else all ``slots`` (a block must tile (8, 128) or be whole)."""
-  fits = [size for size in range(_SUBLANES, min(slots, _TARGET_BLOCK) + 1, _SUBLANES)
-          if slots % size == 0]
-  return fits[-1] if fits else slots
+_TARGET_BLOCK = 256  # default slots per grid step: a multiple of 8 dividing the slots, up to it
 
 
 def decode_partials(
@@ -92,21 +82,26 @@ def decode_partials(
     key_channels: tuple[int, int],
     value_channels: tuple[int, int],
     scale: float,
-    num_splits: int | None = None,
+    block_sizes: common.DecodeBlockSizes | None = None,
+    interpret: bool | None = None,
 ) -> tuple[Float[Array, "batch splits seq heads value_width"],
            Float[Array, "batch splits seq heads"]]:
   """Per-split attention over the quantized stream slots ``[start[b], end)``; arguments and
-  results as :func:`pallas_kernels.kv_decode.xquant_gpu.decode_partials`.
+  results as :func:`pallas_kernels.kv_decode.xquant.pallas_gpu.decode_partials`.
+
+  Args:
+    block_sizes: ``block_slots``, a multiple of 8 dividing the slots, or all of them (None: the
+      largest such up to :data:`_TARGET_BLOCK`); ``num_splits`` (None:
+      :func:`pallas_kernels.kv_decode.common_tpu.default_num_splits`).
+    interpret: True runs the TPU interpreter, False the compiled kernel; None follows
+      ``pallas_kernels.interpret.interpret_mode``.
 
   Raises:
-    NotImplementedError: not on a TPU and not inside ``pallas_kernels.interpret.interpret_mode``.
-    ValueError: the arrays do not have XQuant's layout.
+    NotImplementedError: not on a TPU, not interpreting and not compiling for a TPU.
+    ValueError: the arrays do not have XQuant's layout, or ``block_slots`` does not tile them.
   """
-  interpret = require_tpu_or_interpret()
-  slots = codes.shape[1]
-  block = block_slots(slots)
-  if num_splits is None:
-    num_splits = default_num_splits(slots, block)
+  interpret = require_tpu_or_interpret(interpret)
+  block, num_splits = tiling(block_sizes, codes.shape[1], SUBLANES, _TARGET_BLOCK)
   settings = common.xquant_settings(
       q, codes, code_scale, code_zero, key_up, inv_freq, bits=bits, group_size=group_size,
       key_channels=key_channels, value_channels=value_channels, logit_scale=scale,
@@ -120,7 +115,7 @@ def _decode_jit(settings: common.XQuantSettings, block: int, interpret, q, codes
                 code_zero, key_up, inv_freq, start, end, length):
   batch, slots, words = codes.shape
   kv_heads = key_up.shape[1]
-  rows = -(-settings.rows // _SUBLANES) * _SUBLANES
+  rows = -(-settings.rows // SUBLANES) * SUBLANES
   half, per_word, splits = settings.head_dim // 2, settings.per_word, settings.num_splits
   steps = -(-(slots // block) // splits)
   queries = common.split_queries(q, kv_heads, settings.scale, rows)
@@ -153,15 +148,15 @@ def _decode_jit(settings: common.XQuantSettings, block: int, interpret, q, codes
                     whole(weights), whole(inv_freq)],
           out_specs=[pl.BlockSpec((None, None, kv_heads * per_word, rows, words),
                                   lambda b, s, t, _: (b, s, 0, 0, 0)),
-                     pl.BlockSpec((None, None, kv_heads, rows, _LANES),
+                     pl.BlockSpec((None, None, kv_heads, rows, LANES),
                                   lambda b, s, t, _: (b, s, 0, 0, 0))],
-          scratch_shapes=[pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
-                          pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
+          scratch_shapes=[pltpu.VMEM((kv_heads, rows, LANES), jnp.float32),
+                          pltpu.VMEM((kv_heads, rows, LANES), jnp.float32),
                           pltpu.VMEM((kv_heads * per_word, rows, words), jnp.float32),
                           pltpu.VMEM((per_word, block, words), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct((batch, splits, kv_heads * per_word, rows, words),
                                       jnp.float32),
-                 jax.ShapeDtypeStruct((batch, splits, kv_heads, rows, _LANES), jnp.float32)],
+                 jax.ShapeDtypeStruct((batch, splits, kv_heads, rows, LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)),
       interpret=interpret,
@@ -176,8 +171,7 @@ def _kernel(settings: common.XQuantSettings, block: int, bounds_ref, q_ref, code
             zero_ref, w_ref, f_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, z_ref):
   """One block of one split: the block dequantized into ``z_ref`` once, then every kv head's
   online-softmax update (``decode_step`` resets and writes). Kv heads and code positions are
-  loops, not unrolled: Mosaic gives every unrolled matmul result its own VMEM, which at 16 code
-  positions, 3 kv heads and 256 slots overflowed v5e's 16 MiB of scoped VMEM."""
+  loops, not unrolled: Mosaic gives every unrolled matmul result its own VMEM."""
   b = pl.program_id(0)
   kv_heads, _, rows, half = q_ref.shape
   per_word = settings.per_word
@@ -205,7 +199,7 @@ def _kernel(settings: common.XQuantSettings, block: int, bounds_ref, q_ref, code
       logits = (common.dot(q_ref[h, 0], k_lo * cos - k_hi * sin, trans_b=True)
                 + common.dot(q_ref[h, 1], k_hi * cos + k_lo * sin, trans_b=True))
       p, rescale = softmax_update(h, jnp.where(visible, logits, -jnp.inf), m_ref, l_ref)
-      rescale = _lanes(rescale, z_ref.shape[2])
+      rescale = lanes(rescale, z_ref.shape[2])
 
       @pl.loop(0, per_word)
       def _(j):
