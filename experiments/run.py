@@ -19,7 +19,7 @@ from typing import Any
 
 import draccus
 
-from experiments.config import ConfigError, parse_config, read_experiment_name
+from experiments.config import ConfigError, parse_config, read_experiment_name, running
 
 # Experiment name (the `experiment:` key of a config) -> module defining Config and main.
 EXPERIMENTS: dict[str, str] = {
@@ -90,7 +90,8 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> tuple[Modul
 def run(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
   """Runs the experiment ``path`` names; returns its summary."""
   module, config = load(path, overrides)
-  return module.main(config)
+  with running(path, overrides):
+    return module.main(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       except SystemExit as done:  # argparse exits after printing help
         return int(done.code or 0)
       return 0
-    run(path, overrides)
+    run(name, overrides)
   except ConfigError as error:
     print(f"effjax-run: config error: {error}", file=sys.stderr)
     return 2

@@ -9,7 +9,8 @@ transformer's SwiGLU width is adjusted so its parameter count matches the long-c
 model's (the counts are reported). The optimizer is train_lm's (``optim``), so the long-convolution
 models' kernels get their own learning rate and no weight decay, as in the paper. ``num_seeds``
 repeats every model with consecutive seeds. Results go to ``output_dir/results.json`` and, with
-``results_name``, to ``benchmarks/<results_name>.{json,md}``.
+``results_name``, to a table ``<results_dir or output_dir>/<results_name>.{json,md}`` that names
+the command reproducing it; ``--results_dir=benchmarks`` refreshes the committed one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import optax
 from effjax import benchmarking
 from effjax.data import synthetic
 from experiments import train_lm
-from experiments.config import ExperimentConfig, require
+from experiments.config import ExperimentConfig, command_line, require, results_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,10 @@ class Config(ExperimentConfig):
   num_seeds: int = 1
   """Train every model with seeds seed, seed + 1, ... (initialization, batches, held-out set)."""
   results_name: str | None = None
-  """Also write benchmarks/<results_name>.{json,md} (None: only output_dir/results.json)."""
+  """Also write the table <results_dir or output_dir>/<results_name>.{json,md} (None: only
+  output_dir/results.json)."""
+  results_dir: str | None = None
+  """Directory of that table if not output_dir; `benchmarks` refreshes the committed one."""
   notes: str = ""
   """A sentence added to the benchmark's notes (e.g. why these settings, why one seed)."""
 
@@ -96,7 +100,7 @@ class Config(ExperimentConfig):
 
 SMOKE_OVERRIDES = ("--steps=2", "--batch_size=4", "--eval_examples=8", "--model.d_model=16",
                    "--model.num_layers=1", "--model.d_ff=16", "--mixers=[h3,attention]",
-                   "--num_seeds=1", "--results_name=null")
+                   "--num_seeds=1")
 
 
 def _count(params: Any) -> int:
@@ -182,6 +186,7 @@ def main(config: Config) -> dict[str, Any]:
     benchmarking.write_results(
         config.results_name, rows, title=f"Synthetic task {config.task.name}: long conv vs "
         "equal-parameter transformer", columns=list(rows[0]),
+        directory=results_directory(config), command=command_line(),
         notes=f"{config.steps} steps of {config.batch_size} fresh sequences (AdamW, lr "
         f"{optim.learning_rate:g}, long-conv kernels {train_lm.kernel_learning_rate(optim):g} "
         f"without weight decay, warm-up {optim.warmup_steps}, weight decay "

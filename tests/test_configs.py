@@ -1,12 +1,13 @@
 """Configs and the CLI: every shipped config runs (tiny), and bad configs fail naming the key."""
 
 import pathlib
+import re
 
 import numpy as np
 import pytest
 
 from experiments import run
-from experiments.config import ConfigError
+from experiments.config import ConfigError, results_directory
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 CONFIGS_BY_NAME = {path.stem: path for path in CONFIGS}
@@ -33,6 +34,19 @@ def test_every_config_runs_tiny(path, tmp_path):
   summary = run.run(str(path), overrides)
   numbers = [value for value in summary.values() if isinstance(value, float)]
   assert summary and all(np.isfinite(numbers)), summary
+  # A results table names the command that reproduces it, with every override.
+  for table in tmp_path.rglob("*.md"):
+    command = re.search(r"^Command: `(.*)`$", table.read_text(), re.MULTILINE).group(1)
+    assert command.startswith(f"effjax-run {path}") and f"--output_dir={tmp_path}" in command
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_shipped_config_writes_under_runs_by_default(path):
+  # The committed benchmarks/ tables are refreshed on purpose (--results_dir=benchmarks), never
+  # by running a config as shipped.
+  _, config = run.load(str(path))
+  for where in (config.output_dir, results_directory(config)):
+    assert pathlib.PurePath(where).parts[0] == "runs", (path.name, where)
 
 
 def _write(tmp_path, text):
