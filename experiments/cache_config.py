@@ -196,6 +196,3 @@ class XQuantCLConfig(CacheConfig):
     window = f", R={self.residual}" if self.residual else ""
     return (f"XQuant-CL-{self.bits} (first {self.first_layers} @{self.first_bits}, "
             f"G={self.group_size}{window})")
-
-
-CACHE_TYPES = tuple(CacheConfig.get_known_choices())

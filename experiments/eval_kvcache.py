@@ -56,7 +56,10 @@ class Config(ExperimentConfig):
   results_name: str = "kvcache_eval"
   """File names: <results_dir or output_dir>/<results_name>.{json,md,png}."""
   caches: list[CacheConfig] = dataclasses.field(default_factory=_default_caches)
-  """Caches to compare; the first must be {type: full} (the reference)."""
+  """Caches to compare; the first must be {type: full} (the reference). Each type takes only its
+  own keys: kivi: bits, value_bits, group_size, residual; vidkv: key_bits, group_size, residual;
+  xquant: bits, group_size, residual; xquant_cl: bits, first_bits, first_layers, group_size,
+  residual (their help: effjax-run smollm2_generate --help, the cache.* keys)."""
   source: str = "all"
   """Text: 'news', 'wiki' or 'all' (gensim test data), held out as in the quickstart."""
   heldout_fraction: float = 0.1
