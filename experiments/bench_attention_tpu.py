@@ -40,8 +40,8 @@ def measure(seq_lens) -> list[dict]:
     for seq_len in seq_lens:
       counts = pallas_tpu.schedule_counts(seq_len, seq_len, head_dim=HEAD_DIM,
                                           **_options(mask, seq_len))
-      block_q, block_kv = pallas_tpu.default_block_sizes(seq_len, seq_len, HEAD_DIM)
-      row = {"mask": mask, "seq_len": seq_len, "blocks": f"{block_q}x{block_kv}"}
+      blocks = pallas_tpu.default_block_sizes(seq_len, seq_len, HEAD_DIM)
+      row = {"mask": mask, "seq_len": seq_len, "blocks": f"{blocks.block_q}x{blocks.block_kv}"}
       for kernel in ("forward", "dkv"):
         steps = counts[f"{kernel}_steps"]
         row[f"{kernel}_steps"] = steps

@@ -1,4 +1,5 @@
-"""Rounding of sizes and zero padding of arrays, shared by every kernel wrapper.
+"""Rounding of sizes, zero padding of arrays and the ``block_sizes`` argument, shared by every
+kernel wrapper.
 
 Pure ``jax.numpy`` (no Pallas, no effjax), so effjax's XLA implementations use it too. The size
 functions take Python ints or int32 arrays (block indices inside a kernel or a jitted function);
@@ -7,10 +8,12 @@ a pad to the size an axis already has returns the array itself, so aligned input
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
+
+_T = TypeVar("_T")
 
 
 def cdiv(n: Any, d: Any) -> Any:
@@ -53,3 +56,18 @@ def pad_axis(x: Any, axis: int, size: int, *, mode: str = "constant") -> Any:
 def pad_to_multiple(x: Any, axis: int, multiple: int, *, mode: str = "constant") -> Any:
   """``x`` padded at the end of ``axis`` to the next multiple of ``multiple``."""
   return pad_axis(x, axis, round_up(x.shape[axis], multiple), mode=mode)
+
+
+def resolve_block_sizes(block_sizes: Any, cls: type[_T], default: Callable[[], _T]) -> _T:
+  """A kernel wrapper's ``block_sizes`` argument: ``default()`` (its heuristic) for None, else
+  ``block_sizes`` itself, which must be a ``cls`` (the wrapper's block-size dataclass).
+
+  Raises:
+    TypeError: ``block_sizes`` is neither None nor a ``cls``.
+  """
+  if block_sizes is None:
+    return default()
+  if not isinstance(block_sizes, cls):
+    raise TypeError(f"block_sizes must be a {cls.__module__}.{cls.__qualname__} or None, got "
+                    f"{block_sizes!r}")
+  return block_sizes

@@ -185,12 +185,8 @@ class Call:
              block_sizes: BlockSizes | None, interpret: bool) -> Call:
     """Checks ``block_sizes`` (None: :func:`default_block_sizes` for the larger of the query and
     value head dims and the inputs' ``dtype``) and fits them to the lengths."""
-    if block_sizes is None:
-      block_sizes = default_block_sizes(mask.q_len, mask.kv_len, head_dim, dtype,
-                                        None if interpret else gpu_compute_capability())
-    elif not isinstance(block_sizes, BlockSizes):
-      raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.pallas_gpu.BlockSizes "
-                      f"or None, got {block_sizes!r}")
+    block_sizes = shapes.resolve_block_sizes(block_sizes, BlockSizes, lambda: default_block_sizes(
+        mask.q_len, mask.kv_len, head_dim, dtype, None if interpret else gpu_compute_capability()))
     return cls(mask=mask, scale=float(scale), softcap=softcap,
                blocks=block_sizes.fit(mask.q_len, mask.kv_len), heads=heads, kv_heads=kv_heads,
                segments=segments, interpret=bool(interpret))

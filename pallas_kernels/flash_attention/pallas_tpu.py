@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -90,8 +90,45 @@ _WIDE_HEAD_DIM = 128
 _PARALLEL, _ARBITRARY = pltpu.PARALLEL, pltpu.ARBITRARY
 
 
-def default_block_sizes(q_len: int, kv_len: int, head_dim: int) -> tuple[int, int]:
-  """The block-size heuristic: ``(block_q, block_kv)`` for all three kernels.
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """The ``[block_q, block_kv]`` tile of all three kernels.
+
+  Attributes:
+    block_q, block_kv: positive multiples of 8; each is capped at its length rounded up to 8. On
+      a TPU, Mosaic also needs each to be a multiple of 128 unless it covers the whole length
+      (the TPU interpreter does not).
+  """
+  block_q: int = _TARGET_BLOCK
+  block_kv: int = _TARGET_BLOCK
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      value = getattr(self, name)
+      if (not isinstance(value, int) or isinstance(value, bool) or value < 1
+          or value % _SUBLANES):
+        raise ValueError(f"BlockSizes.{name} must be a positive multiple of {_SUBLANES}, got "
+                         f"{value!r}")
+
+  def fit(self, q_len: int, kv_len: int, *, tpu: bool) -> BlockSizes:
+    """Each block capped at its length rounded up to 8; with ``tpu``, checked for Mosaic.
+
+    Raises:
+      ValueError: with ``tpu``, a block that is neither a multiple of 128 nor the whole length.
+    """
+    fitted = BlockSizes(min(self.block_q, shapes.round_up(q_len, _SUBLANES)),
+                        min(self.block_kv, shapes.round_up(kv_len, _SUBLANES)))
+    if tpu:
+      for name, length in (("block_q", q_len), ("block_kv", kv_len)):
+        size = getattr(fitted, name)
+        if size % _LANES and size != shapes.round_up(length, _SUBLANES):
+          raise ValueError(f"block_sizes: {name} must be a multiple of {_LANES} on a TPU unless "
+                           f"it covers the whole length {length}, got {self!r}")
+    return fitted
+
+
+def default_block_sizes(q_len: int, kv_len: int, head_dim: int) -> BlockSizes:
+  """The block-size heuristic: the tile of all three kernels.
 
   The target is 512 positions per block (256 for head dims above 128, whose tiles are wider).
   A length that fits in the target is one block of the length rounded up to 8 (a whole dim, so
@@ -99,7 +136,7 @@ def default_block_sizes(q_len: int, kv_len: int, head_dim: int) -> tuple[int, in
   up to a multiple of 128, so padding stays under 128 positions per block.
   """
   target = _TARGET_BLOCK if head_dim <= _WIDE_HEAD_DIM else _TARGET_BLOCK // 2
-  return _fit_block(q_len, target), _fit_block(kv_len, target)
+  return BlockSizes(_fit_block(q_len, target), _fit_block(kv_len, target))
 
 
 def attention(
@@ -114,7 +151,8 @@ def attention(
     softcap: float | None = None,
     scale: float,
     return_lse: bool = False,
-    block_sizes: tuple[int, int] | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
 ) -> (Float[Array, "batch q_len heads v_head_dim"]
       | tuple[Float[Array, "batch q_len heads v_head_dim"], Float[Array, "batch heads q_len"]]):
   """FlashAttention-2 forward/backward Mosaic kernels; arguments as validated by effjax's
@@ -122,9 +160,10 @@ def attention(
   dv]``, ``h % kv_h == 0``, ``scale`` resolved to a float; causal is bottom-right aligned).
 
   Args:
-    block_sizes: ``(block_q, block_kv)``, positive multiples of 8, each capped at its length
-      rounded up to 8; default :func:`default_block_sizes`. On a TPU, Mosaic also needs each to be
-      a multiple of 128 unless it covers the whole length (the TPU interpreter does not).
+    block_sizes: the tile, capped at the lengths (:meth:`BlockSizes.fit`); default
+      :func:`default_block_sizes`.
+    interpret: run in the TPU interpreter (CPU); None follows
+      ``pallas_kernels.interpret.interpret_mode``.
 
   Returns:
     The output ``[b, q_len, h, dv]`` in q's dtype, and with ``return_lse`` the float32 LSE
@@ -133,17 +172,19 @@ def attention(
     rejects them), through a float32 copy of q, k, v and the output in HBM.
 
   Raises:
-    NotImplementedError: not on a TPU and not inside ``pallas_kernels.interpret.interpret_mode``
-      (so dispatch tries the next implementation).
-    ValueError: ``block_sizes`` is not a pair of positive multiples of 8 (or, on a TPU, of 128).
+    NotImplementedError: not on a TPU and not interpreting (so dispatch tries the next
+      implementation).
+    TypeError: ``block_sizes`` is not a :class:`BlockSizes`.
+    ValueError: on a TPU, a block that Mosaic's tiling rejects (:meth:`BlockSizes.fit`).
   """
-  interpret = require_tpu_or_interpret()
+  interpret = require_tpu_or_interpret(interpret)
   q_len, heads, head_dim = q.shape[1:]
   kv_len, kv_heads = k.shape[1:3]
-  block_q, block_kv = _block_sizes(block_sizes, q_len, kv_len, max(head_dim, v.shape[-1]),
-                                   tpu=not interpret)
+  blocks = _block_sizes(block_sizes, q_len, kv_len, max(head_dim, v.shape[-1]),
+                        tpu=not interpret)
   config = _Config(mask=masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window),
-                   scale=float(scale), softcap=softcap, block_q=block_q, block_kv=block_kv,
+                   scale=float(scale), softcap=softcap, block_q=blocks.block_q,
+                   block_kv=blocks.block_kv,
                    group=heads // kv_heads, segments=q_segment_ids is not None,
                    interpret=interpret)
   dtype = q.dtype
@@ -162,7 +203,7 @@ def schedule_counts(
     window: tuple[int | None, int | None] | None = None,
     q_segment_ids: Int[Array, "batch q_len"] | None = None,
     kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
-    block_sizes: tuple[int, int] | None = None,
+    block_sizes: BlockSizes | None = None,
     head_dim: int = 128,
 ) -> dict[str, int]:
   """What the kernels' grids do for one (batch row, query head), summed over the batch rows.
@@ -177,9 +218,10 @@ def schedule_counts(
     ``{"<kernel>_<count>": int}`` for kernel in (forward, dkv), count in (steps, computed,
     unmasked, fetched).
   """
-  block_q, block_kv = _block_sizes(block_sizes, q_len, kv_len, head_dim, tpu=False)
+  blocks = _block_sizes(block_sizes, q_len, kv_len, head_dim, tpu=False)
   config = _Config(mask=masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window),
-                   scale=1.0, softcap=None, block_q=block_q, block_kv=block_kv, group=1,
+                   scale=1.0, softcap=None, block_q=blocks.block_q, block_kv=blocks.block_kv,
+                   group=1,
                    segments=q_segment_ids is not None, interpret=False)
   batch = 1 if q_segment_ids is None else q_segment_ids.shape[0]
   counts = {}
@@ -204,12 +246,12 @@ def schedule_counts(
   return counts
 
 
-def _block_sizes(block_sizes: Sequence[int] | None, q_len: int, kv_len: int, head_dim: int, *,
-                 tpu: bool) -> tuple[int, int]:
-  """The default blocks, or the given ones validated and capped at the (8-padded) lengths."""
-  if block_sizes is None:
-    return default_block_sizes(q_len, kv_len, head_dim)
-  return _check_block_sizes(block_sizes, q_len, kv_len, tpu=tpu)
+def _block_sizes(block_sizes: BlockSizes | None, q_len: int, kv_len: int, head_dim: int, *,
+                 tpu: bool) -> BlockSizes:
+  """The given blocks or the default ones, fitted to the lengths."""
+  block_sizes = shapes.resolve_block_sizes(
+      block_sizes, BlockSizes, lambda: default_block_sizes(q_len, kv_len, head_dim))
+  return block_sizes.fit(q_len, kv_len, tpu=tpu)
 
 
 def _fit_block(length: int, target: int) -> int:
@@ -217,23 +259,6 @@ def _fit_block(length: int, target: int) -> int:
   if shapes.round_up(length, _SUBLANES) <= target:
     return shapes.round_up(length, _SUBLANES)
   return shapes.balanced_block(length, target, _LANES)
-
-
-def _check_block_sizes(block_sizes: Sequence[int], q_len: int, kv_len: int, *,
-                       tpu: bool) -> tuple[int, int]:
-  if (not isinstance(block_sizes, (tuple, list)) or len(block_sizes) != 2
-      or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0
-                 and size % _SUBLANES == 0 for size in block_sizes)):
-    raise ValueError(f"block_sizes must be a pair of positive multiples of {_SUBLANES}, "
-                     f"got {block_sizes!r}")
-  fitted = tuple(min(size, shapes.round_up(length, _SUBLANES))
-                 for size, length in zip(block_sizes, (q_len, kv_len)))
-  if tpu:
-    for name, size, length in zip(("block_q", "block_kv"), fitted, (q_len, kv_len)):
-      if size % _LANES and size != shapes.round_up(length, _SUBLANES):
-        raise ValueError(f"block_sizes: {name} must be a multiple of {_LANES} on a TPU unless "
-                         f"it covers the whole length {length}, got {block_sizes!r}")
-  return fitted
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,7 @@ from pallas_kernels.long_conv import dft, gating
 
 MIN_TILE, MAX_TILE = 16, 64
 MAX_ON_CHIP = MAX_TILE * MAX_TILE  # the largest one-pass size m
-PRE_HOPPER_LIMITS = (1024, 32)  # default_limits before compute capability 9
+PRE_HOPPER_ON_CHIP, PRE_HOPPER_N0 = 1024, 32  # default_block_sizes before compute capability 9
 PREFERRED_ON_CHIP = 512  # three passes keep m at least this, with as many rows n0 as allowed
 MIN_N0, MAX_N0 = 16, 64  # the outer DFT size of three passes (a dot needs dimensions >= 16)
 BLOCK_ELEMENTS = 4096  # elements per program (m * cb in pass 2, n0 * mb * cb in passes 1 and 3)
@@ -96,37 +96,57 @@ def split(n: int) -> tuple[int, int] | None:
   return n1, n // n1
 
 
-def default_limits(compute_capability: tuple[int, int] | None) -> tuple[int, int]:
-  """``(max_on_chip, max_n0)`` for an NVIDIA GPU of ``compute_capability`` (None: unknown).
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """How many points the fused kernels transform on chip.
+
+  Attributes:
+    max_on_chip: the largest transform done in one pass, and the most points pass 2 of three
+      keeps on chip: a power of two in ``[256, 4096]``. A smaller one makes longer transforms
+      three passes (tests reach them at 4096 points with 256).
+    max_n0: the largest outer DFT (rows ``n0``) of three passes: a power of two in ``[16, 64]``.
+  """
+  max_on_chip: int = MAX_ON_CHIP
+  max_n0: int = MAX_N0
+
+  def __post_init__(self):
+    if (not isinstance(self.max_on_chip, int) or isinstance(self.max_on_chip, bool)
+        or split(self.max_on_chip) is None):
+      raise ValueError(f"BlockSizes.max_on_chip must be a power of two in "
+                       f"[{MIN_TILE * MIN_TILE}, {MAX_ON_CHIP}], got {self.max_on_chip!r}")
+    if (not isinstance(self.max_n0, int) or isinstance(self.max_n0, bool)
+        or not MIN_N0 <= self.max_n0 <= MAX_N0 or self.max_n0 & (self.max_n0 - 1)):
+      raise ValueError(f"BlockSizes.max_n0 must be a power of two in [{MIN_N0}, {MAX_N0}], got "
+                       f"{self.max_n0!r}")
+
+
+def default_block_sizes(compute_capability: tuple[int, int] | None) -> BlockSizes:
+  """The block-size heuristic for an NVIDIA GPU of ``compute_capability`` (None: unknown).
 
   Before Hopper (sm_80/86/89) ``mma.sync`` takes both 3xTF32 operands in registers, and a
   64-point DFT stage (one pass of ``m = 2048`` or 4096 points, or an outer pass of ``n0 = 64``
-  rows) makes ptxas give the kernel 32 registers and 12-58 KB per thread of local memory
-  (``benchmarks/gpu_kernel_resources.md``): there every DFT stage has at most 32 points, so one
-  pass stops at 1024 points and three passes at 32768 (a causal convolution of 513-2048
-  positions takes three passes of 4096 points; above 16384 positions dispatch falls through).
-  Hopper's ``wgmma`` reads its B operand from shared memory: ``(MAX_ON_CHIP, MAX_N0)``, as when
-  the GPU is unknown."""
+  rows) spills most of the kernel's registers to local memory: there every DFT stage has at most
+  32 points, so one pass stops at 1024 points and three passes at 32768 (a causal convolution of
+  513-2048 positions takes three passes of 4096 points; above 16384 positions dispatch falls
+  through). Hopper's ``wgmma`` reads its B operand from shared memory: :class:`BlockSizes`'
+  defaults, as when the GPU is unknown."""
   if compute_capability is not None and compute_capability[0] < 9:
-    return PRE_HOPPER_LIMITS
-  return MAX_ON_CHIP, MAX_N0
+    return BlockSizes(PRE_HOPPER_ON_CHIP, PRE_HOPPER_N0)
+  return BlockSizes()
 
 
-def largest_size(max_on_chip: int = MAX_ON_CHIP, max_n0: int = MAX_N0) -> int:
+def largest_size(block_sizes: BlockSizes = BlockSizes()) -> int:
   """The longest transform :func:`factors` splits: ``max_n0`` rows of ``max_on_chip`` points."""
-  return max_n0 * max_on_chip
+  return block_sizes.max_n0 * block_sizes.max_on_chip
 
 
 @functools.cache
-def factors(n: int, max_on_chip: int = MAX_ON_CHIP, max_n0: int = MAX_N0
-            ) -> tuple[int, ...] | None:
+def factors(n: int, block_sizes: BlockSizes = BlockSizes()) -> tuple[int, ...] | None:
   """``(n1, n2)`` (:func:`split`) when ``n <= max_on_chip`` fits one pass, else ``(n0, n1, n2)``
   with ``n0`` a power of two in ``[MIN_N0, max_n0]`` leaving ``m = n / n0 <= max_on_chip``
   points on chip: the most rows that keep ``m >= PREFERRED_ON_CHIP`` (else the fewest), since
-  ptxas spills 16-32 bytes per thread in pass 2 at 512 points and about 700 at 1024 (H100 and
-  A100); None if none exists. ``max_on_chip`` (a power of two in ``[256, 4096]``) lowers the
-  one-pass limit, so tests reach three passes at small sizes; :func:`default_limits` gives
-  both limits per GPU."""
+  pass 2 spills registers above 512 points; None if none exists."""
+  max_on_chip, max_n0 = block_sizes.max_on_chip, block_sizes.max_n0
   if n <= max_on_chip:
     return split(n)
   powers = (MIN_N0 << i for i in range(max_n0.bit_length() - MIN_N0.bit_length() + 1))
@@ -349,8 +369,7 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "*n0 
              pre_gate: Float[Array, "batch seq channels"] | None = None,
              post_gate: Float[Array, "batch seq channels"] | None = None,
              skip: Float[Array, " channels"] | None = None, dtype: Any = jnp.float32,
-             max_on_chip: int = MAX_ON_CHIP, max_n0: int = MAX_N0,
-             interpret: bool | None = None
+             block_sizes: BlockSizes | None = None, interpret: bool | None = None
              ) -> Float[Array, "batch seq channels"]:
   """Gated circular convolution: rows ``[0, seq)`` of ``post_gate * (z + skip * v)``, ``z =
   real(ifft(fft(v) * k_hat))`` of size ``n`` with ``v = pre_gate * x`` zero-extended to ``n``
@@ -363,14 +382,15 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "*n0 
   Args:
     x: ``[batch, seq, channels]``, any float dtype, ``seq <= n``.
     k_hat_re, k_hat_im: float32, the kernel spectrum in digit-reversed layout for
-      :func:`factors` ``(n1, n2)``: ``[n2, n1, channels]``, the DFT at ``k1 + n1 k2`` in
-      ``[k2, k1]``; for ``(n0, n1, n2)``: ``[n0, n2, n1, channels]``, the DFT at
-      ``k0 + n0 (k1 + n1 k2)`` in ``[k0, k2, k1]``.
+      ``factors(n, block_sizes)``: for ``(n1, n2)``, ``[n2, n1, channels]``, the DFT at
+      ``k1 + n1 k2`` in ``[k2, k1]``; for ``(n0, n1, n2)``, ``[n0, n2, n1, channels]``, the DFT
+      at ``k0 + n0 (k1 + n1 k2)`` in ``[k0, k2, k1]``.
     n: the transform size, accepted by :func:`factors`; None: ``seq``.
     pre_gate, post_gate: None or ``[batch, seq, channels]`` (any float dtype).
     skip: None or ``[channels]``.
     dtype: the result's dtype.
-    max_on_chip, max_n0: the limits :func:`factors` splits ``n`` with.
+    block_sizes: the limits :func:`factors` splits ``n`` with; None: ``BlockSizes()`` (those of
+      Hopper or an unknown GPU; :func:`default_block_sizes` gives them per GPU).
     interpret: run in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
 
   Returns:
@@ -378,15 +398,17 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "*n0 
 
   Raises:
     NotImplementedError: off a GPU unless interpreting, or ``n`` has no :func:`factors`.
+    TypeError: ``block_sizes`` is not a :class:`BlockSizes`.
     ValueError: ``seq > n``, or a gate, skip or the spectrum has the wrong shape.
   """
   interpret = gpu_interpret(interpret)
+  block_sizes = shapes.resolve_block_sizes(block_sizes, BlockSizes, BlockSizes)
   batch, seq, channels = x.shape
   n = seq if n is None else n
-  tiles = factors(n, max_on_chip, max_n0)
+  tiles = factors(n, block_sizes)
   if tiles is None:
     raise NotImplementedError(f"fused FFT conv needs n a power of two in [256, "
-                              f"{largest_size(max_on_chip, max_n0)}], got {n}")
+                              f"{largest_size(block_sizes)}], got {n}")
   flags = gating.Options.check(x, n, pre_gate, post_gate, skip)
   *outer, n1, n2 = tiles
   expected = (*outer, n2, n1, channels)

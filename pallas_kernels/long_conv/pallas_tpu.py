@@ -102,7 +102,7 @@ N1_CHOICES = (8, 16, 32, 64, 128)
 MAX_N2 = 256
 MAX_N0 = 256
 _STEP = _SUBLANES * _SUBLANES  # n1 and n2 are multiples of 8
-_MAX_M = N1_CHOICES[-1] * MAX_N2
+MAX_ON_CHIP = N1_CHOICES[-1] * MAX_N2  # the largest on-chip size m the splits allow
 VMEM_BUDGET = 14 * 2**20
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -138,6 +138,31 @@ def tiles(m: int, complex_signal: bool = False) -> tuple[int, int] | None:
   return min(splits, key=lambda split: mxu_cost(*split, complex_signal), default=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """How many points the fused kernel transforms on chip.
+
+  Attributes:
+    max_on_chip: the largest on-chip size ``m`` (one pass, or pass 2 of three): a multiple of 64
+      up to :data:`MAX_ON_CHIP`. :func:`tiles` also keeps every split within
+      :data:`VMEM_BUDGET`, so the default is that budget's limit. A smaller one makes longer
+      transforms three passes.
+    max_n0: the most rows ``n0`` of three passes, in ``[2, MAX_N0]``.
+  """
+  max_on_chip: int = MAX_ON_CHIP
+  max_n0: int = MAX_N0
+
+  def __post_init__(self):
+    if (not isinstance(self.max_on_chip, int) or isinstance(self.max_on_chip, bool)
+        or not _STEP <= self.max_on_chip <= MAX_ON_CHIP or self.max_on_chip % _STEP):
+      raise ValueError(f"BlockSizes.max_on_chip must be a multiple of {_STEP} in "
+                       f"[{_STEP}, {MAX_ON_CHIP}], got {self.max_on_chip!r}")
+    if (not isinstance(self.max_n0, int) or isinstance(self.max_n0, bool)
+        or not 2 <= self.max_n0 <= MAX_N0):
+      raise ValueError(f"BlockSizes.max_n0 must be an int in [2, {MAX_N0}], got "
+                       f"{self.max_n0!r}")
+
+
 def _multi_pass_cost(n0: int, m: int) -> float:
   """:func:`mxu_cost` of the on-chip complex size ``m`` plus passes 1 and 3 (four ``K = n0``
   dots per element, streamed by XLA), per element."""
@@ -145,13 +170,14 @@ def _multi_pass_cost(n0: int, m: int) -> float:
 
 
 @functools.cache
-def factors(n: int) -> tuple[int, ...] | None:
-  """``(n1, n2)`` if ``n`` fits one pass, else the ``(n0, n1, n2)`` (``n0 <= MAX_N0``) of least
-  :func:`_multi_pass_cost`; None if neither exists."""
-  if tiles(n) is not None:
+def factors(n: int, block_sizes: BlockSizes = BlockSizes()) -> tuple[int, ...] | None:
+  """``(n1, n2)`` if ``n`` fits one pass, else the ``(n0, n1, n2)`` (``n0 <= max_n0``) of least
+  :func:`_multi_pass_cost`; None if neither exists within ``block_sizes``."""
+  max_on_chip, max_n0 = block_sizes.max_on_chip, block_sizes.max_n0
+  if n <= max_on_chip and tiles(n) is not None:
     return tiles(n)
-  splits = [(n // m, m) for m in range(_STEP, min(n // 2, _MAX_M) + 1, _STEP)
-            if n % m == 0 and n // m <= MAX_N0 and tiles(m, True) is not None]
+  splits = [(n // m, m) for m in range(_STEP, min(n // 2, max_on_chip) + 1, _STEP)
+            if n % m == 0 and n // m <= max_n0 and tiles(m, True) is not None]
   if not splits:
     return None
   n0, m = min(splits, key=lambda split: _multi_pass_cost(*split))
@@ -159,15 +185,16 @@ def factors(n: int) -> tuple[int, ...] | None:
 
 
 @functools.cache
-def transform_size(length: int) -> int | None:
+def transform_size(length: int, block_sizes: BlockSizes = BlockSizes()) -> int | None:
   """The ``n >= length`` of least ``n * cost`` that :func:`factors` accepts: one pass whenever one
   fits (``n`` up to ``2 * length``), else the multi-pass split; None beyond its limit."""
+  max_on_chip, max_n0 = block_sizes.max_on_chip, block_sizes.max_n0
   first = shapes.round_up(max(length, 1), _STEP)
-  one_pass = [n for n in range(first, 2 * first + 1, _STEP) if tiles(n)]
+  one_pass = [n for n in range(first, 2 * first + 1, _STEP) if n <= max_on_chip and tiles(n)]
   if one_pass:
     return min(one_pass, key=lambda n: (n * mxu_cost(*tiles(n), False), n))
-  splits = [(max(2, shapes.cdiv(length, m)), m) for m in range(_STEP, _MAX_M + 1, _STEP)
-            if tiles(m, True) is not None and shapes.cdiv(length, m) <= MAX_N0]
+  splits = [(max(2, shapes.cdiv(length, m)), m) for m in range(_STEP, max_on_chip + 1, _STEP)
+            if tiles(m, True) is not None and shapes.cdiv(length, m) <= max_n0]
   if not splits:
     return None
   n0, m = min(splits, key=lambda split: (split[0] * split[1] * _multi_pass_cost(*split),
@@ -176,10 +203,11 @@ def transform_size(length: int) -> int | None:
 
 
 @functools.cache
-def largest_size() -> int:
-  """The longest transform :func:`transform_size` serves: ``MAX_N0`` rows of the largest
+def largest_size(block_sizes: BlockSizes = BlockSizes()) -> int:
+  """The longest transform :func:`transform_size` serves: ``max_n0`` rows of the largest
   on-chip complex size."""
-  return MAX_N0 * max(m for m in range(_STEP, _MAX_M + 1, _STEP) if tiles(m, True))
+  return block_sizes.max_n0 * max(m for m in range(_STEP, block_sizes.max_on_chip + 1, _STEP)
+                                  if tiles(m, True))
 
 
 def _stage_matrices(n0: int, n1: int, n2: int) -> tuple[jax.Array, ...]:
@@ -343,7 +371,8 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "n ch
              pre_gate: Float[Array, "batch seq channels"] | None = None,
              post_gate: Float[Array, "batch seq channels"] | None = None,
              skip: Float[Array, " channels"] | None = None, dtype: Any = jnp.float32,
-             interpret: Any = None) -> Float[Array, "batch seq channels"]:
+             block_sizes: BlockSizes | None = None, interpret: bool | None = None
+             ) -> Float[Array, "batch seq channels"]:
   """Gated circular convolution: rows ``[0, seq)`` of ``post_gate * (z + skip * v)``, ``z =
   real(ifft(fft(v) * k_hat))`` of size ``n`` with ``v = pre_gate * x`` zero-extended to ``n``
   rows, for every ``(batch, channel)`` signal.
@@ -355,34 +384,35 @@ def fft_conv(x: Float[Array, "batch seq channels"], k_hat_re: Float[Array, "n ch
   Args:
     x: ``[batch, seq, channels]``, any float dtype, ``seq <= n``.
     k_hat_re, k_hat_im: float32 ``[n, channels]``, the kernel spectrum in digit-reversed layout
-      for :func:`factors` ``(n_a, ..., n_r)``: row ``k_a m_a + ... + k_r`` (``m_i`` the product of
-      the factors after ``n_i``) holds the DFT at ``k_a + n_a k_b + ...`` (the Monarch transform's
-      ``[n_a, ..., n_r, channels]`` spectrum, reshaped).
+      for ``factors(n, block_sizes)`` ``(n_a, ..., n_r)``: row ``k_a m_a + ... + k_r`` (``m_i``
+      the product of the factors after ``n_i``) holds the DFT at ``k_a + n_a k_b + ...`` (the
+      Monarch transform's ``[n_a, ..., n_r, channels]`` spectrum, reshaped).
     n: the transform size, accepted by :func:`factors`; None: ``seq``.
     pre_gate, post_gate: None or ``[batch, seq, channels]`` (any float dtype).
     skip: None or ``[channels]``.
     dtype: the result's dtype.
-    interpret: ``pallas_call``'s ``interpret`` (``pltpu.InterpretParams`` or False); None asks
-      :func:`pallas_kernels.interpret.require_tpu_or_interpret`.
+    block_sizes: the limits :func:`factors` splits ``n`` with; None: ``BlockSizes()``.
+    interpret: run in the TPU interpreter (CPU); None follows
+      ``pallas_kernels.interpret.interpret_mode``.
 
   Returns:
     ``[batch, seq, channels]`` in ``dtype``.
 
   Raises:
-    NotImplementedError: off a TPU unless in ``pallas_kernels.interpret.interpret_mode()``,
-      ``n`` has no :func:`factors`, or a compiled one pass with a float16 signal, gate or
-      ``dtype``.
+    NotImplementedError: off a TPU unless interpreting, ``n`` has no :func:`factors`, or a
+      compiled one pass with a float16 signal, gate or ``dtype``.
+    TypeError: ``block_sizes`` is not a :class:`BlockSizes`.
     ValueError: ``seq > n``, or a gate, skip or the spectrum has the wrong shape.
   """
-  if interpret is None:
-    interpret = require_tpu_or_interpret()
+  interpret = require_tpu_or_interpret(interpret)
+  block_sizes = shapes.resolve_block_sizes(block_sizes, BlockSizes, BlockSizes)
   batch, seq, channels = x.shape
   n = seq if n is None else n
-  split = factors(n)
+  split = factors(n, block_sizes)
   if split is None:
     raise NotImplementedError(f"fused TPU FFT conv needs n accepted by factors() (one pass: a "
-                              f"multiple of 64 up to about 2048; else n0 * m, n0 <= {MAX_N0}), "
-                              f"got n={n}")
+                              f"multiple of 64 up to about 2048; else n0 * m, n0 <= "
+                              f"{block_sizes.max_n0}), got n={n}")
   flags = gating.Options.check(x, n, pre_gate, post_gate, skip)
   if k_hat_re.shape != (n, channels) or k_hat_im.shape != (n, channels):
     raise ValueError(f"kernel spectrum must have shape {(n, channels)}, got {k_hat_re.shape} and "

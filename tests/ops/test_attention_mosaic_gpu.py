@@ -178,21 +178,6 @@ def test_off_hopper_it_falls_through():
     mosaic_gpu.attention(q, k, v, scale=0.125)
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(block_kv=96), ["block_kv", "64", "96"]),
-    (dict(block_q_dkv=256), ["block_q_dkv", "256"]),
-    (dict(stages=1), ["stages", "2", "1"]),
-    (dict(ping_pong=1), ["ping_pong", "bool"]),
-    (dict(overlap="yes"), ["overlap", "bool", "yes"]),
-    (dict(ping_pong=True, overlap=True), ["ping_pong", "overlap", "exclusive"]),
-])
-def test_bad_block_sizes_raise(change, words):
-  with pytest.raises(ValueError) as raised:
-    mosaic_gpu.BlockSizes(**change)
-  for word in words:
-    assert word in str(raised.value)
-
-
 _SLOW = pytest.mark.slow
 
 

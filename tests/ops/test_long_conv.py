@@ -156,14 +156,17 @@ def test_fused_gpu_kernel_barely_spills_on_h100(n):
 
 
 def test_fused_gpu_kernel_takes_three_passes_before_hopper():
-  """``pallas_gpu.default_limits``: on an A100 a causal convolution of 1024 positions takes three
-  passes over 16 rows of 256 points (n = 4096), all barely spilling, instead of one pass of 2048
-  points, where ptxas keeps 32 registers and 25+ KB per thread of local memory; an H100 keeps
-  the one pass."""
-  assert pallas_gpu.default_limits((8, 0)) == pallas_gpu.default_limits((8, 9)) == (1024, 32)
-  assert pallas_gpu.default_limits((9, 0)) == pallas_gpu.default_limits(None) == (4096, 64)
-  assert pallas_gpu.factors(65536, 1024, 32) is None
-  assert pallas_gpu.factors(32768, 1024, 32) == (32, 32, 32)
+  """``pallas_gpu.default_block_sizes``: on an A100 a causal convolution of 1024 positions
+  takes three passes over 16 rows of 256 points (n = 4096), all barely spilling, instead of one
+  pass of 2048 points, where ptxas keeps 32 registers and 25+ KB per thread of local memory; an
+  H100 keeps the one pass."""
+  pre_hopper = pallas_gpu.BlockSizes(max_on_chip=1024, max_n0=32)
+  assert pallas_gpu.default_block_sizes((8, 0)) == pallas_gpu.default_block_sizes((8, 9)) == (
+      pre_hopper)
+  assert pallas_gpu.default_block_sizes((9, 0)) == pallas_gpu.default_block_sizes(None) == (
+      pallas_gpu.BlockSizes(max_on_chip=4096, max_n0=64))
+  assert pallas_gpu.factors(65536, pre_hopper) is None
+  assert pallas_gpu.factors(32768, pre_hopper) == (32, 32, 32)
   u = jax.ShapeDtypeStruct((1, 1024, 768), jnp.bfloat16)
   kernel = jax.ShapeDtypeStruct((768, 1024), jnp.float32)
   conv = functools.partial(pallas_gpu_impl.long_conv, mode="causal")
@@ -235,22 +238,29 @@ class TestPallasTpuCompiled(LongConvTestBase):
   implementation = "pallas_tpu"
 
 
-def _digit_reversed_spectrum(kernel):
+def _digit_reversed_spectrum(kernel, block_sizes=pallas_tpu.BlockSizes()):
   """``(re, im)`` of ``kernel [n, channels]`` in :func:`pallas_tpu.fft_conv`'s layout."""
   n, channels = kernel.shape
-  spectrum = butterfly.Butterfly(n, pallas_tpu.factors(n)).forward(kernel).reshape(n, channels)
+  split = pallas_tpu.factors(n, block_sizes)
+  spectrum = butterfly.Butterfly(n, split).forward(kernel).reshape(n, channels)
   return spectrum.real, spectrum.imag
 
 
-@pytest.mark.parametrize("n, channels, batch", [(192, 130, 1), (2560, 3, 2)],
-                         ids=["one_pass_two_channel_blocks", "three_pass"])
-def test_fused_tpu_kernel_is_a_circular_convolution(n, channels, batch):
-  """130 channels: padded to two blocks of 128 lanes; 2560 = 2 x (32 x 40): three passes."""
-  assert len(pallas_tpu.factors(n)) == (2 if n < 2048 else 3)
+SMALL_TPU_BLOCKS = pallas_tpu.BlockSizes(max_on_chip=128)  # 320 points: three passes of 5 x 64
+
+
+@pytest.mark.parametrize("n, channels, batch, block_sizes, passes", [
+    (192, 130, 1, pallas_tpu.BlockSizes(), 1), (2560, 3, 2, pallas_tpu.BlockSizes(), 3),
+    (320, 3, 1, SMALL_TPU_BLOCKS, 3),
+], ids=["one_pass_two_channel_blocks", "three_pass", "three_pass_small_on_chip"])
+def test_fused_tpu_kernel_is_a_circular_convolution(n, channels, batch, block_sizes, passes):
+  """130 channels: padded to two blocks of 128 lanes; 2560 = 2 x (32 x 40): three passes; with
+  at most 128 points on chip, 320 = 5 x 64: three passes."""
+  assert len(pallas_tpu.factors(n, block_sizes)) == (2 if passes == 1 else 3)
   x = jax.random.normal(jax.random.key(0), (batch, n, channels), jnp.float32)
   kernel = jax.random.normal(jax.random.key(1), (n, channels), jnp.float32) / np.sqrt(n)
-  with interpret_mode():
-    y = pallas_tpu.fft_conv(x, *_digit_reversed_spectrum(kernel))
+  y = pallas_tpu.fft_conv(x, *_digit_reversed_spectrum(kernel, block_sizes),
+                          block_sizes=block_sizes, interpret=True)
   expected = np.fft.irfft(np.fft.rfft(np.asarray(x, np.float64), axis=1)
                           * np.fft.rfft(np.asarray(kernel, np.float64), axis=0), n, axis=1)
   np.testing.assert_allclose(y, expected, atol=2e-5)
@@ -278,6 +288,16 @@ def test_tpu_transform_size_has_a_limit():
   assert pallas_tpu.transform_size(longest) == longest
   assert pallas_tpu.transform_size(longest + 1) is None
   assert pallas_tpu.factors(longest + 64) is None and pallas_tpu.factors(100) is None
+
+
+def test_tpu_block_sizes_lower_the_limits():
+  """A smaller ``max_on_chip`` makes shorter transforms three passes; ``max_n0`` caps the rows."""
+  assert pallas_tpu.factors(320, SMALL_TPU_BLOCKS) == (5, 8, 8)
+  n = pallas_tpu.transform_size(300, SMALL_TPU_BLOCKS)
+  assert len(pallas_tpu.factors(n, SMALL_TPU_BLOCKS)) == 3
+  few_rows = pallas_tpu.BlockSizes(max_on_chip=128, max_n0=4)
+  assert pallas_tpu.largest_size(few_rows) == 4 * 128
+  assert pallas_tpu.transform_size(4 * 128 + 1, few_rows) is None
 
 
 @pytest.mark.parametrize("seq, channels, mode, dtype, gated", [

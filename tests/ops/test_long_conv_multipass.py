@@ -2,7 +2,7 @@
 the kernel against NumPy, the op against the float32 reference (forward and gradients, every
 mode) in interpret mode, the split of the sizes, the Triton lowering for CUDA and the limit.
 
-To keep the interpreter cheap, most cases lower the one-pass limit (``max_on_chip=256``): the
+To keep the interpreter cheap, most cases lower the one-pass limit (:data:`SMALL`): the
 smallest three-pass transform is then 4096 points, ``n0 = 16`` rows of 256."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from effjax.ops.long_conv.api import normalize_arguments
 from pallas_kernels.interpret import interpret_mode
 from pallas_kernels.long_conv import pallas_gpu
 
-SMALL_ON_CHIP = 256  # one pass up to 256 points; longer transforms round up to 16 x 256
+SMALL = pallas_gpu.BlockSizes(max_on_chip=256)  # longer transforms round up to 16 x 256
 KERNEL_NAMES = ("long_conv_outer_dft", "long_conv_fused_fft_complex", "long_conv_outer_idft",
                 "long_conv_fused_fft")
 
@@ -34,18 +34,18 @@ def _numpy_circular_conv(x, kernel):
                       * np.fft.rfft(np.asarray(kernel, np.float64), axis=0), n, axis=1)
 
 
-@pytest.mark.parametrize("n, channels, max_on_chip", [
-    (4096, 40, SMALL_ON_CHIP), (8192, 5, pallas_gpu.MAX_ON_CHIP)],
-    ids=["16x256_40ch", "16x512_5ch"])
-def test_three_pass_kernel_is_a_circular_convolution(n, channels, max_on_chip):
+@pytest.mark.parametrize("n, channels, block_sizes", [
+    (4096, 40, SMALL), (8192, 5, pallas_gpu.BlockSizes())], ids=["16x256_40ch", "16x512_5ch"])
+def test_three_pass_kernel_is_a_circular_convolution(n, channels, block_sizes):
   """40 channels: padded to 64, two channel blocks in every pass; 8192 is three passes at the
   real on-chip limit (the smallest n0 = 16, so 512 points on chip)."""
-  n0, n1, n2 = pallas_gpu.factors(n, max_on_chip)
+  n0, n1, n2 = pallas_gpu.factors(n, block_sizes)
   assert n0 == pallas_gpu.MIN_N0 and n1 * n2 == n // n0
   x = jax.random.normal(jax.random.key(0), (2, n, channels), jnp.float32)
   kernel = jax.random.normal(jax.random.key(1), (n, channels), jnp.float32) / np.sqrt(n)
   spectrum = jnp.swapaxes(butterfly.Butterfly(n, (n0, n1, n2)).forward(kernel), -3, -2)
-  y = pallas_gpu.fft_conv(x, spectrum.real, spectrum.imag, max_on_chip=max_on_chip, interpret=True)
+  y = pallas_gpu.fft_conv(x, spectrum.real, spectrum.imag, block_sizes=block_sizes,
+                          interpret=True)
   np.testing.assert_allclose(y, _numpy_circular_conv(x, kernel), atol=2e-5)
 
 
@@ -57,11 +57,11 @@ def test_three_pass_kernel_gates_in_passes_one_and_three(pre, post, skip):
   n, seq, channels = 4096, 3000, 40
   x, kernel, pre_gate, post_gate, skip = gated_kernel_inputs(seq, n, channels, jnp.float32, pre,
                                                              post, skip)
-  split = pallas_gpu.factors(n, SMALL_ON_CHIP)
+  split = pallas_gpu.factors(n, SMALL)
   spectrum = jnp.swapaxes(butterfly.Butterfly(n, split).forward(kernel), -3, -2)
   y = pallas_gpu.fft_conv(x, spectrum.real, spectrum.imag, n=n, pre_gate=pre_gate,
                           post_gate=post_gate, skip=skip, dtype=jnp.bfloat16,
-                          max_on_chip=SMALL_ON_CHIP, interpret=True)
+                          block_sizes=SMALL, interpret=True)
   assert y.shape == x.shape and y.dtype == jnp.bfloat16
   expected = numpy_gated_circular_conv(x, kernel, n, pre_gate, post_gate, skip)
   np.testing.assert_allclose(np.asarray(y, np.float32), expected,
@@ -74,7 +74,7 @@ def test_three_pass_gates_reach_passes_one_and_three():
   gradient, three passes each."""
   case = Case(300, "causal", kernel_len=100, skip=True, gates=True, channels=5)
   args = case.inputs()
-  conv = functools.partial(pallas_gpu_impl.long_conv, max_on_chip=SMALL_ON_CHIP, interpret=True)
+  conv = functools.partial(pallas_gpu_impl.long_conv, block_sizes=SMALL, interpret=True)
   y = lambda u, kernel, skip, pre_gate, post_gate: conv(u, kernel, **normalize_arguments(
       u, kernel, skip=skip, pre_gate=pre_gate, post_gate=post_gate))
   assert signal_operands(y, *args) == ([2, 0, 3], 0)
@@ -86,7 +86,7 @@ def test_three_pass_kernel_checks_the_spectrum_layout():
   x = jnp.zeros((1, 4096, 2), jnp.float32)
   one_pass = jnp.zeros((64, 64, 2), jnp.float32)  # the one-pass layout of 4096
   with pytest.raises(ValueError, match=r"\(16, 16, 16, 2\)"):
-    pallas_gpu.fft_conv(x, one_pass, one_pass, max_on_chip=SMALL_ON_CHIP, interpret=True)
+    pallas_gpu.fft_conv(x, one_pass, one_pass, block_sizes=SMALL, interpret=True)
 
 
 def test_factors_cover_every_power_of_two_up_to_the_limit():
@@ -101,21 +101,22 @@ def test_factors_cover_every_power_of_two_up_to_the_limit():
   assert pallas_gpu.factors(8192) == (16, 16, 32) and pallas_gpu.factors(32768) == (64, 16, 32)
   assert pallas_gpu.factors(65536) == (64, 32, 32) and pallas_gpu.factors(262144) == (64, 64, 64)
   assert pallas_gpu.factors(524288) is None and pallas_gpu.factors(3 * 4096) is None
-  assert pallas_gpu.factors(4096, SMALL_ON_CHIP) == (16, 16, 16)
-  assert pallas_gpu.factors(2048, SMALL_ON_CHIP) is None  # n0 would be 8 < 16
+  assert pallas_gpu.factors(4096, SMALL) == (16, 16, 16)
+  assert pallas_gpu.factors(2048, SMALL) is None  # n0 would be 8 < 16
 
 
 class TestPallasGpuThreePass(LongConvTestBase):
-  """The op in interpret mode with ``max_on_chip=256``: transforms of 512 points or more take
-  three passes of at least 4096 (256 stays one pass). By default one three-pass case per mode
-  with odd channel counts; the base's lists (one- and three-pass) in the slow run."""
+  """The op in interpret mode with :data:`SMALL` (256 points on chip): transforms of 512 points
+  or more take three passes of at least 4096 (256 stays one pass). By default one three-pass
+  case per mode with odd channel counts; the base's lists (one- and three-pass) in the slow
+  run."""
   test_matches_reference = slow(LongConvTestBase.test_matches_reference)
   test_causality = slow(LongConvTestBase.test_causality)
   test_jit_and_vmap = slow(LongConvTestBase.test_jit_and_vmap)
 
   def conv(self, u, kernel, **options):
     with interpret_mode():
-      return pallas_gpu_impl.long_conv(u, kernel, max_on_chip=SMALL_ON_CHIP,
+      return pallas_gpu_impl.long_conv(u, kernel, block_sizes=SMALL,
                                        **normalize_arguments(u, kernel, **options))
 
   @pytest.mark.parametrize("case", [
@@ -135,12 +136,6 @@ class TestPallasGpuThreePass(LongConvTestBase):
     """The base's vmap over two kernels (a grid axis added to each of the three kernels)."""
     self.check_jit_and_vmap(Case(300, "bidirectional", kernel_len=41, skip=True, gates=True))
 
-  def test_bad_on_chip_limit_raises(self):
-    u, kernel, *_ = Case(7).inputs()
-    for bad in (128, 300, 8192, "256"):
-      with pytest.raises(ValueError, match=f"max_on_chip must be a power of two.*{bad!r}"):
-        pallas_gpu_impl.long_conv(u, kernel, mode="causal", interpret=True, max_on_chip=bad)
-
 
 def test_three_pass_at_the_real_on_chip_limit():
   """The op at causal seq 4097 (8192 points: 16 rows of 512) with the real limit."""
@@ -155,19 +150,19 @@ def _interpreted_op(u, kernel, **options):
     return long_conv(u, kernel, implementation="pallas_gpu", **options)
 
 
-@pytest.mark.parametrize("seq, channels, mode, max_on_chip, split, gated", [
-    pytest.param(16384, 768, "causal", pallas_gpu.MAX_ON_CHIP, (64, 16, 32), False,
+@pytest.mark.parametrize("seq, channels, mode, block_sizes, split, gated", [
+    pytest.param(16384, 768, "causal", pallas_gpu.BlockSizes(), (64, 16, 32), False,
                  marks=pytest.mark.slow),
-    pytest.param(131072, 3, "causal", pallas_gpu.MAX_ON_CHIP, (64, 64, 64), False,
+    pytest.param(131072, 3, "causal", pallas_gpu.BlockSizes(), (64, 64, 64), False,
                  marks=pytest.mark.slow),
-    pytest.param(65536, 5, "circular", pallas_gpu.MAX_ON_CHIP, (64, 32, 32), False,
+    pytest.param(65536, 5, "circular", pallas_gpu.BlockSizes(), (64, 32, 32), False,
                  marks=pytest.mark.slow),
-    (300, 7, "bidirectional", SMALL_ON_CHIP, (16, 16, 16), False),
-    (16384, 40, "bidirectional", pallas_gpu.MAX_ON_CHIP, (64, 16, 32), True),
+    (300, 7, "bidirectional", SMALL, (16, 16, 16), False),
+    (16384, 40, "bidirectional", pallas_gpu.BlockSizes(), (64, 16, 32), True),
 ], ids=["causal_16k_768ch", "causal_128k_largest", "circular_64k", "small_limit",
         "gated_bidirectional_16k"])
 @TRITON_GPUS
-def test_three_pass_compiles(monkeypatch, gpu_name, seq, channels, mode, max_on_chip, split,
+def test_three_pass_compiles(monkeypatch, gpu_name, seq, channels, mode, block_sizes, split,
                              gated):
   """Forward and backward (bfloat16 u), vmapped over two kernels (one more grid axis), compile
   for an A100 and an H100 on this CPU-only machine (Triton and ptxas, :mod:`pallas_kernels.aot`):
@@ -181,12 +176,12 @@ def test_three_pass_compiles(monkeypatch, gpu_name, seq, channels, mode, max_on_
     spectrum_shapes.add(k_re.shape)
     return fft_conv(x, k_re, k_im, **options)
 
-  monkeypatch.setattr(gpu, "fft_conv", recording_fft_conv)
+  monkeypatch.setattr(pallas_gpu, "fft_conv", recording_fft_conv)
   kernel_len = 2 * seq - 1 if mode == "bidirectional" else seq
   u = jax.ShapeDtypeStruct((2, seq, channels), jnp.bfloat16)
   args = (u, jax.ShapeDtypeStruct((2, channels, kernel_len), jnp.float32),
           jax.ShapeDtypeStruct((channels,), jnp.float32), u, u)[:5 if gated else 2]
-  conv = functools.partial(pallas_gpu_impl.long_conv, max_on_chip=max_on_chip)
+  conv = functools.partial(pallas_gpu_impl.long_conv, block_sizes=block_sizes)
   grads = jax.vmap(jax.grad(gated_loss(conv, mode), argnums=range(len(args))),
                    in_axes=(None, 0, *[None] * (len(args) - 2)))
   text = compile_for_gpu(gpu_name, grads, *args).as_text()

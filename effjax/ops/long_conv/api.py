@@ -13,7 +13,7 @@ Implementations (see ``effjax.dispatch.DEFAULT_ORDER`` for the order tried per p
   spectrum, inverse, on chip) for transform sizes 256..4096 (causal ``seq <= 2048``), and
   FlashButterfly's three passes above (outer DFTs, the fused kernel on each row, inverse outer
   DFTs) up to 262144 points (causal ``seq <= 131072``; before Hopper 1024 and 32768 points,
-  ``pallas_kernels.long_conv.pallas_gpu.default_limits``); the gates, the skip term, the zero
+  ``pallas_kernels.long_conv.pallas_gpu.default_block_sizes``); the gates, the skip term, the zero
   padding and the output window happen in the kernels' masked loads and stores (pre-gate in the
   first pass, post-gate and skip in the last; a folded circular window is gated in XLA); tested
   in interpret mode and compiled on CPU for H100/A100 (Triton, ptxas; :mod:`pallas_kernels.aot`),

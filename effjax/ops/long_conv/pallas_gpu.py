@@ -3,9 +3,9 @@
 The transform size is the next power of two ``>=`` the linear-convolution length (at least 256;
 circular mode uses ``seq`` itself when it is one) that
 :func:`pallas_kernels.long_conv.pallas_gpu.factors` splits: up to 4096 points (causal ``seq <=
-2048``; 1024 before Hopper, see :func:`pallas_kernels.long_conv.pallas_gpu.default_limits`) in one
-pass, blocks of channels of a batch row (channels last, no transpose) transformed, multiplied and
-transformed back in one kernel (one HBM read and one write per element instead of the FFT
+2048``; 1024 before Hopper, see :func:`pallas_kernels.long_conv.pallas_gpu.default_block_sizes`) in
+one pass, blocks of channels of a batch row (channels last, no transpose) transformed, multiplied
+and transformed back in one kernel (one HBM read and one write per element instead of the FFT
 convolution's round trips through complex64 spectra); above that, up to 262144 points (causal ``seq
 <= 131072``), FlashButterfly's three passes (``n = n0 * m``: outer size-``n0`` DFTs with twiddles,
 the fused kernel on each complex row of ``m <= 4096`` points, the inverse outer DFTs; 40 bytes of
@@ -36,18 +36,19 @@ from jaxtyping import Array, Float
 from effjax.ops.long_conv import spectral
 from effjax.ops.long_conv.butterfly import Butterfly
 from effjax.ops.long_conv.xla_fft import RealFFT
+from pallas_kernels import shapes
 from pallas_kernels.interpret import gpu_compute_capability
 from pallas_kernels.long_conv import pallas_gpu
 
 MIN_SIZE = pallas_gpu.MIN_TILE * pallas_gpu.MIN_TILE
 
 
-def _size(length: int, limits: tuple[int, int]) -> int:
+def _size(length: int, block_sizes: pallas_gpu.BlockSizes) -> int:
   """The least power of two ``>= max(length, MIN_SIZE)`` that :func:`pallas_gpu.factors` splits
-  within ``limits`` ``(max_on_chip, max_n0)``."""
-  n = max(MIN_SIZE, 1 << max(length - 1, 0).bit_length())
-  largest = pallas_gpu.largest_size(*limits)
-  while n <= largest and pallas_gpu.factors(n, *limits) is None:
+  within ``block_sizes``."""
+  n = shapes.next_power_of_two(length, MIN_SIZE)
+  largest = pallas_gpu.largest_size(block_sizes)
+  while n <= largest and pallas_gpu.factors(n, block_sizes) is None:
     n *= 2
   if n > largest:
     raise NotImplementedError(f"the fused GPU kernel serves transforms of up to {largest} "
@@ -59,7 +60,7 @@ def _size(length: int, limits: tuple[int, int]) -> int:
 class _GpuKernel:
   """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.pallas_gpu.fft_conv`."""
   n: int
-  limits: tuple[int, int]  # (max_on_chip, max_n0)
+  block_sizes: pallas_gpu.BlockSizes
   interpret: bool
 
   @property
@@ -68,15 +69,14 @@ class _GpuKernel:
 
   def spectrum(self, kernel_t, plan: spectral.Plan):
     """``(re, im)`` float32 ``[*n0, n2, n1, channels]`` in the kernel's digit-reversed layout."""
-    factors = pallas_gpu.factors(self.n, *self.limits)
+    factors = pallas_gpu.factors(self.n, self.block_sizes)
     spectrum = Butterfly(self.n, factors).forward(spectral.pad_kernel(kernel_t, plan))
     spectrum = jnp.swapaxes(spectrum, -3, -2)
     return spectrum.real, spectrum.imag
 
   def convolve(self, x: Float[Array, "batch seq channels"], k_re, k_im, **options
                ) -> Float[Array, "batch seq channels"]:
-    max_on_chip, max_n0 = self.limits
-    return pallas_gpu.fft_conv(x, k_re, k_im, n=self.n, max_on_chip=max_on_chip, max_n0=max_n0,
+    return pallas_gpu.fft_conv(x, k_re, k_im, n=self.n, block_sizes=self.block_sizes,
                                interpret=self.interpret, **options)
 
 
@@ -88,34 +88,31 @@ def long_conv(
     skip: Float[Array, " channels"] | None = None,
     pre_gate: Float[Array, "batch seq channels"] | None = None,
     post_gate: Float[Array, "batch seq channels"] | None = None,
+    block_sizes: pallas_gpu.BlockSizes | None = None,
     interpret: bool | None = None,
-    max_on_chip: int | None = None,
 ) -> Float[Array, "batch seq channels"]:
   """Fused-kernel long convolution; arguments as validated by ``effjax.long_conv``.
 
   Args:
+    block_sizes: the kernels' on-chip limits (a smaller ``max_on_chip`` makes longer transforms
+      three passes: tests reach them at 4096 points with 256). None:
+      :func:`pallas_gpu.default_block_sizes` of the GPU compiled for (1024 points and outer DFTs
+      of at most 32 before Hopper, else 4096 and 64).
     interpret: run the kernels in Pallas' interpreter; None follows ``pallas_kernels.interpret``.
-    max_on_chip: the largest transform done in one pass, a power of two in ``[256, 4096]``; a
-      smaller one makes longer transforms three passes of ``n0 >= 16`` rows (tests reach the
-      three-pass scheme at 4096 points with 256). None: :func:`pallas_gpu.default_limits` of the GPU
-      compiled for (1024 points and outer DFTs of at most 32 before Hopper, else 4096 and 64).
 
   Raises:
     NotImplementedError: off a GPU (unless interpreting), or a transform size above
       ``max_n0 * max_on_chip`` (262144; 32768 before Hopper).
+    TypeError: ``block_sizes`` is not a :class:`pallas_gpu.BlockSizes`.
   """
-  if max_on_chip is not None and (not isinstance(max_on_chip, int)
-                                  or pallas_gpu.split(max_on_chip) is None):
-    raise ValueError(f"max_on_chip must be a power of two in [{MIN_SIZE}, "
-                     f"{pallas_gpu.MAX_ON_CHIP}], got {max_on_chip!r}")
   interpret = pallas_gpu.gpu_interpret(interpret)  # off a GPU, not interpreting: raises
-  if max_on_chip is not None:
-    limits = (max_on_chip, pallas_gpu.MAX_N0)
-  else:  # the interpreter runs any tile: the defaults of an unknown (Hopper-class) GPU
-    limits = pallas_gpu.default_limits(None if interpret else gpu_compute_capability())
+  # The interpreter runs any tile: by default, the block sizes of an unknown GPU.
+  block_sizes = shapes.resolve_block_sizes(
+      block_sizes, pallas_gpu.BlockSizes,
+      lambda: pallas_gpu.default_block_sizes(None if interpret else gpu_compute_capability()))
   seq = u.shape[1]
-  plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, limits),
-                              exact_circular=pallas_gpu.factors(seq, *limits) is not None)
+  plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, block_sizes),
+                              exact_circular=pallas_gpu.factors(seq, block_sizes) is not None)
   return spectral.fused_long_conv(u, kernel, plan=plan,
-                                  fused=_GpuKernel(plan.n, limits, interpret), skip=skip,
+                                  fused=_GpuKernel(plan.n, block_sizes, interpret), skip=skip,
                                   pre_gate=pre_gate, post_gate=post_gate)

@@ -26,12 +26,12 @@ packed into complex signals.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from jaxtyping import Array, Float
 
 from effjax.ops.long_conv import butterfly, spectral
 from effjax.ops.long_conv.butterfly import Butterfly
+from pallas_kernels import shapes
 from pallas_kernels.interpret import require_tpu_or_interpret
 from pallas_kernels.long_conv import pallas_tpu
 
@@ -40,32 +40,35 @@ from pallas_kernels.long_conv import pallas_tpu
 class _TpuKernel:
   """:class:`spectral.FusedKernel` of :func:`pallas_kernels.long_conv.pallas_tpu.fft_conv`."""
   n: int
-  interpret: Any  # pallas_call's interpret: pltpu.InterpretParams (TPU interpreter) or False
+  block_sizes: pallas_tpu.BlockSizes
+  interpret: bool
 
   @property
   def transform(self) -> Butterfly:
     """:mod:`butterfly`'s own split of ``n`` when it has one (its cost model), else the kernel's."""
     if butterfly.factorize(self.n) is not None:
       return Butterfly.of_size(self.n, pack_batch=True)
-    return Butterfly(self.n, pallas_tpu.factors(self.n), pack_batch=True)
+    return Butterfly(self.n, pallas_tpu.factors(self.n, self.block_sizes), pack_batch=True)
 
   def spectrum(self, kernel_t, plan: spectral.Plan):
     """``(re, im)`` float32 ``[n, channels]``, the digit-reversed Monarch spectrum flattened."""
-    spectrum = Butterfly(self.n, pallas_tpu.factors(self.n)).forward(
+    spectrum = Butterfly(self.n, pallas_tpu.factors(self.n, self.block_sizes)).forward(
         spectral.pad_kernel(kernel_t, plan))
     spectrum = spectrum.reshape(self.n, spectrum.shape[-1])
     return spectrum.real, spectrum.imag
 
   def convolve(self, x: Float[Array, "batch seq channels"], k_re, k_im, **options
                ) -> Float[Array, "batch seq channels"]:
-    return pallas_tpu.fft_conv(x, k_re, k_im, n=self.n, interpret=self.interpret, **options)
+    return pallas_tpu.fft_conv(x, k_re, k_im, n=self.n, block_sizes=self.block_sizes,
+                               interpret=self.interpret, **options)
 
 
-def _size(length: int) -> int:
-  n = pallas_tpu.transform_size(length)
+def _size(length: int, block_sizes: pallas_tpu.BlockSizes) -> int:
+  n = pallas_tpu.transform_size(length, block_sizes)
   if n is None:
     raise NotImplementedError(f"the fused TPU kernel serves transforms of up to "
-                              f"{pallas_tpu.largest_size()} points; this call needs {length}")
+                              f"{pallas_tpu.largest_size(block_sizes)} points; this call needs "
+                              f"{length}")
   return n
 
 
@@ -77,17 +80,28 @@ def long_conv(
     skip: Float[Array, " channels"] | None = None,
     pre_gate: Float[Array, "batch seq channels"] | None = None,
     post_gate: Float[Array, "batch seq channels"] | None = None,
+    block_sizes: pallas_tpu.BlockSizes | None = None,
+    interpret: bool | None = None,
 ) -> Float[Array, "batch seq channels"]:
   """Fused-kernel long convolution; arguments as validated by ``effjax.long_conv``.
 
+  Args:
+    block_sizes: the kernel's on-chip limits; None: ``pallas_tpu.BlockSizes()``.
+    interpret: run the kernel in the TPU interpreter; None follows
+      ``pallas_kernels.interpret.interpret_mode``.
+
   Raises:
-    NotImplementedError: off a TPU (unless in ``pallas_kernels.interpret.interpret_mode()``),
-      a transform beyond the multi-pass limit, or float16 in one pass on a TPU (Mosaic has no
-      float16 vector loads).
+    NotImplementedError: off a TPU (unless interpreting), a transform beyond the multi-pass
+      limit, or float16 in one pass on a TPU (Mosaic has no float16 vector loads).
+    TypeError: ``block_sizes`` is not a :class:`pallas_tpu.BlockSizes`.
   """
-  interpret = require_tpu_or_interpret()  # off a TPU, not interpreting: NotImplementedError
+  # Off a TPU, not interpreting: NotImplementedError.
+  interpret = bool(require_tpu_or_interpret(interpret))
+  block_sizes = shapes.resolve_block_sizes(block_sizes, pallas_tpu.BlockSizes,
+                                           pallas_tpu.BlockSizes)
   seq = u.shape[1]
-  plan = spectral.Plan.create(mode, seq, kernel.shape[1], _size,
-                              exact_circular=pallas_tpu.factors(seq) is not None)
-  return spectral.fused_long_conv(u, kernel, plan=plan, fused=_TpuKernel(plan.n, interpret),
-                                  skip=skip, pre_gate=pre_gate, post_gate=post_gate)
+  plan = spectral.Plan.create(mode, seq, kernel.shape[1], lambda n: _size(n, block_sizes),
+                              exact_circular=pallas_tpu.factors(seq, block_sizes) is not None)
+  return spectral.fused_long_conv(u, kernel, plan=plan,
+                                  fused=_TpuKernel(plan.n, block_sizes, interpret), skip=skip,
+                                  pre_gate=pre_gate, post_gate=post_gate)

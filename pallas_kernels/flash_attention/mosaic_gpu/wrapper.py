@@ -56,11 +56,8 @@ def attention(q, k, v, *, causal: bool = False, q_segment_ids=None, kv_segment_i
   if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
     raise NotImplementedError(f"the Mosaic GPU kernel takes head dims up to {_MAX_HEAD_DIM}, "
                               f"got {q.shape[-1]} and {v.shape[-1]}")
-  if block_sizes is None:
-    block_sizes = default_block_sizes(max(q.shape[-1], v.shape[-1]))
-  elif not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a pallas_kernels.flash_attention.mosaic_gpu.BlockSizes "
-                    f"or None, got {block_sizes!r}")
+  block_sizes = shapes.resolve_block_sizes(
+      block_sizes, BlockSizes, lambda: default_block_sizes(max(q.shape[-1], v.shape[-1])))
   call = Call(mask=masks.MaskSpec.create(q.shape[1], k.shape[1], causal=causal, window=window),
               scale=float(scale), softcap=softcap, group=q.shape[2] // k.shape[2],
               segments=q_segment_ids is not None, blocks=block_sizes, interpret=interpret)
