@@ -170,9 +170,9 @@ def mosaic_gpu_interpret(interpret: bool | None) -> Any:
   blocked in host callbacks at barriers, plus the computation that waits for them; XLA's CPU
   runtime runs them on a thread pool sized to the machine's cores. With 2 cores the pool can be
   full of blocked computations while the warpgroup they wait for cannot start: a hang that
-  depends on timing (observed in 3 of 4 runs of one kernel). Set the environment variable
-  ``NPROC`` (read by XLA when it creates the CPU client, so before jax first runs anything) to
-  at least :data:`MOSAIC_GPU_INTERPRETER_THREADS`, as ``tests/conftest.py`` does.
+  depends on timing. Set the environment variable ``NPROC`` (read by XLA when it creates the CPU
+  client, so before jax first runs anything) to at least :data:`MOSAIC_GPU_INTERPRETER_THREADS`,
+  as ``tests/conftest.py`` does.
   """
   interpret = interpreting() if interpret is None else interpret
   if interpret:

@@ -112,19 +112,12 @@ def default_block_sizes(q_len: int, kv_len: int, head_dim: int, dtype: Any = jnp
   Hopper), capped to the lengths.
 
   16-bit inputs up to head_dim 128: forward 128 x 64 tiles, backward 64 x 64, 4 warps
-  everywhere; 3 pipeline stages in the forward up to head_dim 64, else 2. Measured on an H200
-  (benchmarks/attention_gpu.md, S=8k, bf16): with 8 warps instead of 4, head_dim 128
-  forward+backward runs at 185 instead of 337 TFLOP/s, and 128 x 128 forward tiles gain under 3%.
-
-  Not measured on a GPU, chosen from ptxas' register report for sm_90a (the kernels compiled
-  without a GPU, :mod:`pallas_kernels.aot`): above head_dim 128, 8 warps and 32 x 64 dk/dv tiles
-  (no spills; with the 4-warp tiles the forward spilled 3.7 KB per thread, dk/dv 2.3 KB).
-  float32 inputs take half the tiles (64 x 32 forward, 32 x 32 backward; above head dim 128 one
-  stage and 8 warps): with the 16-bit tiles the float32 kernels need more shared memory than an
-  A100 (at head_dim 128) or an H100 (at 256) has, and spill tens of KB per thread (a few KB in
-  dq and dk/dv with these). Before Hopper (``mma.sync`` takes both operands in registers),
-  16-bit forward tiles above head_dim 64 are 64 x 64: with 128 x 64 an A100's forward spilled
-  1372 bytes per thread at head_dim 128 and 600 at 256, with 64 x 64 none.
+  everywhere; 3 pipeline stages in the forward up to head_dim 64, else 2. Above head_dim 128:
+  8 warps and 32 x 64 dk/dv tiles, which keep the kernels' registers from spilling. float32
+  inputs take half the tiles (64 x 32 forward, 32 x 32 backward; above head dim 128 one stage and
+  8 warps): with the 16-bit tiles the float32 kernels need more shared memory than an A100 (at
+  head_dim 128) or an H100 (at 256) has. Before Hopper (``mma.sync`` takes both operands in
+  registers), 16-bit forward tiles above head_dim 64 are 64 x 64, which do not spill there.
   """
   if jnp.dtype(dtype) == jnp.float32:
     warps, stages = (8, 1) if head_dim > 128 else (4, 2)

@@ -22,10 +22,10 @@ of blocks on the other side that intersect it; with segment ids, the range is na
 blocks whose ``[min, max]`` id interval overlaps the block's own (computed once in XLA), and a
 block inside the range is also skipped when the two intervals do not overlap. For sorted (packed)
 ids that skips every block pair that shares no id; unsorted ids are still correct, with less
-skipping. These small per-block tables reach the kernels through
-scalar prefetch (SMEM). A skipped step does no compute (``pl.when``) and no DMA: its BlockSpec
-index is clamped into the visible range, so it names the block just fetched (or the next one
-to fetch) and the pipeline does not fetch again. Blocks entirely inside the band and one segment
+skipping. These small per-block tables reach the kernels through scalar prefetch (SMEM). A
+skipped step does no compute (``pl.when``) and no DMA: its BlockSpec
+index is clamped into the visible range, so it names the block just fetched (or the next one to
+fetch) and the pipeline does not fetch again. Blocks entirely inside the band and one segment
 ("full" blocks) skip the mask arithmetic too.
 
 Garbage (NaN) in masked positions: the logits and ``dS`` are masked with selects, never with
@@ -34,32 +34,24 @@ rows that no query of the block sees (V in the forward, K in dq) and query rows 
 the block (Q and dO in dk/dv) are zeroed.
 
 Memory: O((q_len + kv_len) * head_dim) per (batch, head) in HBM, no ``[q_len, kv_len]`` buffer
-(the FlashAttention claim, Dao et al. 2022; FlashAttention-2 adds the sequence-parallel grid and
-fewer non-matmul FLOPs, reaching 50-73% of A100 peak). The wrapper makes heads-major
-``[batch, heads, length, head_dim]`` copies of q, k, v (and dO), zero-padded to whole blocks and
-head dims to a multiple of 128 lanes, and copies the results back. (A ``[b, s, h * d]`` view
-would not avoid them: with TPU's (8, 128) tiles of the two minor dims that reshape is a relayout
-copy too, and Mosaic rejects blocks that squeeze the heads dim of ``[b, s, h, d]``.) Per-query
-statistics (LSE, ``D = rowsum(dO * O)``) live in HBM as sublane-broadcast rows
-``[batch, heads, 8, q_pad]`` float32 (32 bytes per query and head instead of the 512 of a
-lane-broadcast ``[..., q_pad, 128]`` column) and become lane-broadcast columns in VMEM by one
-transpose per block; only ``[batch, heads, q_len]`` is kept between the forward and the backward
-pass. Compiled for TPU v5e (B=1, H=8, D=128, bfloat16, causal, S=16k), forward+backward takes
-64 MiB of temporary HBM (two of the heads-major copies; XLA keeps the others on chip), 0.5% of
-``jax.nn.dot_product_attention``'s 12.25 GiB; with lane-broadcast statistics it took 160 MiB.
-VMEM holds a few
-``[block_q, block_kv]`` float32 tiles, the double-buffered input blocks and the accumulators
-(about 3 MiB at the default 512 x 512 blocks, head_dim 128).
+(FlashAttention, Dao et al. 2022, with FlashAttention-2's sequence-parallel grid). The wrapper
+makes heads-major ``[batch, heads, length, head_dim]`` copies of q, k, v (and dO), zero-padded to
+whole blocks and head dims to a multiple of 128 lanes, and copies the results back: its
+temporary HBM, O(length * head_dim) like the inputs. Per-query statistics (LSE,
+``D = rowsum(dO * O)``) live in HBM as sublane-broadcast rows ``[batch, heads, 8, q_pad]``
+float32 (32 bytes per query and head instead of the 512 of a lane-broadcast
+``[..., q_pad, 128]`` column) and become lane-broadcast columns in VMEM by one transpose per
+block; only ``[batch, heads, q_len]`` is kept between the forward and the backward pass. VMEM
+holds a few ``[block_q, block_kv]`` float32 tiles, the double-buffered input blocks and the
+accumulators (about 3 MiB at the default 512 x 512 blocks, head_dim 128).
 
 Mosaic constraints: the last two dims of every block are multiples of (8, 128) or the whole
 (padded) dim; :func:`default_block_sizes` picks multiples of 128, or one block per (8-padded)
 length. Float32 inputs use ``precision=HIGHEST`` dots; bfloat16/float16 dots accumulate in
 float32.
 
-Limits: checked in the TPU interpreter and compiled by Mosaic's own compiler for TPU v4, v5e,
-v5p and v6e on a CPU host (libtpu, :mod:`pallas_kernels.aot`); not yet run or timed on a TPU.
-Head dims below 128 are padded to 128 in heads-major copies (d = 64 moves twice the bytes). With
-segment ids the skip tables take ``4 * batch * (4 * major + 2 * minor)`` bytes of SMEM
+Limits: head dims below 128 are padded to 128 in heads-major copies (d = 64 moves twice the bytes).
+With segment ids the skip tables take ``4 * batch * (4 * major + 2 * minor)`` bytes of SMEM
 (major/minor: the block counts of the tiled and the looped side). Forward-mode autodiff is not
 supported (``custom_vjp``); segment ids are not differentiable.
 """

@@ -3,14 +3,11 @@
 Channels stay last (``[batch, n, channels]``): one program convolves a block of ``cb`` channels
 of one batch row (:func:`channel_block`: ``m * cb = 4096`` elements, 16 float32 registers per
 thread and tile at 8 warps, so the live tiles and the 3xTF32 dot operands mostly fit the
-register file: ptxas spills 0-16 bytes per thread on an H100 and an A100 for ``m <= 512`` and
-about 250 at 1024, where 8192 elements spilled 1-1.7 KB; ``m = 2048, 4096`` still spill 0.8-1.3
-KB on an H100, and on an A100 ptxas falls back to 32 registers and 25-58 KB of local memory
-(:mod:`pallas_kernels.aot`, ``benchmarks/gpu_kernel_resources.md``)), all at once, so
-every DFT stage is ONE matmul whose N dimension spans many signals (``n2 * cb`` or ``n1 * cb``: at
-least 128 when there are enough channels). With the on-chip size ``m = n1 * n2``
-(``j = j1 n2 + j2``, ``k = k1 + n1 k2``; powers of two, ``16 <= n1, n2 <= 64``, so
-``256 <= m <= 4096``), the block viewed as ``[n1, n2 * cb]`` goes through
+register file), all at once, so every DFT stage is ONE matmul whose N dimension spans many
+signals (``n2 * cb`` or ``n1 * cb``: at least 128 when there are enough channels). With the
+on-chip size ``m = n1 * n2`` (``j = j1 n2 + j2``, ``k = k1 + n1 k2``; powers of two,
+``16 <= n1, n2 <= 64``, so ``256 <= m <= 4096``), the block viewed as ``[n1, n2 * cb]`` goes
+through
 
 1. ``F1 [n1, n1] @ x [n1, n2 cb]`` (size-``n1`` DFTs: 2 real matmuls for a real signal, 4 for a
    complex one), the twiddles ``W_m^{k1 j2}`` broadcast over the channels;
@@ -44,18 +41,13 @@ option is neither an operand nor a load. So no zero-padded copy to ``n`` rows, n
 padding, no output window, gate or cast pass exists in XLA.
 
 HBM traffic per element of ``u`` (bfloat16 ``u``, gates ``g``; per point of ``n`` inside three
-passes): one pass reads 2 (+ 2 per gate) and writes 2 bytes, 4 without gates, where the
-previous XLA padding, gating, windowing and cast around the kernel moved about 20 bytes
-(2 read + 4 write to pad, the kernel's 4 + 4, 4 + 2 read and 2 written to window and cast, and
-2 more per gate). Three passes: 2 (+ 2) + 8 (pass 1), 8 + 8 (pass 2), 8 (+ 2 per gate, + 2 for
-the skip) + 2 (pass 3) = 36 bytes (40 for float32 ``u``). Both add the kernel spectrum (8 bytes
-per element and channel, once per batch row), the small DFT matrices and, for three passes, the
-``[n0, m]`` twiddle table (8 bytes per point, shared by every batch row and channel block, so
-mostly L2 hits). On a GPU the float32 dots run on tensor cores as 3xTF32
-(``DotAlgorithmPreset.TF32_TF32_F32_X3``: three TF32 products, about float32 accuracy); the
-interpreter (CPU) runs them at ``precision=HIGHEST``. The previous version of this kernel (one
-signal per program, ``[64, 64] @ [64, 64]`` IEEE float32 dots off the tensor cores) was 43-83x
-slower than ``jnp.fft`` on an H200; this one (one and three passes) is unmeasured on a GPU.
+passes): one pass reads 2 (+ 2 per gate) and writes 2 bytes, 4 without gates. Three passes:
+2 (+ 2) + 8 (pass 1), 8 + 8 (pass 2), 8 (+ 2 per gate, + 2 for the skip) + 2 (pass 3) = 36 bytes
+(40 for float32 ``u``). Both add the kernel spectrum (8 bytes per element and channel, once per
+batch row), the small DFT matrices and, for three passes, the ``[n0, m]`` twiddle table (8 bytes
+per point, shared by every batch row and channel block, so mostly L2 hits). On a GPU the float32
+dots run on tensor cores as 3xTF32 (``DotAlgorithmPreset.TF32_TF32_F32_X3``: three TF32
+products, about float32 accuracy); the interpreter (CPU) runs them at ``precision=HIGHEST``.
 
 This module never imports effjax: effjax computes the kernel spectrum (with its Monarch
 transform of :func:`factors`) and the backward (more calls of :func:`fft_conv`) around it.

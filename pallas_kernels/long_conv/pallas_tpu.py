@@ -32,10 +32,9 @@ in registers (no float32 copy of a bfloat16 signal in HBM); the staging costs th
 option is neither an operand nor a load. float16 arrays cannot be loaded by Mosaic at all (no
 float16 vector loads on any generation): the compiled one pass refuses them
 (``NotImplementedError``; the TPU interpreter runs them). So HBM sees one read of the signal
-and one write of the result per element (2 + 2 bytes in bfloat16, plus 2 per gate) where
-XLA's padding, gating, window and cast around the kernel moved about 20 bytes, plus the kernel
-spectrum (8 bytes per element and channel, read once per channel block) and the stage matrices
-(``16 n n1`` bytes, once; XLA computes them at each call from exactly reduced integer
+and one write of the result per element (2 + 2 bytes in bfloat16, plus 2 per gate), plus the
+kernel spectrum (8 bytes per element and channel, read once per channel block) and the stage
+matrices (``16 n n1`` bytes, once; XLA computes them at each call from exactly reduced integer
 exponents).
 
 Multi-pass (FlashButterfly's scheme for sequences that do not fit on chip): ``n = n0 * m`` with
@@ -55,12 +54,11 @@ the kernel spectrum ``2 * 512 m`` and the stage matrices ``G`` and ``conj(G)^T``
 ``512 m`` bytes whatever ``n1``); the scratch ``T`` ``2 * 512 m`` (a real signal's staging
 scratch ``v``: ``512 m`` more); ``F2`` ``2 * 4 * n2 * max(n2, 128)``. That is ``6.5 KiB * m``
 for a real signal (m = 2048: 13 MiB) and ``8 KiB * m`` for a complex one (m = 1728: 13.5 MiB);
-the gates, not in the model, add ``2 * 2 * 512 m`` each in float32 (half in bfloat16; both
-gates in float32 at m = 2048 still compile for v5e). :func:`tiles` keeps the model under
-:data:`VMEM_BUDGET` = 14 MiB, inside the 16 MiB default scoped VMEM of v4 and v5e (v6e:
-32 MiB) with room for Mosaic's own spills: one pass serves transforms up to
-2176 points (a causal convolution of about 1088 positions), three passes up to
-``MAX_N0 * 1728 = 442368``.
+the gates, not in the model, add ``2 * 2 * 512 m`` each in float32 (half in bfloat16).
+:func:`tiles` keeps the model under :data:`VMEM_BUDGET` = 14 MiB, inside the 16 MiB default
+scoped VMEM of v4 and v5e (v6e: 32 MiB) with room for Mosaic's own spills: one pass serves
+transforms up to 2176 points (a causal convolution of about 1088 positions), three passes up to
+``MAX_N0 * 1728 = 442368``; :class:`BlockSizes` lowers both limits.
 
 Sizes: ``n1`` in :data:`N1_CHOICES` and ``n2 <= 256``, both multiples of 8 (whole sublane tiles
 for the strided accesses), so every multiple of 64 up to 2048 is one pass (at most 63 points of
@@ -68,12 +66,8 @@ padding); among the splits, :func:`mxu_cost`, a model of MXU row pushes (not mea
 one (it favours ``n1`` near ``n2``: a ``[8, 8] @ [8, 128]`` dot wastes most of a 128-wide MXU);
 ``n0`` is any integer up to :data:`MAX_N0`.
 
-FlashButterfly ("Simple Hardware-Efficient Long Convolutions", Fu, Epstein et al. 2023) reports
-convolutions 2.2x faster than FFT convolutions on GPU (A100). This kernel is checked in the TPU
-interpreter and compiled by Mosaic's own compiler for v4, v5e, v5p and v6e on a CPU (libtpu's
-compile-only devices, :mod:`pallas_kernels.aot`), never run or timed on a TPU: its speed, the
-cost of the strided sublane accesses and the MXU efficiency of the small
-``[n1, n1] @ [n1, Cb]`` stage-1 dots are unmeasured.
+The scheme is FlashButterfly's ("Simple Hardware-Efficient Long Convolutions", Fu, Epstein et
+al. 2023): the FFT as Monarch matrix products, here on the MXU.
 
 This module never imports effjax: effjax computes the kernel spectrum (the Monarch transform of
 factors :func:`factors`) and the backward (more calls of :func:`fft_conv`) around it.

@@ -11,8 +11,7 @@ kernel's factors (small: one signal per channel); each block of 128 channels of 
 then transformed, multiplied and transformed back on chip. In one pass the kernel reads ``u``
 and the gates from ``[batch, seq, channels]`` and writes ``y`` in u's dtype itself (padding
 ``P``, window ``S``, gates, skip and cast on chip): a bfloat16 forward moves 2 + 2 bytes per
-element (2 more per gate) where the XLA pad, gate, window and cast around the previous kernel
-moved about 20. Three passes gate, pad and window in the XLA matmuls of passes 1 and 3; a
+element (2 more per gate). Three passes gate, pad and window in the XLA matmuls of passes 1 and 3; a
 folded circular window (``n > seq``) gates in XLA around the kernel.
 
 Backward (:func:`spectral.fused_long_conv`, one ``custom_vjp`` with the GPU kernel, residuals:

@@ -26,8 +26,8 @@ class BlockSizes:
     block_q_dkv: queries per step of the dk/dv kernel.
     stages: ring slots (>= 2): how many steps the producer may load ahead.
     ping_pong: forward only, FlashAttention-3's schedule: the two consumers rendezvous twice per
-      step, offset by one, so one's softmax runs while the other's GEMMs hold the tensor cores
-      (FA3 reports ~10% at head_dim 128 on H100). Off by default.
+      step, offset by one, so one's softmax runs while the other's GEMMs hold the tensor cores.
+      Off by default.
     overlap: forward only, FlashAttention-3's intra-warpgroup pipelining: a consumer issues
       block ``j``'s ``Q K^T`` and block ``j - 1``'s ``P V`` together and runs the softmax of the
       former under the latter. Excludes ``ping_pong``. Any ``stages``: a consumer holds
