@@ -1,5 +1,6 @@
-"""Tests of ``flash_attention``: each implementation through the shared base, the reference against
-independent computations, dispatch, block ranges, and the O(N) memory of the ``xla`` path."""
+"""Tests of ``flash_attention``: each implementation through the shared base, argument
+validation (once, before dispatch), the reference against independent computations, dispatch,
+block ranges, and the O(N) memory of the ``xla`` path."""
 
 from __future__ import annotations
 
@@ -28,6 +29,46 @@ class TestXlaSmallBlocks(AttentionTestBase):
 
   def attention(self, q, k, v, **options):
     return xla.attention(q, k, v, block_sizes=(16, 24), **normalize_arguments(q, k, v, **options))
+
+
+class TestValidation:
+  """``flash_attention`` validates its arguments before dispatch (``api.normalize_arguments``),
+  the same for every implementation: the bad-input checks run once, on the default one."""
+
+  @pytest.mark.parametrize("change, error, words", [
+      (dict(q=np.zeros((2, 8, 4))), ValueError, ["q", "rank 4", "(2, 8, 4)"]),
+      (dict(k=np.zeros((2, 9, 3, 16), np.float32), v=np.zeros((2, 9, 3, 16), np.float32)),
+       ValueError, ["multiple", "kv_heads", "(3)"]),
+      (dict(k=np.zeros((3, 9, 2, 16), np.float32)), ValueError, ["k", "batch", "(3, 9, 2, 16)"]),
+      (dict(k=np.zeros((2, 9, 2, 8), np.float32)), ValueError, ["k", "head_dim", "16"]),
+      (dict(v=np.zeros((2, 7, 2, 16), np.float32)), ValueError, ["v", "(2, 7, 2, 16)"]),
+      (dict(v=np.zeros((2, 9, 2, 16), np.float16)), TypeError, ["v", "float16", "float32"]),
+      (dict(q=np.zeros((2, 8, 4, 16), np.int32)), TypeError, ["q", "int32"]),
+      (dict(q=np.zeros((2, 0, 4, 16), np.float32)), ValueError, ["q", ">= 1"]),
+      (dict(q=[[1.0]]), TypeError, ["q", "array", "list"]),
+      (dict(window=(3,)), ValueError, ["window", "(3,)"]),
+      (dict(window=(-1, 2)), ValueError, ["window", "-1", "non-negative"]),
+      (dict(window=(1.5, None)), ValueError, ["window", "1.5"]),
+      (dict(q_segment_ids=np.zeros((2, 8), np.int32)), ValueError, ["kv_segment_ids", "together"]),
+      (dict(q_segment_ids=np.zeros((2, 9), np.int32), kv_segment_ids=np.zeros((2, 9), np.int32)),
+       ValueError, ["q_segment_ids", "(2, 8)", "(2, 9)"]),
+      (dict(q_segment_ids=np.zeros((2, 8)), kv_segment_ids=np.zeros((2, 9))),
+       TypeError, ["q_segment_ids", "integer", "float64"]),
+      (dict(softcap=0.0), ValueError, ["softcap", "positive", "0.0"]),
+      (dict(softcap="1"), TypeError, ["softcap", "'1'"]),
+      (dict(scale=float("inf")), ValueError, ["scale", "finite", "inf"]),
+      (dict(scale=jnp.float32(1.0)), TypeError, ["scale", "static"]),
+      (dict(causal=1), TypeError, ["causal", "bool", "1"]),
+      (dict(return_lse=None), TypeError, ["return_lse", "bool"]),
+  ])
+  def test_bad_input_raises(self, change, error, words):
+    arguments = dict(q=np.zeros((2, 8, 4, 16), np.float32), k=np.zeros((2, 9, 2, 16), np.float32),
+                     v=np.zeros((2, 9, 2, 16), np.float32))
+    arguments.update(change)
+    with pytest.raises(error) as raised:
+      flash_attention(**arguments)
+    for word in words:
+      assert word in str(raised.value), f"{word!r} not in {raised.value}"
 
 
 _NAIVE_CASES = DEFAULT_CASES[::2] + [
@@ -64,7 +105,7 @@ class TestReference:
 def test_default_order_serves_the_call_on_cpu():
   assert dispatch.default_order("flash_attention", "cpu") == ("xla",)
   assert dispatch.default_order("flash_attention", "gpu") == ("pallas_gpu", "xla")
-  assert dispatch.default_order("flash_attention", "tpu") == ("pallas_tpu", "xla")
+  assert dispatch.default_order("flash_attention", "tpu") == ("xla",)
   for platform in dispatch.PLATFORMS:
     assert dispatch.default_order("flash_attention", platform)[-1] == "xla"  # the fallback
   q, k, v, options = Case(20, 30, causal=True).inputs()

@@ -1,6 +1,7 @@
-"""Tests of ``long_conv``: each implementation through the shared base, the reference and the
-plain FFT baseline against a NumPy loop, the Monarch DFT against ``jnp.fft``, the fused kernels
-(in their interpreters, and lowered for their platforms on CPU), sizes, dispatch."""
+"""Tests of ``long_conv``: each implementation through the shared base, argument validation (once,
+before dispatch), the reference and the plain FFT baseline against a NumPy loop, the Monarch DFT
+against ``jnp.fft``, the fused kernels (in their interpreters, and lowered for their platforms on
+CPU), sizes, dispatch."""
 
 from __future__ import annotations
 
@@ -33,6 +34,41 @@ class TestXlaFft(LongConvTestBase):
 
 class TestButterfly(LongConvTestBase):
   implementation = "butterfly"
+
+
+class TestValidation:
+  """``long_conv`` validates its arguments before dispatch (``api.normalize_arguments``), the same
+  for every implementation: the bad-input checks run once, on the default one."""
+
+  @pytest.mark.parametrize("change, error, words", [
+      (dict(u=np.zeros((2, 8))), ValueError, ["u", "rank 3", "(2, 8)"]),
+      (dict(u=np.zeros((2, 0, 3), np.float32)), ValueError, ["u", ">= 1", "(2, 0, 3)"]),
+      (dict(u=np.zeros((2, 8, 3), np.int32)), TypeError, ["u", "int32"]),
+      (dict(u=[[[1.0]]]), TypeError, ["u", "array", "list"]),
+      (dict(kernel=np.zeros((3, 9), np.float32)), ValueError, ["kernel_len", "<= seq = 8", "9"]),
+      (dict(kernel=np.zeros((3, 9), np.float32), mode="circular"), ValueError,
+       ["kernel_len", "'circular'", "(3, 9)"]),
+      (dict(kernel=np.zeros((3, 4), np.float32), mode="bidirectional"), ValueError,
+       ["odd", "bidirectional", "(3, 4)"]),
+      (dict(kernel=np.zeros((3, 17), np.float32), mode="bidirectional"), ValueError,
+       ["<= 2 * seq - 1 = 15", "(3, 17)"]),
+      (dict(kernel=np.zeros((4, 8), np.float32)), ValueError, ["kernel", "channels=3", "(4, 8)"]),
+      (dict(kernel=np.zeros((3,), np.float32)), ValueError, ["kernel", "rank 2", "(3,)"]),
+      (dict(kernel=np.zeros((3, 8), np.float64)), TypeError, ["kernel", "float64"]),
+      (dict(mode="anticausal"), ValueError, ["mode", "'anticausal'", "circular"]),
+      (dict(mode=None), ValueError, ["mode", "None"]),
+      (dict(skip=np.zeros((4,), np.float32)), ValueError, ["skip", "(3,)", "(4,)"]),
+      (dict(skip=np.zeros((3,), np.int32)), TypeError, ["skip", "int32"]),
+      (dict(pre_gate=np.zeros((2, 8, 4), np.float32)), ValueError, ["pre_gate", "(2, 8, 4)"]),
+      (dict(post_gate=np.zeros((2, 8, 3), np.float16)), TypeError, ["post_gate", "float16"]),
+  ])
+  def test_bad_input_raises(self, change, error, words):
+    arguments = dict(u=np.zeros((2, 8, 3), np.float32), kernel=np.zeros((3, 8), np.float32))
+    arguments.update(change)
+    with pytest.raises(error) as raised:
+      long_conv(**arguments)
+    for word in words:
+      assert word in str(raised.value), f"{word!r} not in {raised.value}"
 
 
 class _Variant(LongConvTestBase):
