@@ -36,6 +36,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.shapes import cdiv, next_power_of_two, pad_axis
+
 PACKED_BITS = (1, 2, 3, 4, 8)
 TERNARY_PER_WORD = 20  # base-3 digits per uint32 word (3**20 < 2**32)
 
@@ -138,8 +140,8 @@ def check(q, k_codes, k_scale, v_codes, v_scale, *, key_bits: int, value_bits: i
     raise ValueError(f"head_dim is {head_dim}; expected a multiple of group_size={group_size} "
                      "(KIVI's values are quantized per group of G channels)")
   _check_shapes({
-      "k_codes": (k_codes, (batch, slots, kv_heads, -(-head_dim // (32 // key_bits)))),
-      "v_codes": (v_codes, (batch, slots, kv_heads, -(-head_dim // (32 // value_bits)))),
+      "k_codes": (k_codes, (batch, slots, kv_heads, cdiv(head_dim, 32 // key_bits))),
+      "v_codes": (v_codes, (batch, slots, kv_heads, cdiv(head_dim, 32 // value_bits))),
       "k_scale": (k_scale, (batch, slots // group_size, kv_heads, head_dim)),
       "v_scale": (v_scale, (batch, slots, kv_heads, head_dim // group_size)),
   })
@@ -156,11 +158,11 @@ def check_vidkv(q, k_codes, k_scale, k_zero, k_hot, v_codes, v_scale, transform,
   groups = (batch, slots // group_size, kv_heads)
   _check_shapes({
       "k_codes": (k_codes, (batch, slots, kv_heads,
-                            -(-hot // 16) + -(-(head_dim - hot) // 32))),
+                            cdiv(hot, 16) + cdiv(head_dim - hot, 32))),
       "k_scale": (k_scale, (*groups, head_dim)),
       "k_zero": (k_zero, (*groups, hot)),
-      "k_hot": (k_hot, (*groups, -(-head_dim // 32))),
-      "v_codes": (v_codes, (batch, slots, -(-kv_heads * head_dim // TERNARY_PER_WORD))),
+      "k_hot": (k_hot, (*groups, cdiv(head_dim, 32))),
+      "v_codes": (v_codes, (batch, slots, cdiv(kv_heads * head_dim, TERNARY_PER_WORD))),
       "v_scale": (v_scale, (*groups, head_dim)),
       "transform": (transform, (head_dim, head_dim)),
   })
@@ -188,7 +190,7 @@ def group_queries(q: Float[Array, "batch seq heads head_dim"], kv_heads: int, sc
   grouped = (q.astype(jnp.float32) * scale).reshape(batch, seq, kv_heads, heads // kv_heads,
                                                     head_dim)
   grouped = grouped.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)
-  return jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - grouped.shape[2]), (0, 0)))
+  return pad_axis(grouped, 2, rows)
 
 
 def ungroup(settings: Geometry, out: jax.Array, lse: jax.Array):
@@ -237,7 +239,7 @@ def key_code_lanes(lane: Int[Array, "..."], hot: int):
   ``hot`` anomalous channels (16 per word), then the 1-bit codes (32 per word)."""
   two_bit = lane < hot
   coefficient = jnp.maximum(lane - hot, 0)
-  word = jnp.where(two_bit, lax.div(lane, 16), -(-hot // 16) + lax.div(coefficient, 32))
+  word = jnp.where(two_bit, lax.div(lane, 16), cdiv(hot, 16) + lax.div(coefficient, 32))
   shift = jnp.where(two_bit, 2 * lax.rem(lane, 16), lax.rem(coefficient, 32))
   return word, shift, jnp.where(two_bit, 3, 1)
 
@@ -330,10 +332,10 @@ class XQuantSettings(Geometry):
   def segment(self, channels: tuple[int, int]) -> Segment:
     """The words holding ``channels`` (the first and last may hold other channels too)."""
     if self.tiles == "whole":
-      words = -(-self.width // self.per_word)
+      words = cdiv(self.width, self.per_word)
       return Segment(0, words, words)
-    word0, stop = channels[0] // self.per_word, -(-channels[1] // self.per_word)
-    return Segment(word0, stop - word0, max(16, 1 << (stop - word0 - 1).bit_length()))
+    word0, stop = channels[0] // self.per_word, cdiv(channels[1], self.per_word)
+    return Segment(word0, stop - word0, next_power_of_two(stop - word0, 16))
 
   @property
   def key_segment(self) -> Segment:
@@ -376,7 +378,7 @@ def xquant_settings(q, codes, scale, zero, key_up, inv_freq, *, bits: int, group
                        f"{settings.width}")
   key_width = settings.key_channels[1] - settings.key_channels[0]
   groups = (batch, slots, settings.width // settings.group_size)
-  _check_shapes({"codes": (codes, (batch, slots, -(-settings.width // settings.per_word))),
+  _check_shapes({"codes": (codes, (batch, slots, cdiv(settings.width, settings.per_word))),
                  "scale": (scale, groups), "zero": (zero, groups),
                  "key_up": (key_up, (key_width, kv_heads, head_dim)),
                  "inv_freq": (inv_freq, (head_dim // 2,))})

@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.kv_decode import common
+from pallas_kernels.shapes import cdiv, next_power_of_two
 
 MIN_TILE = 16
 # Shared memory a decode kernel may take per program: under the 99 KB an Ada GPU (sm_89: L4,
@@ -41,7 +42,7 @@ def check_tiles(head_dim: int, group_size: int) -> None:
 def default_num_splits(batch: int, kv_heads: int, slots: int, block: int) -> int:
   """Splits per (row, kv head): enough programs to fill the GPU (about :data:`_TARGET_PROGRAMS`),
   each over at least :data:`_MIN_BLOCKS_PER_SPLIT` steps of ``block`` slots of a full cache."""
-  wanted = -(-_TARGET_PROGRAMS // (batch * kv_heads))
+  wanted = cdiv(_TARGET_PROGRAMS, batch * kv_heads)
   return max(1, min(wanted, slots // block // _MIN_BLOCKS_PER_SPLIT))
 
 
@@ -72,7 +73,7 @@ def launch(kernel, settings: common.Geometry, interpret: bool, q, inputs, in_spe
   :func:`common.ungroup`'s per-split outputs and LSEs.
   """
   batch, kv_heads = q.shape[0], q.shape[2] // settings.group
-  rows = max(MIN_TILE, 1 << (settings.rows - 1).bit_length())
+  rows = next_power_of_two(settings.rows, MIN_TILE)
   queries = common.group_queries(q, kv_heads, settings.scale, rows)
   shape = (batch, kv_heads, settings.num_splits, rows)
   out, lse = pl.pallas_call(

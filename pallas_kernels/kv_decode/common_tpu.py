@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, UInt16
 
 from pallas_kernels.kv_decode import common
+from pallas_kernels.shapes import cdiv, round_up
 
 LANES = 128
 SUBLANES = 8
@@ -98,13 +99,13 @@ def launch(kernel, settings: common.Geometry, block: int, interpret, q, blocked,
       kernel wants; scalar-prefetched as ``bounds_ref[len(bounds) * b + i]``.
   """
   batch, kv_heads = q.shape[0], q.shape[2] // settings.group
-  rows = -(-settings.rows // SUBLANES) * SUBLANES
+  rows = round_up(settings.rows, SUBLANES)
   head_dim, splits = settings.head_dim, settings.num_splits
   queries = common.group_queries(q, kv_heads, settings.scale, rows)
   per_row = len(bounds)
   bounds = jnp.stack([jnp.broadcast_to(x.astype(jnp.int32), (batch,)) for x in bounds],
                      axis=1).reshape(-1)
-  steps = -(-blocked[0][0].shape[1] // block // splits)
+  steps = cdiv(blocked[0][0].shape[1] // block, splits)
 
   def block_index(b, s, t, bounds_ref):
     first, stop, per_split = split_range(bounds_ref[per_row * b], bounds_ref[per_row * b + 1], s,
@@ -267,4 +268,4 @@ def float16_to_float32(bits: UInt16[Array, "*shape"]) -> Float[Array, "*shape"]:
 
 def lanes(x, width: int):
   """A lane-broadcast ``[rows, 128]`` array as ``[rows, width]`` (tiled, then cut)."""
-  return jnp.tile(x, (1, -(-width // LANES)))[:, :width]
+  return jnp.tile(x, (1, cdiv(width, LANES)))[:, :width]

@@ -1,18 +1,13 @@
 """The ``"pallas_tpu"`` implementations of the decode ops: the Mosaic TPU kernels of
-``pallas_kernels.kv_decode.{kivi,vidkv,xquant}.pallas_tpu`` over a cache's quantized slots, combined
-with its full-precision tail (:mod:`effjax.ops.kv_decode.partials`). Off a TPU, unless
+``pallas_kernels.kv_decode.{kivi,vidkv,xquant}.pallas_tpu`` over a cache's quantized slots,
+combined with its full-precision tail (:mod:`effjax.ops.kv_decode.partials`). Off a TPU, unless
 interpreting (``pallas_kernels.interpret``), they raise NotImplementedError so dispatch moves on.
 """
-
-from __future__ import annotations
-
-import functools
 
 from effjax.ops.kv_decode import partials
 from pallas_kernels.kv_decode.kivi import pallas_tpu as kivi_kernel
 from pallas_kernels.kv_decode.vidkv import pallas_tpu as vidkv_kernel
 from pallas_kernels.kv_decode.xquant import pallas_tpu as xquant_kernel
 
-kivi = functools.partial(partials.kivi, kivi_kernel.decode_partials)
-vidkv = functools.partial(partials.vidkv, vidkv_kernel.decode_partials)
-xquant = functools.partial(partials.xquant, xquant_kernel.decode_partials)
+kivi, vidkv, xquant = partials.bind(kivi_kernel.decode_partials, vidkv_kernel.decode_partials,
+                                    xquant_kernel.decode_partials)

@@ -10,6 +10,7 @@ dim, or XQuant's value-stream width), and the tail's keys and values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -99,3 +100,11 @@ def xquant(kernel: Kernel, cache: XQuantCache, q: Float[Array, "batch seq heads 
                     block_sizes=block_sizes, interpret=interpret)
   mixed = _combine(cache, q, scale, out, lse, xla.xquant_tail(cache, key_up, inputs))
   return xla.project_values(cache, mixed, value_up, q.dtype)
+
+
+def bind(kivi_kernel: Kernel, vidkv_kernel: Kernel, xquant_kernel: Kernel
+         ) -> tuple[Callable[..., jax.Array], ...]:
+  """:func:`kivi`, :func:`vidkv` and :func:`xquant` over one platform's three kernels: that
+  platform's implementations of the ops."""
+  return (functools.partial(kivi, kivi_kernel), functools.partial(vidkv, vidkv_kernel),
+          functools.partial(xquant, xquant_kernel))

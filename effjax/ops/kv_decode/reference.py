@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -38,22 +39,25 @@ def attention(q: Float[Array, "batch seq heads head_dim"],
   return jnp.einsum("bhst,bthd->bshd", weights / jnp.where(total > 0, total, 1.0), v)
 
 
+def _dequantized(cache: Any, q: jax.Array, scale: float) -> jax.Array:
+  """:func:`attention` over a KIVI or VidKV cache's ``dequantize()``, as the op returns it."""
+  k, v = cache.dequantize()
+  out = attention(q, k, v, start=cache.start, length=cache.length, scale=scale)
+  return xla.finish(out, cache, q.dtype)
+
+
 def kivi(cache: KIVICache, q: Float[Array, "batch seq heads head_dim"], *, scale: float,
          block_sizes: Any = None) -> Float[Array, "batch seq heads head_dim"]:
   """:func:`attention` over :meth:`effjax.kv_cache.KIVICache.dequantize`."""
   del block_sizes
-  k, v = cache.dequantize()
-  out = attention(q, k, v, start=cache.start, length=cache.length, scale=scale)
-  return xla.finish(out, cache, q.dtype)
+  return _dequantized(cache, q, scale)
 
 
 def vidkv(cache: VidKVCache, q: Float[Array, "batch seq heads head_dim"], *, scale: float,
           block_sizes: Any = None) -> Float[Array, "batch seq heads head_dim"]:
   """:func:`attention` over :meth:`effjax.kv_cache.VidKVCache.dequantize`."""
   del block_sizes
-  k, v = cache.dequantize()
-  out = attention(q, k, v, start=cache.start, length=cache.length, scale=scale)
-  return xla.finish(out, cache, q.dtype)
+  return _dequantized(cache, q, scale)
 
 
 def xquant(cache: XQuantCache, q: Float[Array, "batch seq heads head_dim"], inputs: LayerInputs,

@@ -214,17 +214,24 @@ def project_values(cache: XQuantCache, mixed: Float[Array, "batch seq heads valu
 # The "xla" implementations (arguments as validated by effjax.ops.kv_decode.api).
 
 
-def kivi(cache: KIVICache, q: Float[Array, "batch seq heads head_dim"], *, scale: float,
-         block_sizes: Any = None) -> Float[Array, "batch seq heads head_dim"]:
-  """KIVI: ``cache.block_size`` slots dequantized at a time, then the ``R + 1`` tail slots;
-  ``block_sizes`` (the kernels' tiling) is ignored."""
-  del block_sizes
-  prefix_end, tail = kivi_tail(cache)
+def _read_in_blocks(cache: Any, q: jax.Array, scale: float, prefix_end: jax.Array, tail: Tail
+                    ) -> jax.Array:
+  """:func:`blockwise_decode_attention` of a KIVI or VidKV cache: its quantized slots below
+  ``prefix_end`` dequantized ``cache.block_size`` at a time (``cache.decode_block``), then
+  ``tail``."""
   block = cache.block_size
   out = blockwise_decode_attention(
       q, load_block=lambda j0: cache.decode_block(j0, block), block_size=block,
       prefix_end=prefix_end, start=cache.start, length=cache.length, scale=scale, **tail)
   return finish(out, cache, q.dtype)
+
+
+def kivi(cache: KIVICache, q: Float[Array, "batch seq heads head_dim"], *, scale: float,
+         block_sizes: Any = None) -> Float[Array, "batch seq heads head_dim"]:
+  """KIVI: ``cache.block_size`` slots dequantized at a time, then the ``R + 1`` tail slots
+  (:func:`kivi_tail`); ``block_sizes`` (the kernels' tiling) is ignored."""
+  del block_sizes
+  return _read_in_blocks(cache, q, scale, *kivi_tail(cache))
 
 
 def vidkv(cache: VidKVCache, q: Float[Array, "batch seq heads head_dim"], *, scale: float,
@@ -232,12 +239,7 @@ def vidkv(cache: VidKVCache, q: Float[Array, "batch seq heads head_dim"], *, sca
   """VidKV: ``cache.block_size`` quantized slots dequantized at a time, then the residual;
   ``block_sizes`` is ignored."""
   del block_sizes
-  prefix_end, tail = vidkv_tail(cache)
-  block = cache.block_size
-  out = blockwise_decode_attention(
-      q, load_block=lambda j0: cache.decode_block(j0, block), block_size=block,
-      prefix_end=prefix_end, start=cache.start, length=cache.length, scale=scale, **tail)
-  return finish(out, cache, q.dtype)
+  return _read_in_blocks(cache, q, scale, *vidkv_tail(cache))
 
 
 def xquant(cache: XQuantCache, q: Float[Array, "batch seq heads head_dim"], inputs: LayerInputs,

@@ -42,6 +42,7 @@ from pallas_kernels.kv_decode.common_tpu import (
     slots_to_groups,
     word_halves,
 )
+from pallas_kernels.shapes import cdiv
 
 
 def decode_partials(
@@ -139,7 +140,7 @@ def _unpack(words, bits: int, h: int, head_dim: int):
   """int32 ``[block, head_dim]`` codes of kv head ``h`` from ``[block, kv_heads * words]``."""
   per_word = 32 // bits
   lane = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
-  lo, hi = word_halves(words, h * -(-head_dim // per_word) + lax.div(lane, per_word))
+  lo, hi = word_halves(words, h * cdiv(head_dim, per_word) + lax.div(lane, per_word))
   word = lo | (hi << 16)
   return lax.shift_right_logical(word, lax.rem(lane, per_word) * bits) & ((1 << bits) - 1)
 

@@ -76,6 +76,7 @@ from pallas_kernels.kv_decode.common_gpu import (
     key_group_splits,
     launch,
 )
+from pallas_kernels.shapes import cdiv
 
 # Lanes per step of the key path: one word of the anomalous-channel mask, and [head_dim, 32]
 # one-hot and transform tiles (16 KB at head_dim 128) instead of [head_dim, head_dim] ones
@@ -222,7 +223,7 @@ def _kernel(settings: common.VidKVSettings, precision, q_ref, kc_ref, ks_ref, kz
 def _value_words(ref, slots: pl.Slice, word_of_lane, first_word):
   """uint32 ``[G, head_dim]``: each lane's base-3 value word, one column load per word the kv
   head's channels span (not all of the token's words)."""
-  span = -(-(common.TERNARY_PER_WORD - 1 + word_of_lane.shape[1]) // common.TERNARY_PER_WORD)
+  span = cdiv(common.TERNARY_PER_WORD - 1 + word_of_lane.shape[1], common.TERNARY_PER_WORD)
   shape = (slots.size, word_of_lane.shape[1])
   words = jnp.zeros(shape, jnp.uint32)
   for i in range(span):

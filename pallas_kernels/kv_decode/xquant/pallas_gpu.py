@@ -69,6 +69,7 @@ from pallas_kernels.kv_decode.common_gpu import (
     SHARED_MEMORY_BUDGET,
     default_num_splits,
 )
+from pallas_kernels.shapes import next_power_of_two
 
 _BLOCK_SLOTS = 32  # default slots per loop step
 _WORD_BYTES = 4  # float32 weights and dequantized tiles, uint32 words
@@ -178,7 +179,7 @@ def _decode_jit(settings: common.XQuantSettings, block: int, interpret: bool, q,
   batch, slots = codes.shape[:2]
   kv_heads = key_up.shape[1]
   half, per_word, splits = settings.head_dim // 2, settings.per_word, settings.num_splits
-  rows = max(MIN_TILE, 1 << (settings.rows - 1).bit_length())
+  rows = next_power_of_two(settings.rows, MIN_TILE)
   tile = settings.value_segment.tile
   queries = common.split_queries(q, kv_heads, settings.scale, rows)
   weights = common.key_weights(settings, key_up)

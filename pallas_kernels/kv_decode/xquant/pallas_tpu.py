@@ -62,6 +62,7 @@ from pallas_kernels.kv_decode.common_tpu import (
     split_range,
     tiling,
 )
+from pallas_kernels.shapes import cdiv, round_up
 
 _TARGET_BLOCK = 256  # default slots per grid step: a multiple of 8 dividing the slots, up to it
 
@@ -115,9 +116,9 @@ def _decode_jit(settings: common.XQuantSettings, block: int, interpret, q, codes
                 code_zero, key_up, inv_freq, start, end, length):
   batch, slots, words = codes.shape
   kv_heads = key_up.shape[1]
-  rows = -(-settings.rows // SUBLANES) * SUBLANES
+  rows = round_up(settings.rows, SUBLANES)
   half, per_word, splits = settings.head_dim // 2, settings.per_word, settings.num_splits
-  steps = -(-(slots // block) // splits)
+  steps = cdiv(slots // block, splits)
   queries = common.split_queries(q, kv_heads, settings.scale, rows)
   weights = common.key_weights(settings, key_up)
   bounds = jnp.stack([start.astype(jnp.int32)] + [
