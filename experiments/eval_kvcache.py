@@ -94,11 +94,12 @@ class Config(ExperimentConfig):
             "None or an int >= 1")
 
 
-SMOKE_OVERRIDES = (
-    "--num_layers=2", "--source=news", "--prompt_len=20", "--decode_len=24", "--chunk=12",
-    "--batch=1", "--contexts=[64]",
-    "--caches=[{type: full}, {type: kivi, bits: 2, group_size: 32, residual: 32}, "
-    "{type: xquant, bits: 4, group_size: 64, residual: 8}]")
+def smoke_overrides(config: Config) -> tuple[str, ...]:
+  """Overrides that make this experiment tiny, for the config smoke test."""
+  return ("--num_layers=2", "--source=news", "--prompt_len=20", "--decode_len=24", "--chunk=12",
+          "--batch=1", "--contexts=[64]",
+          "--caches=[{type: full}, {type: kivi, bits: 2, group_size: 32, residual: 32}, "
+          "{type: xquant, bits: 4, group_size: 64, residual: 8}]")
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -66,8 +66,10 @@ class Config(ExperimentConfig):
             "None or an int >= 1")
 
 
-SMOKE_OVERRIDES = ("--num_layers=2", "--source=news", "--context_lengths=[16,32]",
-                   "--max_tokens=64", "--batch_tokens=64")
+def smoke_overrides(config: Config) -> tuple[str, ...]:
+  """Overrides that make this experiment tiny, for the config smoke test."""
+  return ("--num_layers=2", "--source=news", "--context_lengths=[16,32]",
+          "--max_tokens=64", "--batch_tokens=64")
 
 
 def _batches(windows: np.ndarray, batch_size: int):

@@ -62,8 +62,10 @@ class Config(ExperimentConfig):
     return Sampling(self.temperature, self.top_k, self.top_p)
 
 
-SMOKE_OVERRIDES = ("--num_layers=2", "--max_new_tokens=4",
-                   "--cache={type: kivi, bits: 2, group_size: 32, residual: 32}")
+def smoke_overrides(config: Config) -> tuple[str, ...]:
+  """Overrides that make this experiment tiny, for the config smoke test."""
+  return ("--num_layers=2", "--max_new_tokens=4",
+          "--cache={type: kivi, bits: 2, group_size: 32, residual: 32}")
 
 
 def chat_prompt(message: str, system: str) -> str:

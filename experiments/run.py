@@ -5,7 +5,8 @@ CONFIG is a YAML file's path, or the name of a shipped config (``effjax-run quic
 ``experiments/configs``, so names work from any directory; a file at that path wins over a name.
 Also ``python -m experiments.run``. ``effjax-run CONFIG --help`` lists every key with its help.
 Each experiment module defines ``Config`` (a frozen dataclass deriving from
-:class:`experiments.config.ExperimentConfig`) and ``main(config) -> dict`` (a summary of results).
+:class:`experiments.config.ExperimentConfig`), ``main(config) -> dict`` (a summary of results) and
+``smoke_overrides(config)`` (the overrides that make a run of that config tiny, for the tests).
 """
 
 from __future__ import annotations

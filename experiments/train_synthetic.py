@@ -98,9 +98,11 @@ class Config(ExperimentConfig):
             "mixers", self.mixers, "a non-empty list of 'long_conv', 'h3', 'attention'")
 
 
-SMOKE_OVERRIDES = ("--steps=2", "--batch_size=4", "--eval_examples=8", "--model.d_model=16",
-                   "--model.num_layers=1", "--model.d_ff=16", "--mixers=[h3,attention]",
-                   "--num_seeds=1")
+def smoke_overrides(config: Config) -> tuple[str, ...]:
+  """Overrides that make this experiment tiny, for the config smoke test."""
+  return ("--steps=2", "--batch_size=4", "--eval_examples=8", "--model.d_model=16",
+          "--model.num_layers=1", "--model.d_ff=16", "--mixers=[h3,attention]",
+          "--num_seeds=1")
 
 
 def _count(params: Any) -> int:

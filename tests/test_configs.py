@@ -29,8 +29,8 @@ def test_every_config_loads_into_its_frozen_schema(path):
 def test_every_config_runs_tiny(path, tmp_path):
   pytest.importorskip("tokenizers")
   pytest.importorskip("gensim")
-  module, _ = run.load(str(path))
-  overrides = [*module.SMOKE_OVERRIDES, f"--output_dir={tmp_path}"]
+  module, config = run.load(str(path))
+  overrides = [*module.smoke_overrides(config), f"--output_dir={tmp_path}"]
   summary = run.run(str(path), overrides)
   numbers = [value for value in summary.values() if isinstance(value, float)]
   assert summary and all(np.isfinite(numbers)), summary

@@ -300,3 +300,23 @@ def test_batch_rejects_bad_arguments(step, batch_size, seed, message):
   windows = data.TokenWindows(np.arange(15), seq_len=4)
   with pytest.raises(ValueError, match=message):
     windows.batch(step, batch_size, seed)
+
+
+def test_unigram_perplexity_is_the_smoothed_frequency_floor():
+  # Counts [1, 0, 0, 0] + 1 each = [2, 1, 1, 1] of 5: every target has p = 1/5.
+  assert data.unigram_perplexity(np.array([0]), np.array([[1, 2, 3]]), 4) == pytest.approx(5.0)
+  # Counts [3, 1, 0] + 1 each = [4, 2, 1] of 7; targets 0, 1.
+  expected = np.exp(-(np.log(4 / 7) + np.log(2 / 7)) / 2)
+  assert data.unigram_perplexity(np.array([0, 0, 0, 1]), np.array([0, 1]), 3) == pytest.approx(
+      expected)
+
+
+@pytest.mark.parametrize("train, targets, vocab, message", [
+    (np.array([0.5]), np.array([0]), 4, "train_tokens has dtype float64"),
+    (np.array([0]), np.array([], np.int32), 4, "targets has dtype int32 and 0 elements"),
+    (np.array([0, 4]), np.array([0]), 4, r"train_tokens holds ids in \[0, 4\]"),
+    (np.array([0]), np.array([-1]), 4, r"targets holds ids in \[-1, -1\]"),
+])
+def test_unigram_perplexity_rejects_bad_arguments(train, targets, vocab, message):
+  with pytest.raises(ValueError, match=message):
+    data.unigram_perplexity(train, targets, vocab)

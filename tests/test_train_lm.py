@@ -13,7 +13,7 @@ from experiments import run, train_lm
 pytest.importorskip("tokenizers")
 pytest.importorskip("gensim")
 
-TINY = [*train_lm.SMOKE_OVERRIDES, "--data.source=news", "--checkpoint_every=2",
+TINY = [*train_lm.smoke_overrides(train_lm.Config()), "--data.source=news", "--checkpoint_every=2",
         "--sample_tokens=0"]
 
 
@@ -109,3 +109,21 @@ def test_attention_optimizer_decays_every_matrix_and_nothing_else():
   for param, update in _first_update("attention", optim).values():
     expected = -2e-2 * 0.5 * param if param.ndim >= 2 else np.zeros(param.shape)
     np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--init=smollm2", "--model.d_model=64"], "model.d_model.*left unset with init: smollm2"),
+    (["--init=pretrained"], "invalid value for 'init'"),
+    (["--init_layers=2"], "init_layers.*with init: smollm2"),
+    (["--init=smollm2", "--init_layers=0"], "init_layers"),
+])
+def test_init_settings_that_do_not_apply_are_errors(overrides, words):
+  with pytest.raises(run.ConfigError, match=words):
+    run.load("configs/quickstart.yaml", overrides)
+
+
+def test_runs_report_the_unigram_floor(tmp_path):
+  summary = run.run("configs/quickstart.yaml", [*TINY, f"--output_dir={tmp_path}"])
+  assert summary["init"] == "scratch" and "initial_heldout_perplexity" not in summary
+  # Two steps on a 49k vocabulary: still above the floor of a model that learned frequencies.
+  assert 100 < summary["unigram_perplexity"] < summary["heldout_perplexity"]

@@ -319,7 +319,7 @@ MULTIPROCESS_STEPS = 4
 def quickstart_overrides(stage, output_dir):
   """A tiny quickstart run (4 steps, held-out perplexity, no sample) at ZeRO ``stage``."""
   from experiments import train_lm  # pylint: disable=g-import-not-at-top
-  return [*train_lm.SMOKE_OVERRIDES, "--data.source=news", "--steps=4", "--sample_tokens=0",
+  return [*train_lm.smoke_overrides(train_lm.Config()), "--data.source=news", "--steps=4", "--sample_tokens=0",
           "--optim.warmup_steps=1", f"--zero_stage={stage}", f"--output_dir={output_dir}"]
 
 

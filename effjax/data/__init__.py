@@ -11,6 +11,7 @@ from effjax.data.text import (
     load_text_splits,
     split_documents,
     tokenize_documents,
+    unigram_perplexity,
 )
 from effjax.data.tokenizer import (
     SmolLM2NotInstalledError,
@@ -28,6 +29,7 @@ __all__ = [
     "load_smollm2_tokenizer",
     "load_text_splits",
     "smollm2_gguf_path",
+    "unigram_perplexity",
     "split_documents",
     "tokenize_documents",
 ]

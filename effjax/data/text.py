@@ -264,3 +264,26 @@ def load_text_splits(source: str, tokenizer: Tokenizer, heldout_fraction: float,
   """
   train_docs, heldout_docs = split_documents(load_documents(source), heldout_fraction, seed)
   return tokenize_documents(train_docs, tokenizer), tokenize_documents(heldout_docs, tokenizer)
+
+
+def unigram_perplexity(train_tokens: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:
+  """Perplexity of ``targets`` under the add-one-smoothed unigram distribution of
+  ``train_tokens``: the floor a language model reaches by learning token frequencies and nothing
+  of context, so a trained model's held-out perplexity should sit well below it.
+
+  Args:
+    train_tokens: int token stream the frequencies are counted on.
+    targets: int tokens to score (any shape), e.g. held-out windows' ``[:, 1:]``.
+    vocab_size: the vocabulary size (every id gets one pseudo-count).
+  """
+  train_tokens, targets = np.asarray(train_tokens), np.asarray(targets)
+  for name, tokens in (("train_tokens", train_tokens), ("targets", targets)):
+    if not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
+      raise ValueError(f"{name} has dtype {tokens.dtype} and {tokens.size} elements; expected a "
+                       "non-empty integer array")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+      raise ValueError(f"{name} holds ids in [{tokens.min()}, {tokens.max()}]; expected ids in "
+                       f"[0, vocab_size={vocab_size})")
+  counts = np.bincount(train_tokens.ravel(), minlength=vocab_size).astype(np.float64) + 1.0
+  log_p = np.log(counts[targets.ravel()]) - np.log(counts.sum())
+  return float(np.exp(-log_p.mean()))
