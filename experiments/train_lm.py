@@ -38,10 +38,10 @@ import tqdm
 from effjax import distributed, sharding
 from effjax.data import unigram_perplexity
 from effjax.nn import DecoderLM, TransformerConfig
-from effjax.nn.long_conv import (KERNEL_LR_RATIO, LongConvLM, LongConvLMConfig,
-                                 long_conv_optimizer)
+from effjax.nn.long_conv import LongConvLM, LongConvLMConfig
 from effjax.optim import zero
 from experiments.config import ExperimentConfig, require
+from experiments.optim_config import OptimConfig, build_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,39 +93,6 @@ class DataConfig:
     require(self.seq_len > 0, "data.seq_len", self.seq_len, "a positive integer")
     require(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
             "a fraction strictly between 0 and 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  learning_rate: float = 3e-3
-  """Peak learning rate (after warm-up)."""
-  warmup_steps: int = 25
-  """Linear warm-up from 0."""
-  final_lr_fraction: float = 0.1
-  """Cosine decay ends at this fraction of the peak."""
-  weight_decay: float = 0.1
-  """Decoupled weight decay, applied to matrices only (not norms)."""
-  b1: float = 0.9
-  """Adam beta1."""
-  b2: float = 0.95
-  """Adam beta2."""
-  grad_clip: float = 1.0
-  """Global-norm gradient clipping threshold."""
-  kernel_learning_rate: float | None = None
-  """Peak learning rate of the long-convolution kernels (model.mixer long_conv / h3): Adam with
-  no weight decay on the same warm-up and decay, as the paper. None: learning_rate times
-  effjax.nn.long_conv.KERNEL_LR_RATIO (0.1, safari's LRA configs)."""
-
-  def __post_init__(self):
-    require(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "> 0")
-    require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
-    require(0 <= self.final_lr_fraction <= 1, "optim.final_lr_fraction", self.final_lr_fraction,
-            "in [0, 1]")
-    require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
-    require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", (self.b1, self.b2), "in [0, 1)")
-    require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0")
-    require(self.kernel_learning_rate is None or self.kernel_learning_rate > 0,
-            "optim.kernel_learning_rate", self.kernel_learning_rate, "None or > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,32 +187,6 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any
                         num_kv_heads=config.num_kv_heads, d_ff=config.d_ff,
                         rope_theta=config.rope_theta),
       dtype=jnp.dtype(config.dtype))
-
-
-def kernel_learning_rate(config: OptimConfig) -> float:
-  """Peak learning rate of long-convolution kernels: ``kernel_learning_rate``, else the paper's
-  ratio to ``learning_rate``."""
-  if config.kernel_learning_rate is None:
-    return config.learning_rate * KERNEL_LR_RATIO
-  return config.kernel_learning_rate
-
-
-def build_optimizer(config: OptimConfig, total_steps: int, mixer: str = "attention"
-                    ) -> optax.GradientTransformation:
-  """Clipping, then AdamW (weight decay on matrices only) on a warm-up + cosine schedule; for a
-  long-convolution ``mixer`` the kernels instead get :func:`long_conv_optimizer`'s Adam, peaking
-  at :func:`kernel_learning_rate` on the same schedule shape, without weight decay."""
-  schedule = lambda peak: optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=config.warmup_steps,
-      decay_steps=max(total_steps, config.warmup_steps + 1),
-      end_value=peak * config.final_lr_fraction)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  optimizer = optax.adamw(schedule(config.learning_rate), b1=config.b1, b2=config.b2,
-                          weight_decay=config.weight_decay, mask=decay_mask)
-  if mixer != "attention":
-    optimizer = long_conv_optimizer(optimizer,
-                                    kernel_learning_rate=schedule(kernel_learning_rate(config)))
-  return optax.chain(optax.clip_by_global_norm(config.grad_clip), optimizer)
 
 
 def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,

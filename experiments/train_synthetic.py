@@ -28,7 +28,7 @@ import optax
 
 from effjax import benchmarking
 from effjax.data import synthetic
-from experiments import train_lm
+from experiments import optim_config, train_lm
 from experiments.config import ExperimentConfig, command_line, require, results_directory
 
 
@@ -74,7 +74,7 @@ class Config(ExperimentConfig):
   """Optimizer steps per model."""
   batch_size: int = 32
   """Sequences per step."""
-  optim: train_lm.OptimConfig = dataclasses.field(default_factory=train_lm.OptimConfig)
+  optim: optim_config.OptimConfig = dataclasses.field(default_factory=optim_config.OptimConfig)
   """train_lm's optimizer (AdamW, warm-up, cosine decay, weight decay on matrices); the
   long-convolution models' kernels get their own learning rate (optim.kernel_learning_rate) and
   no weight decay."""
@@ -136,7 +136,7 @@ def train_and_evaluate(config: Config, mixer: str, budget: int | None) -> dict[s
   vocab = config.task.generate(1, 0).vocab_size
   model, model_config, num_params = _build(config, mixer, vocab, budget)
   length = config.task.generate(1, 0).tokens.shape[1]
-  optimizer = train_lm.build_optimizer(config.optim, config.steps, mixer)
+  optimizer = optim_config.build_optimizer(config.optim, config.steps, mixer)
   params = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, length), jnp.int32))
   opt_state = optimizer.init(params)
 
@@ -190,7 +190,7 @@ def main(config: Config) -> dict[str, Any]:
         "equal-parameter transformer", columns=list(rows[0]),
         directory=results_directory(config), command=command_line(),
         notes=f"{config.steps} steps of {config.batch_size} fresh sequences (AdamW, lr "
-        f"{optim.learning_rate:g}, long-conv kernels {train_lm.kernel_learning_rate(optim):g} "
+        f"{optim.learning_rate:g}, long-conv kernels {optim_config.kernel_learning_rate(optim):g} "
         f"without weight decay, warm-up {optim.warmup_steps}, weight decay "
         f"{optim.weight_decay:g}); accuracy on "
         f"{config.eval_examples} held-out sequences; d_model={config.model.d_model}, "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from effjax.data import synthetic
-from experiments import train_lm, train_synthetic
+from experiments import optim_config, train_synthetic
 
 
 def test_associative_recall_targets_are_the_query_values():
@@ -82,8 +82,8 @@ def test_driver_trains_with_train_lms_optimizer_for_its_mixer(monkeypatch, mixer
   def build_optimizer(*args):
     raise Built(*args)
 
-  monkeypatch.setattr(train_lm, "build_optimizer", build_optimizer)
-  config = train_synthetic.Config(optim=train_lm.OptimConfig(kernel_learning_rate=1e-4))
+  monkeypatch.setattr(optim_config, "build_optimizer", build_optimizer)
+  config = train_synthetic.Config(optim=optim_config.OptimConfig(kernel_learning_rate=1e-4))
   with pytest.raises(Built) as built:  # long convs: kernels own lr, no weight decay
     train_synthetic.train_and_evaluate(config, mixer, None)
   assert built.value.args == (config.optim, config.steps, mixer)

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from effjax.nn.long_conv import KERNEL_LR_RATIO, KERNEL_PARAM
-from experiments import run, train_lm
+from experiments import optim_config, run, train_lm
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("gensim")
@@ -78,7 +78,7 @@ def _first_update(mixer, optim, grads_of=lambda name, param: np.zeros(param.shap
   names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
   grads = jax.tree.unflatten(jax.tree.structure(params), [
       grads_of(name, param) for name, param in zip(names, jax.tree.leaves(params))])
-  optimizer = train_lm.build_optimizer(optim, 10, mixer)
+  optimizer = optim_config.build_optimizer(optim, 10, mixer)
   updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
   return {name: (np.asarray(p), np.asarray(u))
           for name, p, u in zip(names, jax.tree.leaves(params), jax.tree.leaves(updates))}
@@ -89,7 +89,7 @@ def _first_update(mixer, optim, grads_of=lambda name, param: np.zeros(param.shap
 def test_long_conv_kernels_get_their_own_lr_and_no_weight_decay(mixer, kernel_lr,
                                                                  expected_kernel_lr):
   assert KERNEL_LR_RATIO == 0.1  # so None gives 2e-2 * 0.1
-  optim = train_lm.OptimConfig(learning_rate=2e-2, kernel_learning_rate=kernel_lr,
+  optim = optim_config.OptimConfig(learning_rate=2e-2, kernel_learning_rate=kernel_lr,
                                warmup_steps=0, weight_decay=0.5, grad_clip=1e6)
   # Gradient 1 on the kernels, 0 elsewhere: Adam's first step moves a kernel by -(its own lr),
   # with no decay term; a dense matrix only decays, by -lr * weight_decay * value.
@@ -105,7 +105,7 @@ def test_long_conv_kernels_get_their_own_lr_and_no_weight_decay(mixer, kernel_lr
 
 
 def test_attention_optimizer_decays_every_matrix_and_nothing_else():
-  optim = train_lm.OptimConfig(learning_rate=2e-2, warmup_steps=0, weight_decay=0.5)
+  optim = optim_config.OptimConfig(learning_rate=2e-2, warmup_steps=0, weight_decay=0.5)
   for param, update in _first_update("attention", optim).values():
     expected = -2e-2 * 0.5 * param if param.ndim >= 2 else np.zeros(param.shape)
     np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-9)
@@ -127,3 +127,28 @@ def test_runs_report_the_unigram_floor(tmp_path):
   assert summary["init"] == "scratch" and "initial_heldout_perplexity" not in summary
   # Two steps on a 49k vocabulary: still above the floor of a model that learned frequencies.
   assert 100 < summary["unigram_perplexity"] < summary["heldout_perplexity"]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--optim.name=lion"], "invalid value for 'optim.name'"),
+    (["--optim.frugal.rho=0.5"], "optim.frugal.*unset with optim.name='adamw'"),
+    (["--optim.name=frugal", "--optim.frugal.rho=1.5"], r"optim.frugal.rho.*in \(0, 1\]"),
+    (["--optim.name=galore", "--optim.frugal.state_free=sgd"],
+     "optim.frugal.state_free.*unset with optim.name='galore'"),
+])
+def test_optimizer_settings_that_do_not_apply_are_errors(overrides, words):
+  with pytest.raises(run.ConfigError, match=words):
+    run.load("configs/quickstart.yaml", overrides)
+
+
+@pytest.mark.parametrize("name", ["frugal", "galore"])
+def test_subspace_optimizers_train_through_the_pipeline(tmp_path, name):
+  summary = run.run("configs/quickstart.yaml", [
+      *TINY, "--steps=4", f"--optim.name={name}", "--optim.frugal.update_gap=2",
+      "--optim.frugal.project_embedding=true", f"--output_dir={tmp_path}"])
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert len(losses) == 4 and all(np.isfinite(losses)) and np.isfinite(summary["heldout_perplexity"])
+  state = _final_state(tmp_path, 4)
+  size = lambda tree: sum(np.asarray(leaf).size for leaf in jax.tree.leaves(tree))
+  assert size(state["opt_state"]) < size(state["params"])  # AdamW's would be twice the params
