@@ -24,6 +24,7 @@ SUITES: dict[str, str] = {
     "long_conv": "experiments.bench_long_conv",
     "quickstart": "experiments.bench_quickstart",
     "kvcache_decode": "experiments.bench_kvcache",
+    "optimizers": "experiments.bench_optimizers",
     "zero": "experiments.bench_zero",
 }
 

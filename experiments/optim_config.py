@@ -4,6 +4,8 @@
 optim: {name: adamw, learning_rate: 3.0e-3}                       # the default
 optim: {name: frugal, frugal: {rho: 0.25, update_gap: 200}}       # effjax.optim.frugal
 optim: {name: galore, frugal: {rho: 0.25}}                        # FRUGAL without the residual
+optim: {name: spiel, spiel: {density: 0.01}}                      # effjax.optim.sparse_finetune
+optim: {name: snell, snell: {rank: 8, sparsity: 0.9}}             # effjax.optim.snell
 ```
 
 Every optimizer runs after global-norm clipping on a linear warm-up + cosine decay schedule and is
@@ -24,7 +26,7 @@ from effjax import optim
 from effjax.nn.long_conv import KERNEL_LR_RATIO, long_conv_optimizer
 from experiments.config import require
 
-NAMES = ("adamw", "frugal", "galore")
+NAMES = ("adamw", "frugal", "galore", "spiel", "snell")
 EMBEDDING = "params/embed/embedding"
 
 
@@ -59,10 +61,63 @@ class FrugalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpielConfig:
+  """SpIEL sparse fine-tuning settings (:func:`effjax.optim.sparse_finetune`)."""
+  density: float = 0.01
+  """Share of each attention/MLP matrix's entries that may differ from the starting weights."""
+  reselection_steps: int = 100
+  """Steps between prune-and-regrow rounds."""
+  reselection_rate: float = 0.2
+  """Share of the entries replaced at a round, decaying linearly to 0 over training."""
+  regrow: str = "sm3"
+  """Regrowth score: 'sm3' (SM3 row/column statistics, SpIEL-MA) or 'gradient' (accumulated
+  gradient magnitude, SpIEL-AG)."""
+  accumulation_steps: int = 5
+  """Steps of gradient statistics before a round."""
+  train_others: bool = False
+  """Also train the embedding and norms with AdamW (their full Adam state); False: frozen."""
+
+  def __post_init__(self):
+    require(0 < self.density <= 1, "optim.spiel.density", self.density, "in (0, 1]")
+    require(self.reselection_steps >= 1, "optim.spiel.reselection_steps",
+            self.reselection_steps, ">= 1")
+    require(0 <= self.reselection_rate <= 1, "optim.spiel.reselection_rate",
+            self.reselection_rate, "in [0, 1]")
+    require(self.regrow in ("sm3", "gradient"), "optim.spiel.regrow", self.regrow,
+            "'sm3' or 'gradient'")
+    require(self.accumulation_steps >= 1, "optim.spiel.accumulation_steps",
+            self.accumulation_steps, ">= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SnellConfig:
+  """SNELL settings (:func:`effjax.optim.snell`)."""
+  rank: int = 8
+  """Rank of each matrix's factors A [m, rank], B [rank, n] (even for the piecewise kernel)."""
+  sparsity: float = 0.9
+  """Share of each merged delta zeroed by the competition (the largest |delta| survive)."""
+  kernel: str = "piecewise_linear"
+  """'piecewise_linear' (SNELL's) or 'linear' (LoRA's A @ B)."""
+  kernel_scale: float = 0.1
+  """The kernel's coefficient."""
+  train_others: bool = False
+  """Also train the embedding and norms with AdamW (their full Adam state); False: frozen."""
+
+  def __post_init__(self):
+    require(self.rank >= 1, "optim.snell.rank", self.rank, ">= 1")
+    require(0 <= self.sparsity < 1, "optim.snell.sparsity", self.sparsity, "in [0, 1)")
+    require(self.kernel in ("piecewise_linear", "linear"), "optim.snell.kernel", self.kernel,
+            "'piecewise_linear' or 'linear'")
+    require(self.kernel_scale > 0, "optim.snell.kernel_scale", self.kernel_scale, "> 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
   name: str = "adamw"
   """'adamw'; 'frugal' (Adam on a rank-rho subspace of each attention/MLP matrix, signSGD on
-  the rest; settings in `frugal`); 'galore' (the same without the residual update)."""
+  the rest; settings in `frugal`); 'galore' (the same without the residual update); 'spiel'
+  (sparse fine-tuning of a moving set of entries; `spiel`); 'snell' (a sparsified kernelized
+  low-rank delta; `snell`)."""
   learning_rate: float = 3e-3
   """Peak learning rate (after warm-up)."""
   warmup_steps: int = 25
@@ -83,6 +138,10 @@ class OptimConfig:
   effjax.nn.long_conv.KERNEL_LR_RATIO (0.1, safari's LRA configs)."""
   frugal: FrugalConfig | None = None
   """Settings of name: frugal or galore (None: the defaults)."""
+  spiel: SpielConfig | None = None
+  """Settings of name: spiel (None: the defaults)."""
+  snell: SnellConfig | None = None
+  """Settings of name: snell (None: the defaults)."""
 
   def __post_init__(self):
     require(self.name in NAMES, "optim.name", self.name, f"one of {list(NAMES)}")
@@ -95,8 +154,11 @@ class OptimConfig:
     require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0")
     require(self.kernel_learning_rate is None or self.kernel_learning_rate > 0,
             "optim.kernel_learning_rate", self.kernel_learning_rate, "None or > 0")
-    require(self.frugal is None or self.name in ("frugal", "galore"), "optim.frugal",
-            self.frugal, f"unset with optim.name={self.name!r} (it configures frugal/galore)")
+    for section, names in (("frugal", ("frugal", "galore")), ("spiel", ("spiel",)),
+                           ("snell", ("snell",))):
+      require(getattr(self, section) is None or self.name in names, f"optim.{section}",
+              getattr(self, section),
+              f"unset with optim.name={self.name!r} (it configures {'/'.join(names)})")
     if self.name == "galore" and self.frugal is not None:
       for key in ("state_free", "inactive_lr_scale"):
         require(getattr(self.frugal, key) == getattr(FrugalConfig(), key), f"optim.frugal.{key}",
@@ -126,7 +188,7 @@ def build_optimizer(config: OptimConfig, total_steps: int, mixer: str = "attenti
       init_value=0.0, peak_value=peak, warmup_steps=config.warmup_steps,
       decay_steps=max(total_steps, config.warmup_steps + 1),
       end_value=peak * config.final_lr_fraction)
-  optimizer = _named_optimizer(config, schedule(config.learning_rate))
+  optimizer = _named_optimizer(config, schedule(config.learning_rate), total_steps)
   if mixer != "attention":
     if config.name != "adamw":
       raise ValueError(f"optim.name={config.name!r} selects attention/MLP matrices of a "
@@ -136,12 +198,14 @@ def build_optimizer(config: OptimConfig, total_steps: int, mixer: str = "attenti
   return optax.chain(optax.clip_by_global_norm(config.grad_clip), optimizer)
 
 
-def _named_optimizer(config: OptimConfig, learning_rate: optax.Schedule
+def _named_optimizer(config: OptimConfig, learning_rate: optax.Schedule, total_steps: int
                      ) -> optax.GradientTransformation:
   adam = optax.scale_by_adam(b1=config.b1, b2=config.b2)
   if config.name == "adamw":
     return optax.adamw(learning_rate, b1=config.b1, b2=config.b2,
                        weight_decay=config.weight_decay, mask=matrices_decayed)
+  if config.name in ("spiel", "snell"):
+    return _sparse_optimizer(config, learning_rate, total_steps, adam)
   settings = config.frugal or FrugalConfig()
   common = dict(update_gap=settings.update_gap, projection=settings.projection, state_full=adam,
                 weight_decay=config.weight_decay, weight_decay_mask=matrices_decayed,
@@ -150,6 +214,24 @@ def _named_optimizer(config: OptimConfig, learning_rate: optax.Schedule
     return optim.galore(learning_rate, rho=settings.rho, **common)
   return optim.frugal(learning_rate, rho=settings.rho, state_free=settings.state_free,
                       inactive_lr_scale=settings.inactive_lr_scale, **common)
+
+
+def _sparse_optimizer(config: OptimConfig, learning_rate: optax.Schedule, total_steps: int,
+                      adam: optax.GradientTransformation) -> optax.GradientTransformation:
+  """SpIEL or SNELL on the attention/MLP matrices; the other leaves frozen, or AdamW."""
+  settings = getattr(config, config.name) or {"spiel": SpielConfig, "snell": SnellConfig}[
+      config.name]()
+  others = (optax.chain(adam, optax.add_decayed_weights(config.weight_decay, matrices_decayed),
+                        optax.scale_by_learning_rate(learning_rate))
+            if settings.train_others else None)
+  common = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, others=others)
+  if config.name == "spiel":
+    return optim.sparse_finetune(
+        learning_rate, total_steps=total_steps, density=settings.density,
+        reselection_steps=settings.reselection_steps, reselection_rate=settings.reselection_rate,
+        regrow=settings.regrow, accumulation_steps=settings.accumulation_steps, **common)
+  return optim.snell(learning_rate, rank=settings.rank, sparsity=settings.sparsity,
+                     kernel=settings.kernel, kernel_scale=settings.kernel_scale, **common)
 
 
 def _matrix_fn(project_embedding: bool) -> Callable[[Any], dict[str, int]] | None:

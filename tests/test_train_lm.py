@@ -135,17 +135,25 @@ def test_runs_report_the_unigram_floor(tmp_path):
     (["--optim.name=frugal", "--optim.frugal.rho=1.5"], r"optim.frugal.rho.*in \(0, 1\]"),
     (["--optim.name=galore", "--optim.frugal.state_free=sgd"],
      "optim.frugal.state_free.*unset with optim.name='galore'"),
+    (["--optim.name=spiel", "--optim.snell.rank=4"], "optim.snell.*unset with optim.name='spiel'"),
+    (["--optim.name=spiel", "--optim.spiel.density=0"], r"optim.spiel.density.*in \(0, 1\]"),
+    (["--optim.name=snell", "--optim.snell.kernel=rbf"], "optim.snell.kernel"),
 ])
 def test_optimizer_settings_that_do_not_apply_are_errors(overrides, words):
   with pytest.raises(run.ConfigError, match=words):
     run.load("configs/quickstart.yaml", overrides)
 
 
-@pytest.mark.parametrize("name", ["frugal", "galore"])
-def test_subspace_optimizers_train_through_the_pipeline(tmp_path, name):
+@pytest.mark.parametrize("name, settings", [
+    ("frugal", ["--optim.frugal.update_gap=2", "--optim.frugal.project_embedding=true"]),
+    ("galore", ["--optim.frugal.update_gap=2", "--optim.frugal.project_embedding=true"]),
+    ("spiel", ["--optim.spiel.density=0.05", "--optim.spiel.reselection_steps=2",
+               "--optim.spiel.accumulation_steps=1"]),
+    ("snell", ["--optim.snell.rank=4"]),
+])
+def test_state_light_optimizers_train_through_the_pipeline(tmp_path, name, settings):
   summary = run.run("configs/quickstart.yaml", [
-      *TINY, "--steps=4", f"--optim.name={name}", "--optim.frugal.update_gap=2",
-      "--optim.frugal.project_embedding=true", f"--output_dir={tmp_path}"])
+      *TINY, "--steps=4", f"--optim.name={name}", *settings, f"--output_dir={tmp_path}"])
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 4 and all(np.isfinite(losses)) and np.isfinite(summary["heldout_perplexity"])
