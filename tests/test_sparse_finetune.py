@@ -400,8 +400,8 @@ def test_bad_input_is_a_clear_error():
     spiel(regrow="rigl")
   not_a_matrix = lambda p: {"b": 1}
   for build in (lambda: spiel(matrix_fn=not_a_matrix), lambda: snell(0.1, matrix_fn=not_a_matrix)):
-    with pytest.raises(ValueError, match=r"named leaf 'b' of shape \(3,\) with row axes 1, which "
-                                         r"is not a matrix"):
+    with pytest.raises(ValueError, match=r"named leaf 'b' of shape \(3,\) with row axes 1; a "
+                                         r"projectable leaf is a matrix"):
       build().init(params)
   with pytest.raises(ValueError, match=r"named leaf 'v', which the parameters do not have"):
     spiel(matrix_fn=lambda p: ["v"]).init(params)

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -46,9 +44,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, PyTree
 
-from effjax.optim.frugal import decoder_lm_matrices, leaf_name
-
-MatrixFn = Callable[[PyTree], "Mapping[str, int] | Iterable[str]"]
+from effjax.optim.frugal import MatrixFn, decoder_lm_matrices, leaf_name, selected_matrices
 
 REGROW = ("sm3", "gradient")
 KERNELS = ("piecewise_linear", "linear")
@@ -73,36 +69,20 @@ class _Matrix:
 
 
 def _select(tree: PyTree, matrix_fn: MatrixFn | None, caller: str) -> list[_Matrix]:
-  """The leaves ``matrix_fn`` names, in flatten order, validated as floating matrices."""
-  named = [(leaf_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  position = {name: i for i, (name, _) in enumerate(named)}
-  selected = (decoder_lm_matrices if matrix_fn is None else matrix_fn)(tree)
-  if isinstance(selected, Mapping):
-    selected = dict(selected)
-  elif isinstance(selected, Iterable) and not isinstance(selected, str):
-    selected = {name: 1 for name in selected}
-  else:
-    raise TypeError(f"{caller}: matrix_fn returned {selected!r}; expected a mapping "
-                    "{leaf name: row axes} or an iterable of leaf names")
+  """The leaves ``matrix_fn`` names (:func:`effjax.optim.frugal.selected_matrices`), in flatten
+  order, as 2-D views."""
+  try:
+    selected = selected_matrices(tree, matrix_fn)
+  except (TypeError, ValueError) as error:
+    raise type(error)(f"{caller}: {error}") from error
   if not selected:
-    raise ValueError(f"{caller}: matrix_fn selected no leaf (leaves: "
-                     f"{[name for name, _ in named][:6]}...); expected at least one matrix "
-                     "(pass matrix_fn for models other than effjax.nn.DecoderLM)")
+    raise ValueError(f"{caller}: matrix_fn selected no leaf; expected at least one matrix")
+  position = {leaf_name(path): i for i, (path, _) in
+              enumerate(jax.tree_util.tree_flatten_with_path(tree)[0])}
+  leaves = jax.tree.leaves(tree)
   matrices = []
   for name, row_axes in selected.items():
-    if name not in position:
-      raise ValueError(f"{caller}: matrix_fn named leaf {name!r}, which the parameters do not "
-                       f"have (leaves: {[n for n, _ in named][:6]}...)")
-    leaf = named[position[name]][1]
-    shape = tuple(int(d) for d in jnp.shape(leaf))
-    if (isinstance(row_axes, bool) or not isinstance(row_axes, numbers.Integral)
-        or not 1 <= row_axes < len(shape)):
-      raise ValueError(f"{caller}: matrix_fn named leaf {name!r} of shape {shape} with row axes "
-                       f"{row_axes!r}, which is not a matrix; expected >= 2 dimensions and "
-                       "1 <= row axes < ndim")
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise ValueError(f"{caller}: matrix_fn named leaf {name!r} of dtype {leaf.dtype}; "
-                       "expected a floating parameter")
+    shape = tuple(int(d) for d in jnp.shape(leaves[position[name]]))
     rows, cols = math.prod(shape[:row_axes]), math.prod(shape[row_axes:])
     if rows * cols > MAX_MATRIX_SIZE:
       raise ValueError(f"{caller}: {name!r} has {rows * cols} entries; at most "
