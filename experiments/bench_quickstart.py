@@ -14,7 +14,7 @@ import time
 from effjax import benchmarking
 from experiments import run as run_lib
 
-CONFIG = "configs/quickstart.yaml"
+CONFIG = "quickstart"
 
 
 def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -38,8 +38,10 @@ def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
   notes = (f"Config `{CONFIG}` (overrides: {' '.join(overrides[1:]) or 'none'}). "
            f"Parameters: {summary['parameters']:,}. Wall time (load, compile, train, eval, sample): "
            f"{wall_s:.0f} s. Held-out perplexity: **{summary['heldout_perplexity']:.1f}** over "
-           f"{summary['heldout_windows']} windows. Greedy sample: `{summary.get('sample', '')!r}`. "
-           "Initial loss is about ln(49152) = 10.8.")
+           f"{summary['heldout_windows']} windows; the unigram perplexity of the same windows "
+           f"(token frequencies of the training split, add-one smoothed: the floor of a model "
+           f"that learned no context) is {summary['unigram_perplexity']:.1f}. Greedy sample: "
+           f"`{summary.get('sample', '')!r}`. Initial loss is about ln(49152) = 10.8.")
   paths = list(benchmarking.write_results(
       "quickstart", rows, title="Quickstart: small Llama-style LM trained from scratch on CPU",
       columns=["step", "train_loss", "grad_norm", "tokens_per_s"], directory=out_dir,
