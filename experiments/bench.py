@@ -25,6 +25,7 @@ SUITES: dict[str, str] = {
     "quickstart": "experiments.bench_quickstart",
     "kvcache_decode": "experiments.bench_kvcache",
     "optimizers": "experiments.bench_optimizers",
+    "optimizer_curves": "experiments.bench_optimizer_curves",
     "zero": "experiments.bench_zero",
 }
 

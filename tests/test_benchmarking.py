@@ -92,3 +92,20 @@ def test_quickstart_suite_quick(tmp_path):
   assert [row["step"] for row in record["rows"]] == [2, 4]
   assert "Held-out perplexity" in (tmp_path / "quickstart.md").read_text()
   assert (tmp_path / "quickstart_loss.png").exists()
+
+
+@pytest.mark.slow
+def test_optimizer_suites_quick(tmp_path):
+  pytest.importorskip("tokenizers")
+  pytest.importorskip("gensim")
+  assert bench.main(["optimizers", "--quick", "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "optimizers.json").read_text())["rows"]
+  adamw = [row for row in rows if row["optimizer"] == "AdamW"]
+  assert [row["opt_state_vs_adamw"] for row in adamw] == [1.0, 1.0]
+  assert all(row["opt_state_bytes"] > 0 and row["time_vs_adamw"] > 0 for row in rows)
+  assert bench.main(["optimizer_curves", "--quick", "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "optimizer_curves.json").read_text())["rows"]
+  assert {(row["task"], row["optimizer"]) for row in rows} == {
+      (task, name) for task in ("quickstart", "smollm2_finetune")
+      for name in ("adamw", "galore", "frugal", "spiel", "snell")}
+  assert (tmp_path / "optimizer_curves_smollm2_finetune.png").exists()
