@@ -17,7 +17,8 @@ PAGES = doc_tables.pages(ROOT)
 def test_every_pillar_has_a_page():
   names = {page.name for page in PAGES}
   assert {"README.md", "attention.md", "long_conv.md", "kv_cache.md", "sharded_training.md",
-          "models.md", "experiments.md", "compiling.md", "contributing.md"} <= names
+          "models.md", "experiments.md", "compiling.md", "contributing.md",
+          "training_state.md"} <= names
 
 
 @pytest.fixture
