@@ -111,15 +111,15 @@ def test_attention_optimizer_decays_every_matrix_and_nothing_else():
     np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["--init=smollm2", "--model.d_model=64"], "model.d_model.*left unset with init: smollm2"),
-    (["--init=pretrained"], "invalid value for 'init'"),
-    (["--init_layers=2"], "init_layers.*with init: smollm2"),
-    (["--init=smollm2", "--init_layers=0"], "init_layers"),
+@pytest.mark.parametrize("config, overrides, words", [
+    ("smollm2_finetune", ["--model.d_model=64"], "model.d_model.*left unset with init: smollm2"),
+    ("smollm2_finetune", ["--init_layers=0"], "'init_layers': got 0"),
+    ("quickstart", ["--init=pretrained"], "invalid value for 'init'"),
+    ("quickstart", ["--init_layers=2"], "init_layers.*with init: smollm2"),
 ])
-def test_init_settings_that_do_not_apply_are_errors(overrides, words):
+def test_init_settings_that_do_not_apply_are_errors(config, overrides, words):
   with pytest.raises(run.ConfigError, match=words):
-    run.load("configs/quickstart.yaml", overrides)
+    run.load(f"configs/{config}.yaml", overrides)
 
 
 def test_runs_report_the_unigram_floor(tmp_path):
