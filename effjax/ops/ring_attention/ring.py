@@ -1,0 +1,153 @@
+"""The two sequence-parallel strategies, as per-device functions run under ``shard_map``.
+
+``ring``: DistAttn (LightSeq, Li et al. 2023; Ring Attention, Liu et al. 2023). Device ``i`` keeps
+its queries; the K/V blocks (with their segment ids) travel around the ring with ``ppermute``, so
+at step ``s`` it holds device ``(i - s) mod n``'s block. Each step's partial attention is merged
+into a running output by log-sum-exp. The next block's transfer is issued before the step's
+compute, so the collective can overlap it. Per device memory: the local queries, two K/V blocks
+(the one in use and the one arriving) and one float32 output accumulator, whatever ``n``.
+
+Backward (``custom_vjp``): a second ring. The K/V blocks travel again, now with float32 dK/dV
+accumulators that collect each device's contribution and arrive home after ``n`` hops; dQ stays
+local. The contribution of block ``j`` is exact given the saved global output ``O`` and LSE: with
+``w_j = exp(lse_j - LSE)``, the block's own attention receives the cotangents ``w_j dO`` and
+``w_j (dO . O_j - dO . O + dLSE)``, which is ``P = exp(S - LSE)`` and ``D = dO . O - dLSE`` in
+FlashAttention-2's backward. The step's forward is rerun inside its VJP (the per-step kernels
+keep their own residuals); K/V are never all-gathered.
+
+``all_gather`` (MaxText's context-parallel default): all-gather K/V over the axis and attend the
+local queries to every block, merged the same way; differentiated by autodiff (the transpose of
+the all-gather is a reduce-scatter). Memory O(S) for K/V per device, cheap when K/V are small
+(GQA with few kv heads).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from effjax.ops.ring_attention import blocks
+
+
+class RingConfig(NamedTuple):
+  """Static per-call configuration of the per-device functions."""
+  axis: str
+  num_devices: int
+  step: blocks.StepOptions
+
+
+def _source(config: RingConfig, s) -> tuple:
+  """(my index, the owner of the K/V block held at step ``s``, their relation)."""
+  me = lax.axis_index(config.axis)
+  owner = (me - s) % config.num_devices
+  return me, owner, blocks.relation(me, owner)
+
+
+def _rotate(config: RingConfig, tree):
+  """Sends ``tree`` to the next device on the ring (device d -> d + 1)."""
+  n = config.num_devices
+  return lax.ppermute(tree, config.axis, [(d, (d + 1) % n) for d in range(n)])
+
+
+def _empty_result(q, v):
+  return (jnp.zeros((*q.shape[:3], v.shape[3]), jnp.float32),
+          jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# ring
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ring(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
+  """Per-device ring attention: ``(out [b, c, h, dv] in q's dtype, lse [b, h, c] float32)``."""
+  return _ring_forward(config, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _ring_forward(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
+  def step(s, block, acc):
+    _, _, where = _source(config, s)
+    k_s, v_s, kv_segment_ids_s = block
+    out_s, lse_s = blocks.step_attention(config.step, where, q, k_s, v_s, q_segment_ids,
+                                         kv_segment_ids_s)
+    return blocks.merge(*acc, out_s.astype(jnp.float32), lse_s)
+
+  def body(s, carry):
+    block, acc = carry
+    arriving = _rotate(config, block)  # issued before this step's compute, to overlap it
+    return arriving, step(s, block, acc)
+
+  last = config.num_devices - 1
+  block, acc = lax.fori_loop(0, last, body, ((k, v, kv_segment_ids), _empty_result(q, v)))
+  out, lse = step(last, block, acc)
+  return out.astype(q.dtype), lse
+
+
+def _ring_fwd(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
+  out, lse = _ring_forward(config, q, k, v, q_segment_ids, kv_segment_ids)
+  return (out, lse), (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
+
+
+def _ring_bwd(config: RingConfig, residuals, cotangents):
+  q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
+  d_out, d_lse = cotangents
+  out_dot = blocks.row_dot(d_out, out)
+
+  def step(s, block, grads):
+    k_s, v_s, kv_segment_ids_s = block
+    _, _, where = _source(config, s)
+    attend = lambda q_, k_, v_: blocks.step_attention(
+        config.step, where, q_, k_, v_, q_segment_ids, kv_segment_ids_s)
+    (out_s, lse_s), vjp = jax.vjp(attend, q, k_s, v_s)
+    weight = blocks.block_weight(lse_s, lse)
+    d_out_s = (jnp.swapaxes(weight, 1, 2)[..., None] * d_out.astype(jnp.float32))
+    d_lse_s = weight * (blocks.row_dot(d_out, out_s) - out_dot + d_lse)
+    dq_s, dk_s, dv_s = vjp((d_out_s.astype(out_s.dtype), d_lse_s))
+    dq, dk, dv = grads
+    return dq + dq_s.astype(jnp.float32), dk + dk_s.astype(jnp.float32), dv + dv_s.astype(
+        jnp.float32)
+
+  def body(s, carry):
+    block, grads = carry
+    arriving = _rotate(config, block)  # the next K/V block, overlapping this step
+    dq, dk, dv = step(s, block, grads)
+    dk, dv = _rotate(config, (dk, dv))  # the accumulators follow their block
+    return arriving, (dq, dk, dv)
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  last = config.num_devices - 1
+  block, grads = lax.fori_loop(0, last, body,
+                               ((k, v, kv_segment_ids), (zeros(q), zeros(k), zeros(v))))
+  dq, dk, dv = step(last, block, grads)
+  dk, dv = _rotate(config, (dk, dv))  # home after n hops
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# all_gather
+
+
+def all_gather(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
+  """Per-device attention of the local queries to the all-gathered K/V, block by block."""
+  gather = lambda x: None if x is None else lax.all_gather(x, config.axis, axis=1, tiled=True)
+  k_all, v_all, kv_segment_ids_all = gather(k), gather(v), gather(kv_segment_ids)
+  length = k.shape[1]
+  me = lax.axis_index(config.axis)
+
+  def body(owner, acc):
+    take = lambda x: None if x is None else lax.dynamic_slice_in_dim(
+        x, owner * length, length, axis=1)
+    out_s, lse_s = blocks.step_attention(
+        config.step, blocks.relation(me, owner), q, take(k_all), take(v_all), q_segment_ids,
+        take(kv_segment_ids_all))
+    return blocks.merge(*acc, out_s.astype(jnp.float32), lse_s)
+
+  out, lse = lax.fori_loop(0, config.num_devices, body, _empty_result(q, v))
+  return out.astype(q.dtype), lse
