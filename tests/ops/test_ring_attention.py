@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from effjax import testing
 from effjax.ops.ring_attention import (
-    LAYOUTS, STRATEGIES, from_layout, positions, reference, ring_attention, to_layout)
+    LAYOUTS, STRATEGIES, blocks, from_layout, positions, reference, ring_attention, to_layout)
 from attention_test_base import packed_segment_ids
 
 
@@ -36,6 +36,7 @@ class RingCase:
   group: int = 1
   head_dim: int = 16
   segments: int = 0
+  window: tuple[int | None, int | None] | None = None
   softcap: float | None = None
   scale: float | None = None
   dtype: str = "float32"
@@ -59,7 +60,7 @@ def check(case: RingCase) -> None:
   segments = None
   if case.segments:
     segments = to_layout(packed_segment_ids(2, seq, case.segments), case.devices, case.layout)
-  options = dict(causal=case.causal, softcap=case.softcap, scale=case.scale)
+  options = dict(causal=case.causal, window=case.window, softcap=case.softcap, scale=case.scale)
   fn = jax.jit(lambda q, k, v: ring_attention(
       q, k, v, mesh=mesh_of(case.devices), layout=case.layout, strategy=case.strategy,
       q_segment_ids=segments, kv_segment_ids=segments, return_lse=True, **options))
@@ -79,11 +80,21 @@ DEFAULT_CASES = [
     RingCase(4, 10, "striped", "all_gather", group=2, segments=4),
     RingCase(2, 16, "zigzag", group=2, dtype="bfloat16"),
     RingCase(2, 1, "striped"),  # one token per device: the shifted step sees nothing
+    # Windows: the ring stops early (contiguous 8 x 8 with left 5: 2 of 8 steps).
+    RingCase(8, 8, "contiguous", window=(5, None)),
+    RingCase(4, 8, "contiguous", causal=False, window=(3, 11), segments=3, group=2),
+    RingCase(4, 6, "striped", "all_gather", window=(9, None)),
+    RingCase(4, 6, "striped", causal=False, window=(None, 2)),
 ]
 SLOW_CASES = [
     RingCase(devices, per_device, layout, strategy, causal, group=group, segments=segments)
     for devices, per_device, layout, strategy, causal, group, segments in itertools.product(
         (2, 4, 8), (6, 40), LAYOUTS, STRATEGIES, (True, False), (1, 3), (0, 3))
+] + [
+    RingCase(devices, per_device, layout, strategy, causal, window=window)
+    for devices, per_device, layout, strategy, causal, window in itertools.product(
+        (2, 8), (6, 40), ("contiguous", "striped"), STRATEGIES, (True, False),
+        ((0, 0), (7, None), (None, 7), (50, 3), (300, None)))
 ]
 
 
@@ -145,7 +156,8 @@ class TestValidation:
       (dict(layout="zig-zag"), ValueError, "layout must be one of"),
       (dict(strategy="ulysses"), ValueError, "strategy must be one of"),
       (dict(mesh="seq"), TypeError, "mesh must be a jax.sharding.Mesh"),
-      (dict(window=(4, 0)), ValueError, "window"),
+      (dict(window=(4, 0)), ValueError, "window needs layout 'contiguous' or 'striped'"),
+      (dict(window=(-1, 0), layout="striped"), ValueError, "window must hold non-negative"),
       (dict(causal=1), TypeError, "causal must be a bool"),
   ])
   def test_bad_arguments(self, kwargs, error, words):
@@ -161,3 +173,17 @@ class TestValidation:
     ids = jnp.zeros((1, 16), jnp.int32)
     with pytest.raises(ValueError, match="given together"):
       self._call(q_segment_ids=ids)
+
+
+@pytest.mark.parametrize("layout, window, causal, steps", [
+    ("contiguous", (5, None), True, 2),  # 8 tokens per device: one block back
+    ("contiguous", (8, None), True, 2),
+    ("contiguous", (9, None), True, 3),
+    ("contiguous", (None, 3), False, 8),  # unbounded left: every block
+    ("contiguous", (3, 3), False, 8),  # device 0 needs device 7's block (t = -1 -> n - 1)
+    ("striped", (3, None), True, 4),  # 8 devices: the 3 previous tokens live on 3 devices
+    ("striped", (20, None), True, 8),
+])
+def test_a_window_ends_the_ring_early(layout, window, causal, steps):
+  options = blocks.StepOptions(layout, 8, causal, window, None, 1.0, None)
+  assert blocks.window_steps(options, 8) == steps

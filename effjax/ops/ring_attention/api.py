@@ -62,7 +62,8 @@ def ring_attention(
     mesh: the device mesh; ``axis`` names the sequence-parallel axis in it.
     causal, q_segment_ids, kv_segment_ids, softcap, scale, return_lse, implementation: as in
       ``flash_attention`` (positions are the global ones of the layout).
-    window: not supported yet (raises ValueError).
+    window: ``(left, right)`` sliding window over global positions, as in ``flash_attention``;
+      layouts ``"contiguous"`` and ``"striped"``. The ring stops after the steps it needs.
     layout: ``"zigzag"`` | ``"striped"`` | ``"contiguous"``: how the sequence was laid out.
     strategy: ``"ring"`` | ``"all_gather"``.
 
@@ -84,10 +85,14 @@ def ring_attention(
   layouts.check_layout(layout, q.shape[1], num_devices)
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-  if options["window"] is not None:
-    raise ValueError(f"window is not supported by ring_attention yet, got {window!r}")
-  config = strategies.RingConfig(axis, num_devices, blocks.StepOptions(
-      layout, options["causal"], options["softcap"], options["scale"], implementation))
+  if options["window"] is not None and layout == "zigzag":
+    raise ValueError("window needs layout 'contiguous' or 'striped' (a sliding window already "
+                     "balances causal work), got layout 'zigzag'")
+  step = blocks.StepOptions(layout, num_devices, options["causal"], options["window"],
+                            options["softcap"], options["scale"], implementation)
+  block = q.shape[1] // num_devices
+  num_steps = num_devices if options["window"] is None else blocks.window_steps(step, block)
+  config = strategies.RingConfig(axis, num_devices, num_steps, step)
   per_device = functools.partial(
       strategies.ring if strategy == "ring" else strategies.all_gather, config)
   tokens, segments = P(None, axis, None, None), P(None, axis)

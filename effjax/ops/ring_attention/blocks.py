@@ -1,9 +1,11 @@
 """One ring step: the local queries against one device's K/V block, and merging the partials.
 
-Under a causal mask, which (query, key) pairs of device ``i``'s queries and device ``j``'s keys
-interact depends only on the layout and on whether ``j`` is ``i``, before it or after it, and in
-every case reduces to a plain ``flash_attention`` call on slices of the blocks (so each step runs
-whatever implementation the platform picks, with its block skipping):
+At step ``s`` device ``i`` holds the K/V block of device ``j = (i - s) mod n``. Which (query, key)
+pairs of the two blocks interact depends on the layout and the mask, and in every case reduces to
+plain ``flash_attention`` calls on slices of the blocks, so each step runs whatever implementation
+the platform picks, with its own block skipping.
+
+Causal, no window (the relation of ``j`` to ``i`` is known only at run time; ``lax.switch``):
 
 ============  ===================  =========================  ================================
 layout        ``j == i``           ``j < i``                  ``j > i``
@@ -16,11 +18,19 @@ striped       causal               causal                     causal, keys shift
 Zigzag's off-diagonal steps are half a block each and striped's are triangles, so every device
 does the same work at every step; contiguous skips the steps above the diagonal, which leaves
 devices idle for different numbers of steps. Without ``causal`` every step is one full call.
+
+Sliding window (contiguous and striped layouts): the global distance between query ``a`` of
+device ``i`` and key ``b`` of device ``j`` depends only on ``b - a`` and on ``t = i - j``, which is
+``s`` or ``s - n``: for a static step, two bands ``lo <= b - a <= hi`` on the block, each one
+``flash_attention`` call with a window on a slice of the queries or keys (:func:`band`). Steps
+whose bands are empty for every device are not run at all, so a window ends the ring early.
+
 Segment ids (packed documents, possibly crossing device borders) are sliced with their blocks.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -32,11 +42,15 @@ from effjax.ops.attention.api import flash_attention
 # Relation of the K/V block's owner j to the queries' owner i.
 DIAGONAL, BEFORE, AFTER = 0, 1, 2
 
+Band = tuple[int, int] | None  # lo <= b - a <= hi on a block, or None: nothing visible
+
 
 class StepOptions(NamedTuple):
   """The static part of a step: layout, masking and what is passed on to ``flash_attention``."""
   layout: str
+  num_devices: int
   causal: bool
+  window: tuple[int | None, int | None] | None
   softcap: float | None
   scale: float
   implementation: Any
@@ -47,48 +61,99 @@ def relation(i: Int[Array, ""], j: Int[Array, ""]) -> Int[Array, ""]:
   return jnp.where(j == i, DIAGONAL, jnp.where(j < i, BEFORE, AFTER))
 
 
+def band(options: StepOptions, block: int, shift: int) -> Band:
+  """The keys ``b`` a query ``a`` sees in a block whose owner is ``shift = i - j`` devices before.
+
+  Returns ``(lo, hi)`` with ``lo <= b - a <= hi`` clipped to the block, or None when no pair of
+  the two blocks is within the window.
+  """
+  left, right = options.window
+  right = 0 if options.causal else right
+  n = options.num_devices
+  if options.layout == "contiguous":  # global distance: a - b + shift * block
+    lo = None if left is None else shift * block - left
+    hi = None if right is None else shift * block + right
+  else:  # striped: (a - b) * n + shift
+    lo = None if left is None else math.ceil((shift - left) / n)
+    hi = None if right is None else math.floor((shift + right) / n)
+  lo = -(block - 1) if lo is None else max(lo, -(block - 1))
+  hi = block - 1 if hi is None else min(hi, block - 1)
+  return (lo, hi) if lo <= hi else None
+
+
+def step_bands(options: StepOptions, block: int, step: int) -> tuple[Band, Band]:
+  """The bands of step ``step`` on devices ``i >= step`` (shift ``step``) and ``i < step``."""
+  return band(options, block, step), band(options, block, step - options.num_devices)
+
+
+def window_steps(options: StepOptions, block: int) -> int:
+  """How many ring steps a window needs: one past the last step with a non-empty band."""
+  return 1 + max(step for step in range(options.num_devices)
+                 if step_bands(options, block, step) != (None, None))
+
+
 def step_attention(
     options: StepOptions,
-    where: Int[Array, ""],
+    me: Int[Array, ""],
+    step: int | Int[Array, ""],
     q: Float[Array, "batch c heads head_dim"],
     k: Float[Array, "batch c kv_heads head_dim"],
     v: Float[Array, "batch c kv_heads v_head_dim"],
     q_segment_ids: Int[Array, "batch c"] | None,
     kv_segment_ids: Int[Array, "batch c"] | None,
 ) -> tuple[Float[Array, "batch c heads v_head_dim"], Float[Array, "batch heads c"]]:
-  """Attention of the local queries to one K/V block, normalized within the block.
+  """Attention of device ``me``'s queries to the K/V block it holds at ``step``.
 
-  Returns the block's output (q's dtype) and LSE (float32); queries that see none of the block's
+  ``step`` must be a Python int when ``options.window`` is set. Returns the block's output (q's
+  dtype) and LSE (float32), normalized within the block; queries that see none of the block's
   keys get output 0 and LSE -inf, so :func:`merge` ignores them.
   """
+  length = q.shape[1]
+  empty = lambda: _place(None, None, slice(0, 0), length, like=(q, v))
 
-  def attend(q_rows: slice, kv_rows: slice, causal: bool):
+  def attend(q_rows: slice, kv_rows: slice, causal: bool, window=None):
     segments = {} if q_segment_ids is None else dict(
         q_segment_ids=q_segment_ids[:, q_rows], kv_segment_ids=kv_segment_ids[:, kv_rows])
     out, lse = flash_attention(
-        q[:, q_rows], k[:, kv_rows], v[:, kv_rows], causal=causal, softcap=options.softcap,
-        scale=options.scale, return_lse=True, implementation=options.implementation, **segments)
-    return _pad_rows(out, lse, q_rows, q.shape[1])
+        q[:, q_rows], k[:, kv_rows], v[:, kv_rows], causal=causal, window=window,
+        softcap=options.softcap, scale=options.scale, return_lse=True,
+        implementation=options.implementation, **segments)
+    return _place(out, lse, q_rows, length)
+
+  def banded(lo_hi: Band):
+    """The band ``lo <= b - a <= hi`` as one windowed call on a slice (bottom-right aligned)."""
+    if lo_hi is None:
+      return empty
+    lo, hi = lo_hi
+    if lo > 0:  # strictly above the diagonal: queries [0, length - lo) see keys from a + lo
+      return lambda: attend(slice(0, length - lo), everything, False, (0, hi - lo))
+    if hi < 0:  # strictly below: keys [0, length + hi) seen up to a + hi
+      return lambda: attend(everything, slice(0, length + hi), False, (hi - lo, 0))
+    return lambda: attend(everything, everything, False, (-lo, hi))
 
   everything = slice(None)
+  if options.window is not None:
+    here, wrapped = step_bands(options, length, step)
+    if step == 0:
+      return banded(here)()
+    return lax.cond(me >= step, banded(here), banded(wrapped))
   if not options.causal:
     return attend(everything, everything, False)
-  length, half = q.shape[1], q.shape[1] // 2
+  where = relation(me, (me - step) % options.num_devices)
+  half = length // 2
   diagonal = lambda: attend(everything, everything, True)
   if options.layout == "contiguous":
-    branches = (diagonal, lambda: attend(everything, everything, False),
-                lambda: _pad_rows(None, None, slice(0, 0), length, like=(q, v)))
+    branches = (diagonal, lambda: attend(everything, everything, False), empty)
   elif options.layout == "zigzag":
     branches = (diagonal, lambda: attend(everything, slice(0, half), False),
                 lambda: attend(slice(half, length), everything, False))
   else:  # striped: after the diagonal, key b is seen by queries a > b only
-    shifted = (lambda: attend(everything, slice(0, length - 1), True)) if length > 1 else (
-        lambda: _pad_rows(None, None, slice(0, 0), length, like=(q, v)))
+    shifted = (lambda: attend(everything, slice(0, length - 1), True)) if length > 1 else empty
     branches = (diagonal, diagonal, shifted)
   return lax.switch(where, branches)
 
 
-def _pad_rows(out, lse, rows: slice, length: int, like: tuple[Array, Array] | None = None):
+def _place(out, lse, rows: slice, length: int, like: tuple[Array, Array] | None = None):
   """Places the rows ``rows`` of a partial result among ``length`` rows; the others see nothing."""
   if out is None:
     q, v = like

@@ -13,7 +13,9 @@ local. The contribution of block ``j`` is exact given the saved global output ``
 ``w_j = exp(lse_j - LSE)``, the block's own attention receives the cotangents ``w_j dO`` and
 ``w_j (dO . O_j - dO . O + dLSE)``, which is ``P = exp(S - LSE)`` and ``D = dO . O - dLSE`` in
 FlashAttention-2's backward. The step's forward is rerun inside its VJP (the per-step kernels
-keep their own residuals); K/V are never all-gathered.
+keep their own residuals); K/V are never all-gathered. Under a sliding window the ring stops after
+the last step whose band any device needs (a window of ``w`` tokens needs about ``w / c + 1`` of
+the ``n`` steps), and the dK/dV accumulators return home in one hop.
 
 ``all_gather`` (MaxText's context-parallel default): all-gather K/V over the axis and attend the
 local queries to every block, merged the same way; differentiated by autodiff (the transpose of
@@ -34,28 +36,45 @@ from effjax.ops.ring_attention import blocks
 
 
 class RingConfig(NamedTuple):
-  """Static per-call configuration of the per-device functions."""
+  """Static per-call configuration of the per-device functions.
+
+  ``num_steps`` is ``n`` except under a sliding window, where the ring stops after the last step
+  any device needs; those (few) steps are unrolled, since each step's bands are static.
+  """
   axis: str
   num_devices: int
+  num_steps: int
   step: blocks.StepOptions
 
-
-def _source(config: RingConfig, s) -> tuple:
-  """(my index, the owner of the K/V block held at step ``s``, their relation)."""
-  me = lax.axis_index(config.axis)
-  owner = (me - s) % config.num_devices
-  return me, owner, blocks.relation(me, owner)
+  @property
+  def unrolled(self) -> bool:
+    return self.step.window is not None
 
 
-def _rotate(config: RingConfig, tree):
-  """Sends ``tree`` to the next device on the ring (device d -> d + 1)."""
+def _loop(config: RingConfig, stop: int, body, carry):
+  """``for step in range(stop)``: unrolled under a window (static steps), else ``fori_loop``."""
+  if config.unrolled:
+    for step in range(stop):
+      carry = body(step, carry)
+    return carry
+  return lax.fori_loop(0, stop, body, carry)
+
+
+def _shift(config: RingConfig, tree, hops: int = 1):
+  """Sends ``tree`` ``hops`` devices along the ring (device d -> d + hops)."""
   n = config.num_devices
-  return lax.ppermute(tree, config.axis, [(d, (d + 1) % n) for d in range(n)])
+  return lax.ppermute(tree, config.axis, [(d, (d + hops) % n) for d in range(n)])
 
 
 def _empty_result(q, v):
   return (jnp.zeros((*q.shape[:3], v.shape[3]), jnp.float32),
           jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32))
+
+
+def _attend(config: RingConfig, step, q, block, q_segment_ids):
+  k, v, kv_segment_ids = block
+  return blocks.step_attention(config.step, lax.axis_index(config.axis), step, q, k, v,
+                               q_segment_ids, kv_segment_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,19 +89,16 @@ def ring(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
 
 def _ring_forward(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
   def step(s, block, acc):
-    _, _, where = _source(config, s)
-    k_s, v_s, kv_segment_ids_s = block
-    out_s, lse_s = blocks.step_attention(config.step, where, q, k_s, v_s, q_segment_ids,
-                                         kv_segment_ids_s)
+    out_s, lse_s = _attend(config, s, q, block, q_segment_ids)
     return blocks.merge(*acc, out_s.astype(jnp.float32), lse_s)
 
   def body(s, carry):
     block, acc = carry
-    arriving = _rotate(config, block)  # issued before this step's compute, to overlap it
+    arriving = _shift(config, block)  # issued before this step's compute, to overlap it
     return arriving, step(s, block, acc)
 
-  last = config.num_devices - 1
-  block, acc = lax.fori_loop(0, last, body, ((k, v, kv_segment_ids), _empty_result(q, v)))
+  last = config.num_steps - 1
+  block, acc = _loop(config, last, body, ((k, v, kv_segment_ids), _empty_result(q, v)))
   out, lse = step(last, block, acc)
   return out.astype(q.dtype), lse
 
@@ -98,32 +114,27 @@ def _ring_bwd(config: RingConfig, residuals, cotangents):
   out_dot = blocks.row_dot(d_out, out)
 
   def step(s, block, grads):
-    k_s, v_s, kv_segment_ids_s = block
-    _, _, where = _source(config, s)
-    attend = lambda q_, k_, v_: blocks.step_attention(
-        config.step, where, q_, k_, v_, q_segment_ids, kv_segment_ids_s)
-    (out_s, lse_s), vjp = jax.vjp(attend, q, k_s, v_s)
+    attend = lambda q_, k_, v_: _attend(config, s, q_, (k_, v_, block[2]), q_segment_ids)
+    (out_s, lse_s), vjp = jax.vjp(attend, q, block[0], block[1])
     weight = blocks.block_weight(lse_s, lse)
-    d_out_s = (jnp.swapaxes(weight, 1, 2)[..., None] * d_out.astype(jnp.float32))
+    d_out_s = jnp.swapaxes(weight, 1, 2)[..., None] * d_out.astype(jnp.float32)
     d_lse_s = weight * (blocks.row_dot(d_out, out_s) - out_dot + d_lse)
-    dq_s, dk_s, dv_s = vjp((d_out_s.astype(out_s.dtype), d_lse_s))
-    dq, dk, dv = grads
-    return dq + dq_s.astype(jnp.float32), dk + dk_s.astype(jnp.float32), dv + dv_s.astype(
-        jnp.float32)
+    step_grads = vjp((d_out_s.astype(out_s.dtype), d_lse_s))
+    return tuple(total + part.astype(jnp.float32) for total, part in zip(grads, step_grads))
 
   def body(s, carry):
     block, grads = carry
-    arriving = _rotate(config, block)  # the next K/V block, overlapping this step
+    arriving = _shift(config, block)  # the next K/V block, overlapping this step
     dq, dk, dv = step(s, block, grads)
-    dk, dv = _rotate(config, (dk, dv))  # the accumulators follow their block
-    return arriving, (dq, dk, dv)
+    return arriving, (dq, *_shift(config, (dk, dv)))  # the accumulators follow their block
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  last = config.num_devices - 1
-  block, grads = lax.fori_loop(0, last, body,
-                               ((k, v, kv_segment_ids), (zeros(q), zeros(k), zeros(v))))
+  last = config.num_steps - 1
+  block, grads = _loop(config, last, body,
+                       ((k, v, kv_segment_ids), (zeros(q), zeros(k), zeros(v))))
   dq, dk, dv = step(last, block, grads)
-  dk, dv = _rotate(config, (dk, dv))  # home after n hops
+  if last:
+    dk, dv = _shift(config, (dk, dv), hops=-last)  # home: back over the hops they made
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -141,13 +152,13 @@ def all_gather(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
   length = k.shape[1]
   me = lax.axis_index(config.axis)
 
-  def body(owner, acc):
+  def body(s, acc):
+    owner = (me - s) % config.num_devices
     take = lambda x: None if x is None else lax.dynamic_slice_in_dim(
         x, owner * length, length, axis=1)
-    out_s, lse_s = blocks.step_attention(
-        config.step, blocks.relation(me, owner), q, take(k_all), take(v_all), q_segment_ids,
-        take(kv_segment_ids_all))
+    block = (take(k_all), take(v_all), take(kv_segment_ids_all))
+    out_s, lse_s = _attend(config, s, q, block, q_segment_ids)
     return blocks.merge(*acc, out_s.astype(jnp.float32), lse_s)
 
-  out, lse = lax.fori_loop(0, config.num_devices, body, _empty_result(q, v))
+  out, lse = _loop(config, config.num_steps, body, _empty_result(q, v))
   return out.astype(q.dtype), lse
