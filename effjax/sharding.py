@@ -25,6 +25,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 TENSOR_AXIS = "tensor"
+SEQ_AXIS = "seq"  # sequence parallelism (effjax.ring_attention, effjax.nn.SequenceParallel)
 
 # Logical layout -> mesh axes (major to minor); mesh axes a mesh lacks are skipped.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
@@ -100,9 +101,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """Splits the leading (batch) axis over the mesh's ``"batch"`` axes (data, then fsdp)."""
-  return NamedSharding(mesh, PartitionSpec(_spec_entry(mesh_axes(mesh, "batch"))))
+def batch_sharded(mesh: Mesh, *trailing: str | None) -> NamedSharding:
+  """Splits the leading (batch) axis over the mesh's ``"batch"`` axes (data, then fsdp), and the
+  next axes over ``trailing`` (e.g. ``SEQ_AXIS`` for sequence parallelism)."""
+  return NamedSharding(mesh, PartitionSpec(_spec_entry(mesh_axes(mesh, "batch")), *trailing))
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, name: str = "batch_size",

@@ -8,6 +8,8 @@
   ``(seed, s)`` only, so a resumed run sees exactly the batches of an uninterrupted one.
 * Model: :class:`effjax.nn.DecoderLM` (RMSNorm, RoPE, SwiGLU, grouped-query attention through
   ``attention_fn``).
+* Sequence parallelism: ``mesh.seq`` > 1 makes a data x seq mesh; every sequence is laid out
+  (``mesh.layout``) and split over ``seq``, attention runs as ``effjax.ring_attention``.
 * Training: data parallel over every local device (batch split on the ``data`` mesh axis) with
   ZeRO stage ``zero_stage`` (:mod:`effjax.optim.zero`: stage 1 shards the optimizer state, 2 also
   the gradients, 3 also the parameters; explicit jit shardings, state donated); optax AdamW with
@@ -37,9 +39,10 @@ import tqdm
 
 from effjax import distributed, sharding
 from effjax.data import unigram_perplexity
-from effjax.nn import DecoderLM, TransformerConfig
+from effjax.nn import DecoderLM, SequenceParallel, TransformerConfig
 from effjax.nn.long_conv import LongConvLM, LongConvLMConfig
 from effjax.optim import zero
+from effjax.ops.ring_attention import LAYOUTS, STRATEGIES
 from experiments.config import ExperimentConfig, require
 from experiments.optim_config import OptimConfig, build_optimizer
 
@@ -79,6 +82,34 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  seq: int = 1
+  """Devices that split every sequence (sequence parallelism: effjax.ring_attention in each
+  layer, activations split along the sequence); the other devices split the batch ('data').
+  1: data parallel only."""
+  layout: str = "zigzag"
+  """Token layout on the seq axis, for causal load balance: zigzag, striped or contiguous."""
+  strategy: str = "ring"
+  """ring (K/V blocks rotate) or all_gather (K/V gathered once)."""
+
+  def __post_init__(self):
+    require(self.seq >= 1, "mesh.seq", self.seq, "a positive integer")
+    require(self.layout in LAYOUTS, "mesh.layout", self.layout, f"one of {list(LAYOUTS)}")
+    require(self.strategy in STRATEGIES, "mesh.strategy", self.strategy,
+            f"one of {list(STRATEGIES)}")
+
+  def build(self) -> tuple[jax.sharding.Mesh, SequenceParallel | None]:
+    """The (data x seq) mesh over every device, and the sequence split (None when seq is 1)."""
+    if self.seq == 1:
+      return sharding.data_parallel_mesh(), None
+    require(jax.device_count() % self.seq == 0, "mesh.seq", self.seq,
+            f"a divisor of the {jax.device_count()} devices")
+    mesh = sharding.make_mesh(sharding.MeshConfig(
+        (sharding.DATA_AXIS, sharding.SEQ_AXIS), (-1, self.seq)))
+    return mesh, SequenceParallel(mesh, layout=self.layout, strategy=self.strategy)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: str = "all"
   """Text: 'news' (Lee corpus), 'wiki' (Wikipedia extract) or 'all' (both), from gensim."""
@@ -107,6 +138,8 @@ class Config(ExperimentConfig):
   """With init: smollm2, keep only the first this many blocks (a truncated model, for smoke runs);
   None: all of them."""
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  mesh: MeshSettings = dataclasses.field(default_factory=MeshSettings)
+  """How the devices split the work: batch only, or batch x sequence (mesh.seq > 1)."""
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   distributed: distributed.DistributedConfig = dataclasses.field(
@@ -159,6 +192,13 @@ class Config(ExperimentConfig):
                 "model.dtype applies)")
     require(self.init_layers is None or (self.init == "smollm2" and self.init_layers > 0),
             "init_layers", self.init_layers, "None, or a positive int with init: smollm2")
+    if self.mesh.seq > 1:
+      require(self.model.mixer == "attention", "model.mixer", self.model.mixer,
+              "'attention' with mesh.seq > 1 (sequence parallelism splits attention layers)")
+      chunks = self.mesh.seq * (2 if self.mesh.layout == "zigzag" else 1)
+      require(self.data.seq_len % chunks == 0, "data.seq_len", self.data.seq_len,
+              f"a multiple of {chunks} with mesh.seq={self.mesh.seq} and layout "
+              f"{self.mesh.layout!r}")
 
 
 INITS = ("scratch", "smollm2")
@@ -190,31 +230,42 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any
 
 
 def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
-                    weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy of ``windows [batch, seq+1]`` and the token count."""
+                    weights: jax.Array | None = None,
+                    sequence_parallel: SequenceParallel | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy of ``windows [batch, seq+1]`` and the token count.
+
+  With ``sequence_parallel``, inputs, positions and targets are laid out and split along the
+  sequence (the sum over tokens does not depend on their order).
+  """
   inputs, targets = windows[:, :-1], windows[:, 1:]
-  logits = model.apply(params, inputs)
+  if sequence_parallel is None:
+    logits = model.apply(params, inputs)
+  else:
+    logits = model.apply(params, **sequence_parallel.inputs(inputs))
+    targets = sequence_parallel.lay_out(targets)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   weights = jnp.ones(windows.shape[:1], jnp.float32) if weights is None else weights
   return jnp.sum(nll * weights[:, None]), jnp.sum(weights) * targets.shape[1]
 
 
-def make_loss(model: DecoderLM):
+def make_loss(model: DecoderLM, sequence_parallel: SequenceParallel | None = None):
   """``(params, windows [batch, seq+1]) -> mean next-token loss``, the ZeRO trainer's loss_fn."""
   def loss_fn(params: Any, windows: jax.Array) -> jax.Array:
-    total, count = next_token_loss(model, params, windows)
+    total, count = next_token_loss(model, params, windows, sequence_parallel=sequence_parallel)
     return total / count
   return loss_fn
 
 
 def heldout_perplexity(model: DecoderLM, params: Any, windows: np.ndarray, batch_size: int,
-                       mesh: jax.sharding.Mesh) -> float:
+                       mesh: jax.sharding.Mesh,
+                       sequence_parallel: SequenceParallel | None = None) -> float:
   """exp(mean next-token NLL) over ``windows``; the last batch is padded with zero weights."""
   padded = -len(windows) % batch_size
   weights = np.concatenate([np.ones(len(windows), np.float32), np.zeros(padded, np.float32)])
   windows = np.concatenate([windows, np.zeros((padded, windows.shape[1]), windows.dtype)])
   data = sharding.batch_sharded(mesh)
-  step = jax.jit(lambda p, w, m: next_token_loss(model, p, w, m),
+  step = jax.jit(lambda p, w, m: next_token_loss(model, p, w, m, sequence_parallel),
                  in_shardings=(sharding.replicated(mesh), data, data))
   shares = (distributed.process_share((windows[start:start + batch_size],
                                        weights[start:start + batch_size]))
@@ -314,17 +365,21 @@ def main(config: Config) -> dict[str, Any]:
   tokenizer = load_smollm2_tokenizer()
   train_windows, heldout_windows = load_windows(config, tokenizer)
 
-  mesh = sharding.data_parallel_mesh()
+  mesh, sequence_parallel = config.mesh.build()
   sharding.check_batch_divisible(config.batch_size, mesh)
   replicated = sharding.replicated(mesh)
   model, init_params = build_model_and_params(config, tokenizer.vocab_size)
+  # Training and evaluation split sequences over mesh.seq; sampling runs the plain model.
+  split_model = model if sequence_parallel is None else model.clone(
+      attention_fn=sequence_parallel.attention_fn())
   optimizer = build_optimizer(config.optim, config.steps, config.model.mixer)
 
   key = jax.random.key(config.seed)
   abstract_params = jax.eval_shape(init_params, key)
   stage = (zero.choose_stage(abstract_params, optimizer, list(mesh.devices.flat))
            if config.zero_stage is None else config.zero_stage)
-  trainer = zero.zero_trainer(make_loss(model), optimizer, abstract_params, mesh, stage=stage)
+  trainer = zero.zero_trainer(make_loss(split_model, sequence_parallel), optimizer,
+                              abstract_params, mesh, stage=stage)
 
   checkpoints = ocp.CheckpointManager(
       output_dir / "checkpoints",
@@ -342,7 +397,8 @@ def main(config: Config) -> dict[str, Any]:
                                                       tokenizer.vocab_size)}
   if start == 0 and config.init != "scratch":
     summary["initial_heldout_perplexity"] = heldout_perplexity(
-        model, jax.device_put(state.params, replicated), heldout_windows, config.batch_size, mesh)
+        split_model, jax.device_put(state.params, replicated), heldout_windows,
+        config.batch_size, mesh, sequence_parallel)
     log.write(0, summary)
     if distributed.is_main_process():
       print(f"held-out perplexity before training: {summary['initial_heldout_perplexity']:.2f} "
@@ -376,7 +432,8 @@ def main(config: Config) -> dict[str, Any]:
     return {"steps": config.steps, "stopped_at": stop}
 
   params = jax.device_put(state.params, replicated)  # gathered (ZeRO-3 shards them)
-  perplexity = heldout_perplexity(model, params, heldout_windows, config.batch_size, mesh)
+  perplexity = heldout_perplexity(split_model, params, heldout_windows, config.batch_size, mesh,
+                                  sequence_parallel)
   summary.update({"steps": config.steps, "parameters": num_params, "zero_stage": stage,
                   "heldout_windows": len(heldout_windows), "heldout_perplexity": perplexity})
   if config.sample_prompt and config.sample_tokens:

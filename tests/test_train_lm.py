@@ -59,6 +59,40 @@ def test_data_parallel_over_eight_devices_and_loss_drops(tmp_path):
   assert (tmp_path / "tb").is_dir() and any((tmp_path / "tb").iterdir())
 
 
+def _losses(directory):
+  records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("layout, strategy", [
+    ("zigzag", "ring"),
+    pytest.param("striped", "all_gather", marks=pytest.mark.slow),
+    pytest.param("contiguous", "ring", marks=pytest.mark.slow),
+])
+def test_sequence_parallel_run_matches_data_parallel(tmp_path, layout, strategy):
+  """A 2 x 4 (data x seq) run: same losses and held-out perplexity as data parallel over 8."""
+  common = [*TINY, "--steps=3", "--optim.warmup_steps=1", "--optim.learning_rate=1e-2"]
+  plain = run.run("configs/quickstart.yaml", [*common, f"--output_dir={tmp_path / 'data'}"])
+  split = run.run("configs/quickstart.yaml", [
+      *common, "--mesh.seq=4", f"--mesh.layout={layout}", f"--mesh.strategy={strategy}",
+      f"--output_dir={tmp_path / 'seq'}"])
+  np.testing.assert_allclose(_losses(tmp_path / "seq"), _losses(tmp_path / "data"),
+                             rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(split["heldout_perplexity"], plain["heldout_perplexity"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--mesh.seq=3", "--data.seq_len=36"], "'mesh.seq': got 3, expected a divisor of the 8"),
+    (["--mesh.seq=4", "--data.seq_len=36"], "'data.seq_len': got 36, expected a multiple of 8"),
+    (["--mesh.seq=2", "--model.mixer=h3"], "'model.mixer'.*with mesh.seq > 1"),
+    (["--mesh.layout=zig-zag"], "'mesh.layout'"),
+    (["--mesh.strategy=ulysses"], "'mesh.strategy'"),
+])
+def test_sequence_parallel_settings_are_checked(tmp_path, overrides, words):
+  with pytest.raises(run.ConfigError, match=words):
+    run.run("configs/quickstart.yaml", [*TINY, *overrides, f"--output_dir={tmp_path}"])
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="batch_size=12 must be a multiple of the 8 devices"):
     run.run("configs/quickstart.yaml", [*TINY, "--batch_size=12", f"--output_dir={tmp_path}"])

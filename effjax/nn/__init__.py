@@ -2,12 +2,13 @@
 
 from effjax.nn.attention import MultiHeadAttention
 from effjax.nn.rope import apply_rope, rope_frequencies, segment_positions
+from effjax.nn.sequence_parallel import SequenceParallel
 from effjax.nn.transformer import DecoderBlock, DecoderLM, SwiGLU, TransformerConfig
 from effjax.nn.long_conv import (H3LongConv, LongConv, LongConvKernel, LongConvLM,
                                  LongConvLMConfig)
 
 __all__ = [
     "MultiHeadAttention", "apply_rope", "rope_frequencies",
-    "segment_positions", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",
+    "segment_positions", "SequenceParallel", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",
     "H3LongConv", "LongConv", "LongConvKernel", "LongConvLM", "LongConvLMConfig",
 ]

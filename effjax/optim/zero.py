@@ -236,8 +236,11 @@ def _gradient_fn(loss_fn: LossFn, specs: PyTree, mesh: Mesh, axes: tuple[str, ..
     loss = lax.psum(loss, axes) / scale
     return loss, jax.tree.map(lambda g: g / scale, grads)
 
+  # Manual over the ZeRO axes only: other mesh axes (e.g. 'seq' for sequence parallelism) stay
+  # automatic inside the loss, where the model may shard_map over them itself.
   return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, PartitionSpec(axes)),
-                       out_specs=(PartitionSpec(), grad_specs), check_vma=False)
+                       out_specs=(PartitionSpec(), grad_specs), axis_names=set(axes),
+                       check_vma=False)
 
 
 def _regather_policy(primitive: Any, *_: Any, **__: Any) -> bool:

@@ -97,11 +97,18 @@ def ring_attention(
       strategies.ring if strategy == "ring" else strategies.all_gather, config)
   tokens, segments = P(None, axis, None, None), P(None, axis)
   sharded = jax.shard_map(
-      per_device, mesh=mesh, axis_names={axis},
+      per_device, mesh=_current(mesh), axis_names={axis},
       in_specs=(tokens, tokens, tokens, segments, segments),
       out_specs=(tokens, P(None, None, axis)), check_vma=False)
   out, lse = sharded(q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if options["return_lse"] else out
+
+
+def _current(mesh: Mesh) -> Mesh | jax.sharding.AbstractMesh:
+  """``mesh``, or the abstract mesh of the enclosing ``shard_map`` (e.g. a ZeRO trainer that is
+  manual over the batch axes), which a nested ``shard_map`` must name instead."""
+  context = jax.sharding.get_abstract_mesh()
+  return mesh if context.empty else context
 
 
 def _check_mesh(mesh: Any, axis: Any) -> int:
