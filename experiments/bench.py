@@ -23,6 +23,7 @@ SUITES: dict[str, str] = {
     "gpu_kernel_resources": "experiments.bench_gpu_resources",
     "long_conv": "experiments.bench_long_conv",
     "quickstart": "experiments.bench_quickstart",
+    "ring_attention": "experiments.bench_ring_attention",
     "kvcache_decode": "experiments.bench_kvcache",
     "optimizers": "experiments.bench_optimizers",
     "optimizer_curves": "experiments.bench_optimizer_curves",

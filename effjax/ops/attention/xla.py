@@ -88,14 +88,46 @@ def attention(
   Returns:
     The output in q's dtype, and with ``return_lse`` the float32 LSE ``[batch, heads, q_len]``.
   """
+  config = _config(q, k, causal, window, softcap, scale, block_sizes)
+  out, lse = _attention_jit(config, q, k, v, q_segment_ids, kv_segment_ids)
+  return (out, lse) if return_lse else out
+
+
+def attention_backward(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads v_head_dim"],
+    out: Float[Array, "batch q_len heads v_head_dim"],
+    lse: Float[Array, "batch heads q_len"],
+    d_out: Float[Array, "batch q_len heads v_head_dim"],
+    d_lse: Float[Array, "batch heads q_len"],
+    *,
+    causal: bool = False,
+    q_segment_ids: Int[Array, "batch q_len"] | None = None,
+    kv_segment_ids: Int[Array, "batch kv_len"] | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    scale: float,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[Array, Array, Array]:
+  """``(dq, dk, dv)`` from the output and LSE: FlashAttention-2's backward, without a forward.
+
+  ``out`` and ``lse`` need not come from these keys alone: when they are the statistics of a
+  longer key sequence of which ``k``/``v`` is one block (ring attention), the result is exactly
+  this block's share of the full gradient, since ``P = exp(S - lse)`` and
+  ``D = rowsum(d_out * out) - d_lse`` are the full attention's. Arguments as :func:`attention`.
+  """
+  config = _config(q, k, causal, window, softcap, scale, block_sizes)
+  return _backward(config, (q, k, v, q_segment_ids, kv_segment_ids, out, lse), (d_out, d_lse))
+
+
+def _config(q, k, causal, window, softcap, scale, block_sizes) -> _Config:
   batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
   block_q, block_kv = (default_block_sizes(q_len, kv_len, batch * heads) if block_sizes is None
                        else _check_block_sizes(block_sizes))
-  config = _Config(masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window),
-                   scale, softcap, min(block_q, q_len), min(block_kv, kv_len))
-  out, lse = _attention_jit(config, q, k, v, q_segment_ids, kv_segment_ids)
-  return (out, lse) if return_lse else out
+  return _Config(masks.MaskSpec.create(q_len, kv_len, causal=causal, window=window),
+                 scale, softcap, min(block_q, q_len), min(block_kv, kv_len))
 
 
 def default_block_sizes(q_len: int, kv_len: int, batch_heads: int) -> tuple[int, int]:

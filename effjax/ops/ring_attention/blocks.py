@@ -30,6 +30,7 @@ Segment ids (packed documents, possibly crossing device borders) are sliced with
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from effjax.ops.attention import xla
 from effjax.ops.attention.api import flash_attention
 
 # Relation of the K/V block's owner j to the queries' owner i.
@@ -92,6 +94,58 @@ def window_steps(options: StepOptions, block: int) -> int:
                  if step_bands(options, block, step) != (None, None))
 
 
+class Call(NamedTuple):
+  """One ``flash_attention`` call of a step: rows of the queries and keys, and its mask."""
+  q_rows: slice
+  kv_rows: slice
+  causal: bool = False
+  window: tuple[int, int] | None = None
+
+
+EVERYTHING = slice(None)
+
+
+def _band_call(length: int, lo_hi: Band) -> Call | None:
+  """The band ``lo <= b - a <= hi`` as one windowed call on a slice (bottom-right aligned)."""
+  if lo_hi is None:
+    return None
+  lo, hi = lo_hi
+  if lo > 0:  # strictly above the diagonal: queries [0, length - lo) see keys from a + lo
+    return Call(slice(0, length - lo), EVERYTHING, window=(0, hi - lo))
+  if hi < 0:  # strictly below: keys [0, length + hi) seen up to a + hi
+    return Call(EVERYTHING, slice(0, length + hi), window=(hi - lo, 0))
+  return Call(EVERYTHING, EVERYTHING, window=(-lo, hi))
+
+
+def step_calls(options: StepOptions, me: Int[Array, ""], step: int | Int[Array, ""],
+               length: int) -> tuple[Int[Array, ""] | int, tuple[Call | None, ...]]:
+  """``(which, calls)``: the step runs ``calls[which]`` (None: nothing); see the module table.
+
+  ``step`` must be a Python int when ``options.window`` is set.
+  """
+  if options.window is not None:
+    here, wrapped = step_bands(options, length, step)
+    if step == 0:
+      return 0, (_band_call(length, here),)
+    return jnp.where(me >= step, 0, 1), (_band_call(length, here), _band_call(length, wrapped))
+  if not options.causal:
+    return 0, (Call(EVERYTHING, EVERYTHING),)
+  which = relation(me, (me - step) % options.num_devices)
+  diagonal, half = Call(EVERYTHING, EVERYTHING, causal=True), length // 2
+  if options.layout == "contiguous":
+    return which, (diagonal, Call(EVERYTHING, EVERYTHING), None)
+  if options.layout == "zigzag":
+    return which, (diagonal, Call(EVERYTHING, slice(0, half)), Call(slice(half, length),
+                                                                      EVERYTHING))
+  # striped: after the diagonal, key b is seen by queries a > b only
+  shifted = Call(EVERYTHING, slice(0, length - 1), causal=True) if length > 1 else None
+  return which, (diagonal, diagonal, shifted)
+
+
+def _select(which, branches):
+  return branches[0]() if len(branches) == 1 else lax.switch(which, branches)
+
+
 def step_attention(
     options: StepOptions,
     me: Int[Array, ""],
@@ -104,67 +158,77 @@ def step_attention(
 ) -> tuple[Float[Array, "batch c heads v_head_dim"], Float[Array, "batch heads c"]]:
   """Attention of device ``me``'s queries to the K/V block it holds at ``step``.
 
-  ``step`` must be a Python int when ``options.window`` is set. Returns the block's output (q's
-  dtype) and LSE (float32), normalized within the block; queries that see none of the block's
-  keys get output 0 and LSE -inf, so :func:`merge` ignores them.
+  Returns the block's output (q's dtype) and LSE (float32), normalized within the block; queries
+  that see none of the block's keys get output 0 and LSE -inf, so :func:`merge` ignores them.
   """
   length = q.shape[1]
-  empty = lambda: _place(None, None, slice(0, 0), length, like=(q, v))
 
-  def attend(q_rows: slice, kv_rows: slice, causal: bool, window=None):
-    segments = {} if q_segment_ids is None else dict(
-        q_segment_ids=q_segment_ids[:, q_rows], kv_segment_ids=kv_segment_ids[:, kv_rows])
+  def run(call: Call | None):
+    if call is None:
+      return (jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype),
+              jnp.full((q.shape[0], q.shape[2], length), -jnp.inf, jnp.float32))
     out, lse = flash_attention(
-        q[:, q_rows], k[:, kv_rows], v[:, kv_rows], causal=causal, window=window,
-        softcap=options.softcap, scale=options.scale, return_lse=True,
-        implementation=options.implementation, **segments)
-    return _place(out, lse, q_rows, length)
+        q[:, call.q_rows], k[:, call.kv_rows], v[:, call.kv_rows], causal=call.causal,
+        window=call.window, softcap=options.softcap, scale=options.scale, return_lse=True,
+        implementation=options.implementation,
+        **_segments(call, q_segment_ids, kv_segment_ids))
+    return _pad(out, call.q_rows, length, 1), _pad(lse, call.q_rows, length, 2, -jnp.inf)
 
-  def banded(lo_hi: Band):
-    """The band ``lo <= b - a <= hi`` as one windowed call on a slice (bottom-right aligned)."""
-    if lo_hi is None:
-      return empty
-    lo, hi = lo_hi
-    if lo > 0:  # strictly above the diagonal: queries [0, length - lo) see keys from a + lo
-      return lambda: attend(slice(0, length - lo), everything, False, (0, hi - lo))
-    if hi < 0:  # strictly below: keys [0, length + hi) seen up to a + hi
-      return lambda: attend(everything, slice(0, length + hi), False, (hi - lo, 0))
-    return lambda: attend(everything, everything, False, (-lo, hi))
-
-  everything = slice(None)
-  if options.window is not None:
-    here, wrapped = step_bands(options, length, step)
-    if step == 0:
-      return banded(here)()
-    return lax.cond(me >= step, banded(here), banded(wrapped))
-  if not options.causal:
-    return attend(everything, everything, False)
-  where = relation(me, (me - step) % options.num_devices)
-  half = length // 2
-  diagonal = lambda: attend(everything, everything, True)
-  if options.layout == "contiguous":
-    branches = (diagonal, lambda: attend(everything, everything, False), empty)
-  elif options.layout == "zigzag":
-    branches = (diagonal, lambda: attend(everything, slice(0, half), False),
-                lambda: attend(slice(half, length), everything, False))
-  else:  # striped: after the diagonal, key b is seen by queries a > b only
-    shifted = (lambda: attend(everything, slice(0, length - 1), True)) if length > 1 else empty
-    branches = (diagonal, diagonal, shifted)
-  return lax.switch(where, branches)
+  which, calls = step_calls(options, me, step, length)
+  return _select(which, [functools.partial(run, call) for call in calls])
 
 
-def _place(out, lse, rows: slice, length: int, like: tuple[Array, Array] | None = None):
-  """Places the rows ``rows`` of a partial result among ``length`` rows; the others see nothing."""
-  if out is None:
-    q, v = like
-    return (jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype),
-            jnp.full((q.shape[0], q.shape[2], length), -jnp.inf, jnp.float32))
+def step_gradients(
+    options: StepOptions,
+    me: Int[Array, ""],
+    step: int | Int[Array, ""],
+    q: Float[Array, "batch c heads head_dim"],
+    k: Float[Array, "batch c kv_heads head_dim"],
+    v: Float[Array, "batch c kv_heads v_head_dim"],
+    q_segment_ids: Int[Array, "batch c"] | None,
+    kv_segment_ids: Int[Array, "batch c"] | None,
+    out: Float[Array, "batch c heads v_head_dim"],
+    lse: Float[Array, "batch heads c"],
+    d_out: Float[Array, "batch c heads v_head_dim"],
+    d_lse: Float[Array, "batch heads c"],
+) -> tuple[Array, Array, Array]:
+  """``(dq, dk, dv)``: this step's share of the gradient, from the GLOBAL output and LSE.
+
+  The same calls as :func:`step_attention`, each through FlashAttention-2's backward
+  (``effjax.ops.attention.xla.attention_backward``) with the full attention's ``out``/``lse``,
+  so no forward is recomputed and no per-block statistics are kept.
+  """
+  length = q.shape[1]
+
+  def run(call: Call | None):
+    if call is None:
+      return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+    rows, keys = call.q_rows, call.kv_rows
+    dq, dk, dv = xla.attention_backward(
+        q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], d_out[:, rows],
+        d_lse[:, :, rows], causal=call.causal, window=call.window, softcap=options.softcap,
+        scale=options.scale, **_segments(call, q_segment_ids, kv_segment_ids))
+    return _pad(dq, rows, length, 1), _pad(dk, keys, length, 1), _pad(dv, keys, length, 1)
+
+  which, calls = step_calls(options, me, step, length)
+  return _select(which, [functools.partial(run, call) for call in calls])
+
+
+def _segments(call: Call, q_segment_ids, kv_segment_ids) -> dict[str, Array]:
+  if q_segment_ids is None:
+    return {}
+  return dict(q_segment_ids=q_segment_ids[:, call.q_rows],
+              kv_segment_ids=kv_segment_ids[:, call.kv_rows])
+
+
+def _pad(x: Array, rows: slice, length: int, axis: int, value: float = 0.0) -> Array:
+  """Places ``x``'s rows ``rows`` (along ``axis``) among ``length``; the others get ``value``."""
   start, stop, _ = rows.indices(length)
   if (start, stop) == (0, length):
-    return out, lse
-  pad = ((0, 0), (start, length - stop), (0, 0), (0, 0))
-  return (jnp.pad(out, pad),
-          jnp.pad(lse, pad[:1] + pad[2:3] + pad[1:2], constant_values=-jnp.inf))
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (start, length - stop)
+  return jnp.pad(x, pad, constant_values=value)
 
 
 def merge(out_a: Float[Array, "batch c heads dv"], lse_a: Float[Array, "batch heads c"],
@@ -176,7 +240,7 @@ def merge(out_a: Float[Array, "batch c heads dv"], lse_a: Float[Array, "batch he
   in either part keep output 0 and LSE -inf, with finite gradients.
   """
   lse = _logaddexp(lse_a, lse_b)
-  out = (out_a * _rows(block_weight(lse_a, lse)) + out_b * _rows(block_weight(lse_b, lse)))
+  out = (out_a * _rows(_block_weight(lse_a, lse)) + out_b * _rows(_block_weight(lse_b, lse)))
   return out, lse
 
 
@@ -189,8 +253,8 @@ def _logaddexp(a: Array, b: Array) -> Array:
   return jnp.where(seen, shift + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
 
 
-def block_weight(lse_block: Float[Array, "batch heads c"], lse_total: Float[Array, "batch heads c"]
-                 ) -> Float[Array, "batch heads c"]:
+def _block_weight(lse_block: Float[Array, "batch heads c"],
+                  lse_total: Float[Array, "batch heads c"]) -> Float[Array, "batch heads c"]:
   """``exp(lse_block - lse_total)``: the share of a block in the total; 0 where it saw nothing."""
   seen = lse_block > -jnp.inf
   return jnp.where(seen, jnp.exp(jnp.where(seen, lse_block - lse_total, 0.0)), 0.0)
@@ -198,9 +262,3 @@ def block_weight(lse_block: Float[Array, "batch heads c"], lse_total: Float[Arra
 
 def _rows(weight: Float[Array, "batch heads c"]) -> Float[Array, "batch c heads 1"]:
   return jnp.swapaxes(weight, 1, 2)[..., None]
-
-
-def row_dot(a: Float[Array, "batch c heads dv"], b: Float[Array, "batch c heads dv"]
-            ) -> Float[Array, "batch heads c"]:
-  """Per-row inner product in float32, laid out like an LSE."""
-  return jnp.swapaxes(jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), -1), 1, 2)

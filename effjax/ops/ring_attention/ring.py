@@ -9,13 +9,13 @@ compute, so the collective can overlap it. Per device memory: the local queries,
 
 Backward (``custom_vjp``): a second ring. The K/V blocks travel again, now with float32 dK/dV
 accumulators that collect each device's contribution and arrive home after ``n`` hops; dQ stays
-local. The contribution of block ``j`` is exact given the saved global output ``O`` and LSE: with
-``w_j = exp(lse_j - LSE)``, the block's own attention receives the cotangents ``w_j dO`` and
-``w_j (dO . O_j - dO . O + dLSE)``, which is ``P = exp(S - LSE)`` and ``D = dO . O - dLSE`` in
-FlashAttention-2's backward. The step's forward is rerun inside its VJP (the per-step kernels
-keep their own residuals); K/V are never all-gathered. Under a sliding window the ring stops after
-the last step whose band any device needs (a window of ``w`` tokens needs about ``w / c + 1`` of
-the ``n`` steps), and the dK/dV accumulators return home in one hop.
+local. Block ``j``'s share of the gradient needs only ``P = exp(S - LSE)`` and
+``D = rowsum(dO * O) - dLSE`` of the FULL attention, so FlashAttention-2's backward runs directly
+on each block with the saved global ``O`` and LSE (``effjax.ops.attention.xla.
+attention_backward``): no forward is recomputed and no per-block statistics are stored. K/V are
+never all-gathered. Under a sliding window the ring stops after the last step whose band any
+device needs (a window of ``w`` tokens needs about ``w / c + 1`` of the ``n`` steps), and the
+dK/dV accumulators return home in one hop.
 
 ``all_gather`` (MaxText's context-parallel default): all-gather K/V over the axis and attend the
 local queries to every block, merged the same way; differentiated by autodiff (the transpose of
@@ -111,16 +111,13 @@ def _ring_fwd(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
 def _ring_bwd(config: RingConfig, residuals, cotangents):
   q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
   d_out, d_lse = cotangents
-  out_dot = blocks.row_dot(d_out, out)
+  me = lax.axis_index(config.axis)
 
   def step(s, block, grads):
-    attend = lambda q_, k_, v_: _attend(config, s, q_, (k_, v_, block[2]), q_segment_ids)
-    (out_s, lse_s), vjp = jax.vjp(attend, q, block[0], block[1])
-    weight = blocks.block_weight(lse_s, lse)
-    d_out_s = jnp.swapaxes(weight, 1, 2)[..., None] * d_out.astype(jnp.float32)
-    d_lse_s = weight * (blocks.row_dot(d_out, out_s) - out_dot + d_lse)
-    step_grads = vjp((d_out_s.astype(out_s.dtype), d_lse_s))
-    return tuple(total + part.astype(jnp.float32) for total, part in zip(grads, step_grads))
+    k_s, v_s, kv_segment_ids_s = block
+    parts = blocks.step_gradients(config.step, me, s, q, k_s, v_s, q_segment_ids,
+                                  kv_segment_ids_s, out, lse, d_out, d_lse)
+    return tuple(total + part.astype(jnp.float32) for total, part in zip(grads, parts))
 
   def body(s, carry):
     block, grads = carry
