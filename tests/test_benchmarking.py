@@ -106,6 +106,6 @@ def test_optimizer_suites_quick(tmp_path):
   assert bench.main(["optimizer_curves", "--quick", "--out", str(tmp_path)]) == 0
   rows = json.loads((tmp_path / "optimizer_curves.json").read_text())["rows"]
   assert {(row["task"], row["optimizer"]) for row in rows} == {
-      (task, name) for task in ("quickstart", "smollm2_finetune")
-      for name in ("adamw", "galore", "frugal", "spiel", "snell")}
+      *(("smollm2_finetune", name) for name in ("adamw", "galore", "frugal", "spiel", "snell")),
+      *(("quickstart", name) for name in ("adamw", "galore", "frugal"))}
   assert (tmp_path / "optimizer_curves_smollm2_finetune.png").exists()
