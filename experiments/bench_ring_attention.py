@@ -35,6 +35,7 @@ from effjax.nn import DecoderLM, SequenceParallel  # noqa: E402
 from effjax.ops.attention import flash_attention  # noqa: E402
 from effjax.ops.ring_attention import LAYOUTS, positions, ring_attention  # noqa: E402
 from effjax.optim import zero  # noqa: E402
+from experiments.train_lm import make_loss  # noqa: E402
 
 DEVICES = bench_zero.DEVICES
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
@@ -101,7 +102,7 @@ def step_rows(seq_len: int, batch: int, repeats: int) -> list[dict]:
       sequence_parallel = SequenceParallel(mesh)
       model = model.clone(attention_fn=sequence_parallel.attention_fn())
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))
-    trainer = zero.zero_trainer(_loss(model, sequence_parallel), optax.adamw(1e-3),
+    trainer = zero.zero_trainer(make_loss(model, sequence_parallel), optax.adamw(1e-3),
                                 params, mesh, stage=0)
     windows_spec = jax.ShapeDtypeStruct(windows.shape, jnp.int32)
     stats = benchmarking.memory_of(
@@ -122,15 +123,6 @@ def step_rows(seq_len: int, batch: int, repeats: int) -> list[dict]:
     median = float(np.median(samples[row["mesh"]]))
     row.update(step_ms=median * 1e3, time_vs_data_parallel=median / base)
   return rows
-
-
-def _loss(model, sequence_parallel):
-  from experiments.train_lm import next_token_loss  # pylint: disable=g-import-not-at-top
-
-  def loss_fn(params, windows):
-    total, count = next_token_loss(model, params, windows, sequence_parallel=sequence_parallel)
-    return total / count
-  return loss_fn
 
 
 def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:

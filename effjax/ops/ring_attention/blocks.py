@@ -165,8 +165,7 @@ def step_attention(
 
   def run(call: Call | None):
     if call is None:
-      return (jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype),
-              jnp.full((q.shape[0], q.shape[2], length), -jnp.inf, jnp.float32))
+      return nothing_seen(q, v, q.dtype)
     out, lse = flash_attention(
         q[:, call.q_rows], k[:, call.kv_rows], v[:, call.kv_rows], causal=call.causal,
         window=call.window, softcap=options.softcap, scale=options.scale, return_lse=True,
@@ -176,6 +175,14 @@ def step_attention(
 
   which, calls = step_calls(options, me, step, length)
   return _select(which, [functools.partial(run, call) for call in calls])
+
+
+def nothing_seen(q: Float[Array, "batch c heads head_dim"],
+                 v: Float[Array, "batch c kv_heads v_head_dim"], dtype: Any
+                 ) -> tuple[Float[Array, "batch c heads v_head_dim"], Float[Array, "batch heads c"]]:
+  """The partial result of queries that saw no key: output 0 (``dtype``), LSE -inf."""
+  return (jnp.zeros((*q.shape[:3], v.shape[3]), dtype),
+          jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32))
 
 
 def step_gradients(

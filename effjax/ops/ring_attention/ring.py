@@ -66,11 +66,6 @@ def _shift(config: RingConfig, tree, hops: int = 1):
   return lax.ppermute(tree, config.axis, [(d, (d + hops) % n) for d in range(n)])
 
 
-def _empty_result(q, v):
-  return (jnp.zeros((*q.shape[:3], v.shape[3]), jnp.float32),
-          jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32))
-
-
 def _attend(config: RingConfig, step, q, block, q_segment_ids):
   k, v, kv_segment_ids = block
   return blocks.step_attention(config.step, lax.axis_index(config.axis), step, q, k, v,
@@ -98,7 +93,7 @@ def _ring_forward(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
     return arriving, step(s, block, acc)
 
   last = config.num_steps - 1
-  block, acc = _loop(config, last, body, ((k, v, kv_segment_ids), _empty_result(q, v)))
+  block, acc = _loop(config, last, body, ((k, v, kv_segment_ids), blocks.nothing_seen(q, v, jnp.float32)))
   out, lse = step(last, block, acc)
   return out.astype(q.dtype), lse
 
@@ -157,5 +152,5 @@ def all_gather(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
     out_s, lse_s = _attend(config, s, q, block, q_segment_ids)
     return blocks.merge(*acc, out_s.astype(jnp.float32), lse_s)
 
-  out, lse = _loop(config, config.num_steps, body, _empty_result(q, v))
+  out, lse = _loop(config, config.num_steps, body, blocks.nothing_seen(q, v, jnp.float32))
   return out.astype(q.dtype), lse
