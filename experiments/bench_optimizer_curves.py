@@ -51,20 +51,45 @@ def _run(config: str, overrides: list[str]) -> tuple[dict, list[tuple[int, float
   return summary, [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
+def _finished_runs(path: pathlib.Path) -> dict[tuple[str, str, int], dict]:
+  if not path.exists():
+    return {}
+  records = [json.loads(line) for line in path.read_text().splitlines() if line]
+  return {(r["task"], r["optimizer"], r["seed"]): r for r in records}
+
+
 def run(quick: bool, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Runs every (task, optimizer, seed) not yet in ``optimizer_curves_runs.jsonl``.
+
+  Each finished run is appended to that file (its summary and training-loss curve) as soon as it
+  ends, so an interrupted suite resumes where it stopped; delete the file to start over.
+  """
+  out_dir.mkdir(parents=True, exist_ok=True)
+  runs_path = out_dir / ("optimizer_curves_quick_runs.jsonl" if quick else
+                         "optimizer_curves_runs.jsonl")
+  finished = _finished_runs(runs_path)
   rows, curves = [], {}
   for task, (config, optimizers) in TASKS.items():
     extra = [*QUICK, *(["--init_layers=1"] if config == "smollm2_finetune" else [])] if quick else []
     for name, overrides in optimizers.items():
       for seed in SEEDS[:1] if quick else SEEDS:
-        summary, curve = _run(config, [*overrides, f"--seed={seed}", *extra])
+        record = finished.get((task, name, seed))
+        if record is None:
+          summary, curve = _run(config, [*overrides, f"--seed={seed}", *extra])
+          record = {"task": task, "optimizer": name, "seed": seed, "curve": curve,
+                    "initial_heldout_perplexity": summary.get("initial_heldout_perplexity"),
+                    "heldout_perplexity": summary["heldout_perplexity"],
+                    "unigram_perplexity": summary["unigram_perplexity"]}
+          with runs_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        curve = record["curve"]
         curves.setdefault((task, name), []).append(curve)
         rows.append({"task": task, "optimizer": name, "seed": seed,
                      "final_train_loss": curve[-1][1],
-                     "initial_heldout_perplexity": summary.get("initial_heldout_perplexity"),
-                     "heldout_perplexity": summary["heldout_perplexity"],
-                     "heldout_loss": float(np.log(summary["heldout_perplexity"])),
-                     "unigram_perplexity": summary["unigram_perplexity"]})
+                     "initial_heldout_perplexity": record["initial_heldout_perplexity"],
+                     "heldout_perplexity": record["heldout_perplexity"],
+                     "heldout_loss": float(np.log(record["heldout_perplexity"])),
+                     "unigram_perplexity": record["unigram_perplexity"]})
   for row in rows:
     base = next(r for r in rows if (r["task"], r["seed"], r["optimizer"]) ==
                 (row["task"], row["seed"], "adamw"))
