@@ -117,6 +117,12 @@ class DataConfig:
   """Tokens per training window."""
   heldout_fraction: float = 0.1
   """Fraction of documents held out for perplexity."""
+  packing: bool = False
+  """False: windows cut from one stream of documents (attention crosses document boundaries).
+  True: documents cut into pieces of at most seq_len + 1 tokens, packed into rows
+  (effjax.data.packing: first-fit decreasing), with segment ids so that no attention and no
+  prediction crosses a boundary; the loss is the mean over the predicted tokens. Held-out
+  perplexity is measured on the same stream windows either way."""
 
   def __post_init__(self):
     require(self.source in ("news", "wiki", "all"), "data.source", self.source,
@@ -231,28 +237,51 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any
 
 def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
                     weights: jax.Array | None = None,
-                    sequence_parallel: SequenceParallel | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy of ``windows [batch, seq+1]`` and the token count.
+                    sequence_parallel: SequenceParallel | None = None,
+                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Weighted sum of the next-token cross-entropy of ``windows [batch, seq+1]`` and of the weights.
 
-  With ``sequence_parallel``, inputs, positions and targets are laid out and split along the
-  sequence (the sum over tokens does not depend on their order).
+  ``weights`` are per window ``[batch]`` or per prediction ``[batch, seq]`` (default: 1 each);
+  ``segment_ids [batch, seq+1]`` (packed rows) keep attention within each segment and restart
+  positions. With ``sequence_parallel``, inputs, positions, segment ids, targets and weights are
+  laid out and split along the sequence (the sum over tokens does not depend on their order).
   """
   inputs, targets = windows[:, :-1], windows[:, 1:]
-  if sequence_parallel is None:
-    logits = model.apply(params, inputs)
-  else:
-    logits = model.apply(params, **sequence_parallel.inputs(inputs))
-    targets = sequence_parallel.lay_out(targets)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  segments = None if segment_ids is None else segment_ids[:, :-1]
   weights = jnp.ones(windows.shape[:1], jnp.float32) if weights is None else weights
-  return jnp.sum(nll * weights[:, None]), jnp.sum(weights) * targets.shape[1]
+  if weights.ndim == 1:
+    weights = jnp.broadcast_to(weights[:, None], targets.shape)
+  if sequence_parallel is None:
+    logits = model.apply(params, inputs, segment_ids=segments)
+  else:
+    logits = model.apply(params, **sequence_parallel.inputs(inputs, segments))
+    targets, weights = sequence_parallel.lay_out(targets), sequence_parallel.lay_out(weights)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def packed_loss_weights(segment_ids: np.ndarray) -> np.ndarray:
+  """Per-prediction weights of a global batch of packed rows ``segment_ids [batch, seq+1]``:
+  ``loss_mask * batch / (predicted tokens in the batch)``, float32 ``[batch, seq]``.
+
+  With them every shard's ``sum(nll * weights) / its rows`` averages, over equal shards and
+  micro-batches (what the ZeRO trainer does), to the token mean of the whole batch.
+  """
+  here, after = segment_ids[:, :-1], segment_ids[:, 1:]
+  mask = (here > 0) & (here == after)
+  return (mask * (len(segment_ids) / max(int(mask.sum()), 1))).astype(np.float32)
 
 
 def make_loss(model: DecoderLM, sequence_parallel: SequenceParallel | None = None):
-  """``(params, windows [batch, seq+1]) -> mean next-token loss``, the ZeRO trainer's loss_fn."""
-  def loss_fn(params: Any, windows: jax.Array) -> jax.Array:
-    total, count = next_token_loss(model, params, windows, sequence_parallel=sequence_parallel)
+  """``(params, batch) -> mean next-token loss``, the ZeRO trainer's loss_fn. ``batch``: windows
+  ``[batch, seq+1]``, or packed rows ``{"tokens", "segment_ids"}`` with ``"weights"`` from
+  :func:`packed_loss_weights`."""
+  def loss_fn(params: Any, batch: jax.Array | dict[str, jax.Array]) -> jax.Array:
+    if isinstance(batch, dict):
+      total, _ = next_token_loss(model, params, batch["tokens"], batch["weights"],
+                                 sequence_parallel, batch["segment_ids"])
+      return total / batch["tokens"].shape[0]
+    total, count = next_token_loss(model, params, batch, sequence_parallel=sequence_parallel)
     return total / count
   return loss_fn
 
@@ -320,16 +349,30 @@ class MetricsLog:
       self._tensorboard.close()
 
 
-def load_windows(config: Config, tokenizer: Any) -> tuple[Any, np.ndarray]:
-  """Training windows (a :class:`effjax.data.TokenWindows`) and held-out windows ``[n, seq+1]``."""
-  from effjax.data import TokenWindows, load_text_splits  # pylint: disable=g-import-not-at-top
+def load_windows(config: Config, tokenizer: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+  """Training batches (:class:`effjax.data.TokenWindows`, or :class:`effjax.data.PackedRows` with
+  ``data.packing``), held-out windows ``[n, seq+1]`` and the training token stream."""
+  from effjax.data import PackedRows, TokenWindows, load_text_splits  # pylint: disable=g-import-not-at-top
 
   train_tokens, heldout_tokens = load_text_splits(
-      config.data.source, tokenizer, config.data.heldout_fraction, config.seed)
+      config.data.source, tokenizer, config.data.heldout_fraction, config.seed,
+      train_documents=config.data.packing)
   heldout = TokenWindows(heldout_tokens, config.data.seq_len).all_windows()
   if config.eval_windows is not None:
     heldout = heldout[:config.eval_windows]
-  return TokenWindows(train_tokens, config.data.seq_len), heldout
+  if config.data.packing:
+    return PackedRows(train_tokens, config.data.seq_len), heldout, np.concatenate(train_tokens)
+  return TokenWindows(train_tokens, config.data.seq_len), heldout, train_tokens
+
+
+def training_batch(batches: Any, step: int, config: Config) -> tuple[Any, int]:
+  """This process's share of step ``step``'s global batch and the number of tokens predicted in
+  the whole batch (packed rows get their loss weights from the global batch first)."""
+  batch = batches.batch(step, config.batch_size, config.seed)
+  if isinstance(batch, dict):
+    batch["weights"] = packed_loss_weights(batch["segment_ids"])
+    return distributed.process_share(batch), int(np.count_nonzero(batch["weights"]))
+  return distributed.process_share(batch), config.batch_size * config.data.seq_len
 
 
 def build_model_and_params(config: Config, vocab_size: int) -> tuple[Any, Callable[[Any], Any]]:
@@ -363,7 +406,7 @@ def main(config: Config) -> dict[str, Any]:
   output_dir = pathlib.Path(config.output_dir).absolute()
   output_dir.mkdir(parents=True, exist_ok=True)
   tokenizer = load_smollm2_tokenizer()
-  train_windows, heldout_windows = load_windows(config, tokenizer)
+  train_batches, heldout_windows, train_tokens = load_windows(config, tokenizer)
 
   mesh, sequence_parallel = config.mesh.build()
   sharding.check_batch_divisible(config.batch_size, mesh)
@@ -393,7 +436,7 @@ def main(config: Config) -> dict[str, Any]:
   if start and distributed.is_main_process():
     print(f"resuming from step {start} in {output_dir}")
   summary = {"init": config.init,
-             "unigram_perplexity": unigram_perplexity(train_windows.tokens, heldout_windows[:, 1:],
+             "unigram_perplexity": unigram_perplexity(train_tokens, heldout_windows[:, 1:],
                                                       tokenizer.vocab_size)}
   if start == 0 and config.init != "scratch":
     summary["initial_heldout_perplexity"] = heldout_perplexity(
@@ -408,10 +451,10 @@ def main(config: Config) -> dict[str, Any]:
                        desc="train", disable=jax.process_index() != 0)
   tick, tokens_since = time.perf_counter(), 0
   for step in progress:
-    rows = distributed.process_share(train_windows.batch(step, config.batch_size, config.seed))
+    rows, predicted = training_batch(train_batches, step, config)
     batch = distributed.global_batch(rows, trainer.batch_sharding)
     state, metrics = trainer.step(state, batch)
-    tokens_since += config.batch_size * config.data.seq_len
+    tokens_since += predicted
     done = step + 1
     if done % config.log_every == 0 or done == config.steps:
       metrics = {key: float(value) for key, value in metrics.items()}

@@ -149,6 +149,15 @@ def split_documents(docs: Sequence[str], heldout_fraction: float,
   return train_docs, heldout_docs
 
 
+def tokenize_each(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
+  """Tokenizes each document on its own, ``tokenizer.eos_id`` appended (the model learns where a
+  document ends): D int32 arrays, for packing (:mod:`effjax.data.packing`)."""
+  if not docs:
+    raise ValueError("docs is empty; expected at least one document")
+  return [np.asarray([*ids, tokenizer.eos_id], dtype=np.int32)
+          for ids in tokenizer.encode_batch(docs)]
+
+
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
   """Tokenizes documents into one flat stream, with ``tokenizer.eos_id`` between documents.
 
@@ -159,15 +168,33 @@ def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
   Returns:
     int32 array of shape ``[sum of document lengths + D - 1]``.
   """
-  if not docs:
-    raise ValueError("docs is empty; expected at least one document")
-  encoded = tokenizer.encode_batch(docs)
-  pieces = []
-  for i, ids in enumerate(encoded):
-    if i:
-      pieces.append([tokenizer.eos_id])
-    pieces.append(ids)
-  return np.concatenate([np.asarray(p, dtype=np.int32) for p in pieces])
+  return np.concatenate(tokenize_each(docs, tokenizer))[:-1]
+
+
+def epoch_order_indices(step: int, batch_size: int, num_items: int, seed: int,
+                        items_name: str = "num_items") -> np.ndarray:
+  """Indices of the items in training batch ``step``: a pure function of ``(seed, step)``.
+
+  The items are walked epoch by epoch, epoch ``e`` in the random order seeded by ``(seed, e)``;
+  step ``s`` takes positions ``s * batch_size ... (s + 1) * batch_size - 1`` of that endless
+  sequence (a batch may span two epochs), so a run resumed at step s reads exactly the batches an
+  uninterrupted run would have.
+  """
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    raise ValueError(f"step is {step!r}; expected a non-negative int")
+  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+      or not 1 <= batch_size <= num_items):
+    raise ValueError(f"batch_size is {batch_size!r}; expected an int in [1, {items_name} = "
+                     f"{num_items}]")
+  _check_seed(seed)
+  positions = step * batch_size + np.arange(batch_size)
+  epochs, offsets = np.divmod(positions, num_items)
+  indices = np.empty(batch_size, dtype=np.int64)
+  for epoch in np.unique(epochs):
+    in_epoch = epochs == epoch
+    order = np.random.default_rng([seed, int(epoch)]).permutation(num_items)
+    indices[in_epoch] = order[offsets[in_epoch]]
+  return indices
 
 
 class TokenWindows:
@@ -177,8 +204,9 @@ class TokenWindows:
   ``window[:-1]`` and predicts ``window[1:]``. Trailing tokens that do not fill a window are unused.
 
   Training batches walk the windows epoch by epoch, each epoch in its own random order seeded by
-  ``(seed, epoch)``, so batch ``step`` is a pure function of ``(seed, step)``: a run resumed at step
-  s reads exactly the batches an uninterrupted run would have.
+  ``(seed, epoch)`` (:func:`epoch_order_indices`), so batch ``step`` is a pure function of
+  ``(seed, step)``: a run resumed at step s reads exactly the batches an uninterrupted run would
+  have.
 
   Attributes:
     tokens: the int32 stream, shape ``[num_tokens]``.
@@ -214,43 +242,16 @@ class TokenWindows:
     return self.tokens[:self.num_windows * self.window_len].reshape(self.num_windows,
                                                                     self.window_len)
 
-  def _window_order(self, epoch: int, seed: int) -> np.ndarray:
-    """The order in which epoch ``epoch`` visits the windows: a permutation of ``num_windows``."""
-    return np.random.default_rng([seed, epoch]).permutation(self.num_windows)
-
   def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """The training batch of step ``step``, a pure function of ``(seed, step)``.
-
-    Step ``step`` takes positions ``step * batch_size ... (step + 1) * batch_size - 1`` of the
-    endless sequence made of epoch 0's window order, then epoch 1's, and so on; a batch may span
-    two epochs.
-
-    Args:
-      step: non-negative step number.
-      batch_size: windows per batch, in [1, num_windows].
-      seed: non-negative int choosing the window orders.
-
-    Returns:
-      int32 array of shape ``[batch_size, seq_len + 1]``.
-    """
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-      raise ValueError(f"step is {step!r}; expected a non-negative int")
-    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-        or not 1 <= batch_size <= self.num_windows):
-      raise ValueError(
-          f"batch_size is {batch_size!r}; expected an int in [1, num_windows = {self.num_windows}]")
-    _check_seed(seed)
-    positions = step * batch_size + np.arange(batch_size)
-    epochs, offsets = np.divmod(positions, self.num_windows)
-    indices = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-      in_epoch = epochs == epoch
-      indices[in_epoch] = self._window_order(int(epoch), seed)[offsets[in_epoch]]
-    return self.all_windows()[indices]
+    """The training batch of step ``step``, a pure function of ``(seed, step)``
+    (:func:`epoch_order_indices` over the windows): int32 ``[batch_size, seq_len + 1]``."""
+    return self.all_windows()[epoch_order_indices(step, batch_size, self.num_windows, seed,
+                                                  "num_windows")]
 
 
-def load_text_splits(source: str, tokenizer: Tokenizer, heldout_fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def load_text_splits(source: str, tokenizer: Tokenizer, heldout_fraction: float, seed: int, *,
+                     train_documents: bool = False
+                     ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
   """Loads, splits by document and tokenizes a corpus.
 
   Args:
@@ -258,12 +259,16 @@ def load_text_splits(source: str, tokenizer: Tokenizer, heldout_fraction: float,
     tokenizer: the tokenizer.
     heldout_fraction: share of documents held out, in (0, 1).
     seed: non-negative int choosing the held-out documents.
+    train_documents: return the training documents one array each (:func:`tokenize_each`, for
+      packing) instead of one stream.
 
   Returns:
-    ``(train_tokens, heldout_tokens)``, two int32 token streams (see :func:`tokenize_documents`).
+    ``(train_tokens, heldout_tokens)``: int32 token streams (see :func:`tokenize_documents`), the
+    first a list of documents with ``train_documents``.
   """
   train_docs, heldout_docs = split_documents(load_documents(source), heldout_fraction, seed)
-  return tokenize_documents(train_docs, tokenizer), tokenize_documents(heldout_docs, tokenizer)
+  train = (tokenize_each if train_documents else tokenize_documents)(train_docs, tokenizer)
+  return train, tokenize_documents(heldout_docs, tokenizer)
 
 
 def unigram_perplexity(train_tokens: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:

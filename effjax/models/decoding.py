@@ -32,6 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache import CacheType, FullKVCache, KVCache
@@ -64,7 +65,25 @@ def init_caches(model: DecoderLM, batch: int, max_len: int, *,
   return tuple(caches)
 
 
-class _CacheRouter:
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+  """The prompts as lists of ints; ValueError naming the prompt unless each is a non-empty
+  sequence of ids in ``[0, vocab_size)``."""
+  if isinstance(prompts, (str, bytes)) or not prompts:
+    raise ValueError("prompts must be a non-empty sequence of token id lists, got "
+                     f"{type(prompts).__name__} {prompts!r:.40}")
+  checked = []
+  for i, prompt in enumerate(prompts):
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(
+          f"prompts[{i}] must be a non-empty list of int token ids, got {prompt!r:.40}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+      raise ValueError(f"prompts[{i}] has ids outside [0, vocab_size={vocab_size})")
+    checked.append(ids.tolist())
+  return checked
+
+
+class CacheRouter:
   """An ``attention_fn`` that sends layer ``i``'s K/V through ``caches[i]`` (see module doc).
 
   ``write_inputs(cache, inputs, previous) -> (cache, carry)`` and ``attend_inputs(cache, q, k, v,
@@ -128,6 +147,15 @@ class _CacheRouter:
     return logits, tuple(self.updated)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int
+             ) -> tuple[Int[np.ndarray, "batch seq"], Int[np.ndarray, "batch"]]:
+  """Prompts left-padded with ``pad_id`` to the longest one: int32 ``(tokens [batch, seq],
+  start [batch])``, ``start[b]`` the first real slot of row ``b`` (the input of :func:`prefill`)."""
+  length = max(len(p) for p in prompts)
+  start = np.asarray([length - len(p) for p in prompts], np.int32)
+  return np.asarray([[pad_id] * s + list(p) for s, p in zip(start, prompts)], np.int32), start
+
+
 def prompt_layout(start: Int[Array, "batch"], seq: int
                   ) -> tuple[Int[Array, "batch seq"], Int[Array, "batch seq"]]:
   """Positions and segment ids of left-padded rows whose real tokens begin at slot ``start``.
@@ -159,7 +187,7 @@ def prefill(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
   """
   positions, segment_ids = prompt_layout(start, tokens.shape[1])
   attend = lambda cache, q, k, v, *_, **kw: model.attention_fn(q, k, v, **kw)
-  router = _CacheRouter(
+  router = CacheRouter(
       caches, lambda cache, k, v: cache.prefill(k, v, start), attend,
       lambda cache, inputs, previous: cache.prefill_inputs(inputs, start, previous), attend)
   return router.run(model, params, tokens, positions, segment_ids)
@@ -181,7 +209,7 @@ def extend(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
     float32 logits of the new tokens and the updated caches.
     Memory: the caches' ``attend`` (FullKVCache: ``batch * heads * seq * max_len`` floats).
   """
-  router = _CacheRouter(
+  router = CacheRouter(
       caches, lambda cache, k, v: cache.append(k, v),
       lambda cache, q, k, v, **kw: cache.decode_attention(q),
       lambda cache, inputs, previous: cache.append_inputs(inputs, previous),

@@ -30,12 +30,13 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from effjax.kv_cache import CacheType, FullKVCache
-from effjax.models import decoding
+from effjax.models import decoding, packed_prefill
 from effjax.nn import DecoderLM
 
 # Default cache sizes are rounded up to a multiple of this, so nearby prompt lengths share one
 # compiled decode loop.
 CACHE_LEN_MULTIPLE = 128
+PREFILLS = ("padded", "packed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,27 +135,11 @@ def _decode(model: DecoderLM, params: Any, caches: decoding.Caches, logits: jax.
   return lax.while_loop(cond, body, state)[4]
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
-  if isinstance(prompts, (str, bytes)) or not prompts:
-    raise ValueError("prompts must be a non-empty sequence of token id lists, got "
-                     f"{type(prompts).__name__} {prompts!r:.40}")
-  checked = []
-  for i, prompt in enumerate(prompts):
-    ids = np.asarray(prompt)
-    if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(
-          f"prompts[{i}] must be a non-empty list of int token ids, got {prompt!r:.40}")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-      raise ValueError(f"prompts[{i}] has ids outside [0, vocab_size={vocab_size})")
-    checked.append(ids.tolist())
-  return checked
-
-
 def generate(model: DecoderLM, params: Any, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, pad_id: int, eos_id: int | None = None,
              sampling: Sampling = Sampling(), key: jax.Array | None = None,
-             max_len: int | None = None, cache_type: CacheType = FullKVCache
-             ) -> list[list[int]]:
+             max_len: int | None = None, cache_type: CacheType = FullKVCache,
+             prefill: str = "padded") -> list[list[int]]:
   """Continues each prompt by up to ``max_new_tokens`` tokens.
 
   Args:
@@ -169,18 +154,23 @@ def generate(model: DecoderLM, params: Any, prompts: Sequence[Sequence[int]], *,
       a multiple of CACHE_LEN_MULTIPLE (so the decode loop is reused across prompt lengths).
     cache_type: the KVCache class, or settings with an ``init`` like it (e.g.
       ``effjax.kv_cache.KIVI(bits=2)``).
+    prefill: ``"padded"`` (the prompts left-padded to the longest, one row each) or
+      ``"packed"`` (:func:`effjax.models.prefill_packed`: packed into few rows, then scattered to
+      their cache rows; same caches and logits, fewer tokens through the model).
 
   Returns:
     The generated ids of each prompt (prompt excluded): up to and including ``eos_id``, at most
     ``max_new_tokens``.
   """
   vocab = model.config.vocab_size
-  prompts = _check_prompts(prompts, vocab)
+  prompts = decoding.check_prompts(prompts, vocab)
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens is {max_new_tokens!r}; expected an int >= 1")
   for name, value in (("pad_id", pad_id), ("eos_id", eos_id)):
     if value is not None and not 0 <= value < vocab:
       raise ValueError(f"{name} is {value!r}; expected an id in [0, vocab_size={vocab})")
+  if prefill not in PREFILLS:
+    raise ValueError(f"prefill is {prefill!r}; expected one of {list(PREFILLS)}")
   if sampling.temperature > 0 and key is None:
     raise ValueError("key is None; sampling with temperature > 0 needs a PRNG key")
   prompt_len = max(len(p) for p in prompts)
@@ -190,11 +180,13 @@ def generate(model: DecoderLM, params: Any, prompts: Sequence[Sequence[int]], *,
   elif max_len < needed:
     raise ValueError(f"max_len is {max_len}; expected >= longest prompt ({prompt_len}) + "
                      f"max_new_tokens ({max_new_tokens}) = {needed}")
-  start = np.asarray([prompt_len - len(p) for p in prompts], np.int32)
-  tokens = np.asarray([[pad_id] * s + p for s, p in zip(start, prompts)], np.int32)
+  tokens, start = decoding.left_pad(prompts, pad_id)
   # Built outside the jit: per-model precomputation (XQuant's SVD factors) is memoized.
   caches = decoding.init_caches(model, len(prompts), max_len, cache_type=cache_type, params=params)
-  logits, caches = _prefill(model, params, tokens, start, caches)
+  if prefill == "packed":
+    logits, caches = packed_prefill.prefill_packed(model, params, prompts, caches)
+  else:
+    logits, caches = _prefill(model, params, tokens, start, caches)
   out = _decode(model, params, caches, logits, start, np.int32(prompt_len),
                 jax.random.key(0) if key is None else key, max_new_tokens=max_new_tokens,
                 sampling=sampling, eos_id=eos_id, pad_id=pad_id)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from effjax import testing
-from effjax.models import extend, init_caches, prefill, prompt_layout
+from effjax.models import extend, init_caches, left_pad, prefill, prompt_layout
 from effjax.ops.attention import flash_attention
 
 TEXTS = ("The government said on Monday that it would not change its plans.",
@@ -21,15 +21,9 @@ def rows(smollm2_2layers):
   return [tokenizer.encode(text) for text in TEXTS]
 
 
-def _left_pad(rows, pad_id):
-  length = max(map(len, rows))
-  start = np.array([length - len(row) for row in rows], np.int32)
-  return np.array([[pad_id] * s + row for s, row in zip(start, rows)], np.int32), start
-
-
 def test_padding_does_not_change_a_rows_logits(smollm2_2layers, rows):
   model, params, tokenizer = smollm2_2layers
-  tokens, start = _left_pad(rows, tokenizer.pad_id)
+  tokens, start = left_pad(rows, tokenizer.pad_id)
   positions, segment_ids = prompt_layout(start, tokens.shape[1])
   batched = jax.jit(model.apply)(params, tokens, positions, segment_ids)
   for b, row in enumerate(rows):
@@ -40,7 +34,7 @@ def test_padding_does_not_change_a_rows_logits(smollm2_2layers, rows):
 def test_prefill_then_token_by_token_equals_full_forward(smollm2_2layers, rows):
   model, params, tokenizer = smollm2_2layers
   prompt_len = 6
-  prompts, start = _left_pad([row[:prompt_len + b] for b, row in enumerate(rows)],
+  prompts, start = left_pad([row[:prompt_len + b] for b, row in enumerate(rows)],
                              tokenizer.pad_id)
   steps = min(map(len, rows)) - prompt_len - 1
   caches = init_caches(model, len(rows), prompts.shape[1] + steps)
@@ -62,7 +56,7 @@ def test_prefill_then_token_by_token_equals_full_forward(smollm2_2layers, rows):
 
 def test_flash_attention_in_the_model_matches_reference_attention(smollm2_2layers, rows):
   model, params, tokenizer = smollm2_2layers
-  tokens, start = _left_pad(rows, tokenizer.pad_id)
+  tokens, start = left_pad(rows, tokenizer.pad_id)
   positions, segment_ids = prompt_layout(start, tokens.shape[1])
   logits = {
       implementation: jax.jit(model.clone(attention_fn=functools.partial(
@@ -75,7 +69,7 @@ def test_flash_attention_in_the_model_matches_reference_attention(smollm2_2layer
 
 def test_prefill_with_default_flash_attention_matches_reference(smollm2_2layers, rows):
   model, params, tokenizer = smollm2_2layers  # default attention_fn: flash_attention
-  tokens, start = _left_pad(rows, tokenizer.pad_id)
+  tokens, start = left_pad(rows, tokenizer.pad_id)
   reference = model.clone(attention_fn=functools.partial(flash_attention,
                                                          implementation="reference"))
   results = [jax.jit(prefill, static_argnums=0)(m, params, tokens, start,
