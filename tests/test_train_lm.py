@@ -94,6 +94,7 @@ def test_sequence_parallel_run_matches_data_parallel(tmp_path, layout, strategy,
     (["--mesh.seq=2", "--model.mixer=h3"], "'model.mixer'.*with mesh.seq > 1"),
     (["--mesh.layout=zig-zag"], "'mesh.layout'"),
     (["--mesh.strategy=ulysses"], "'mesh.strategy'"),
+    (["--data.packing=true", "--model.mixer=long_conv"], "'data.packing'.*long_conv"),
 ])
 def test_sequence_parallel_settings_are_checked(tmp_path, overrides, words):
   with pytest.raises(run.ConfigError, match=words):

@@ -15,15 +15,20 @@ CONFIGS = pathlib.Path(__file__).parent.parent.parent / "configs"
 pytestmark = pytest.mark.usefixtures("smollm2_reader")
 
 
-def test_generate_prints_completion_and_speed(tmp_path, capsys):
+def test_generate_prints_completions_and_speed(tmp_path, capsys):
   path = str(CONFIGS / "smollm2_generate.yaml")
   module, config = run.load(path)
-  summary = run.run(path, [*module.smoke_overrides(config), "--prompt=The weather today",
-                           f"--output_dir={tmp_path}"])
-  assert 1 <= summary["new_tokens"] <= 4 and summary["tokens_per_s"] > 0
+  overrides = [*module.smoke_overrides(config), "--prompt=The weather today",
+               "--more_prompts=[Rain fell, In the match on Sunday the]"]
+  packed = run.run(path, [*overrides, "--prefill=packed", f"--output_dir={tmp_path / 'p'}"])
   out = capsys.readouterr().out
-  assert out.startswith("The weather today" + summary["completion"])
-  assert "tokens/s" in out
+  padded = run.run(path, [*overrides, "--prefill=padded", f"--output_dir={tmp_path / 'd'}"])
+  assert len(packed["completions"]) == 3 and 3 <= packed["new_tokens"] <= 12
+  assert packed["tokens_per_s"] > 0 and "tokens/s" in out
+  assert out.startswith("The weather today" + packed["completion"])
+  assert "Rain fell" + packed["completions"][1] in out
+  # Greedy decoding: packing the prompts changes the work, not the tokens.
+  assert packed["completions"] == padded["completions"]
 
 
 def test_generate_config_errors_are_clear():
