@@ -77,6 +77,19 @@ def test_decoder_is_causal_and_packed_segments_are_independent():
   np.testing.assert_allclose(packed[:, 4:], model.apply(params, tokens[:, 4:]), atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_at_returns_the_selected_positions_logits(tie):
+  model = _tiny_lm(tie_embeddings=tie)
+  tokens = jax.random.randint(jax.random.key(0), (3, 7), 0, 64)
+  params = model.init(jax.random.key(1), tokens)
+  segments = jnp.array([[1, 1, 1, 2, 2, 2, 2]] * 3)
+  rows, cols = jnp.array([2, 0, 0, 1]), jnp.array([6, 2, 6, 0])
+  full = model.apply(params, tokens, segment_ids=segments)
+  selected = model.apply(params, tokens, segment_ids=segments, logits_at=(rows, cols))
+  assert selected.shape == (4, 64) and selected.dtype == jnp.float32
+  np.testing.assert_allclose(selected, full[rows, cols], atol=1e-6)
+
+
 def test_decoder_takes_its_attention_fn():
   calls = []
 

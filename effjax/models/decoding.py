@@ -138,9 +138,10 @@ class CacheRouter:
     self.updated.append(cache)
     return self.attend(cache, q, k, v, **kw)
 
-  def run(self, model: DecoderLM, params: Any, *args: Any) -> tuple[jax.Array, Caches]:
+  def run(self, model: DecoderLM, params: Any, *args: Any, **kwargs: Any
+          ) -> tuple[jax.Array, Caches]:
     with nn.intercept_methods(self._intercept):
-      logits = model.clone(attention_fn=self).apply(params, *args)
+      logits = model.clone(attention_fn=self).apply(params, *args, **kwargs)
     if len(self.updated) != len(self.caches):
       raise ValueError(f"the model ran {len(self.updated)} attention layers for "
                        f"{len(self.caches)} caches; expected one cache per layer")
@@ -170,8 +171,8 @@ def prompt_layout(start: Int[Array, "batch"], seq: int
 
 
 def prefill(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
-            start: Int[Array, "batch"], caches: Caches
-            ) -> tuple[Float[Array, "batch seq vocab"], Caches]:
+            start: Int[Array, "batch"], caches: Caches, *, last_only: bool = False
+            ) -> tuple[Float[Array, "batch seq vocab"] | Float[Array, "batch vocab"], Caches]:
   """Runs a left-padded prompt through ``model``, storing every layer's K/V in ``caches``.
 
   Args:
@@ -180,6 +181,8 @@ def prefill(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
     tokens: prompts, row ``b`` left-padded with ``start[b]`` arbitrary valid ids.
     start: int ``[batch]``, each row's first real slot, in ``[0, seq)``.
     caches: :func:`init_caches` with ``max_len >= seq``.
+    last_only: compute only the last slot's logits, ``[batch, vocab]`` (what decoding needs; the
+      vocabulary projection then runs on ``batch`` tokens, not ``batch * seq``).
 
   Returns:
     float32 logits (rows' padding positions are meaningless) and the filled caches.
@@ -190,7 +193,9 @@ def prefill(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],
   router = CacheRouter(
       caches, lambda cache, k, v: cache.prefill(k, v, start), attend,
       lambda cache, inputs, previous: cache.prefill_inputs(inputs, start, previous), attend)
-  return router.run(model, params, tokens, positions, segment_ids)
+  batch, seq = tokens.shape
+  last = (jnp.arange(batch), jnp.full((batch,), seq - 1)) if last_only else None
+  return router.run(model, params, tokens, positions, segment_ids, logits_at=last)
 
 
 def extend(model: DecoderLM, params: Any, tokens: Int[Array, "batch seq"],

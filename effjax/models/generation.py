@@ -97,8 +97,7 @@ def sample_tokens(logits: Float[Array, "batch vocab"], key: jax.Array,
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: DecoderLM, params: Any, tokens: jax.Array, start: jax.Array,
              caches: decoding.Caches) -> tuple[jax.Array, decoding.Caches]:
-  logits, caches = decoding.prefill(model, params, tokens, start, caches)
-  return logits[:, -1], caches
+  return decoding.prefill(model, params, tokens, start, caches, last_only=True)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id",

@@ -106,10 +106,10 @@ def _prefill_packed(model: DecoderLM, params: Any, plan: PromptPacking, caches: 
       lambda cache, inputs, previous: cache.prefill_inputs(_gather_inputs(plan, inputs),
                                                            plan.start, previous),
       attend)
-  logits, caches = router.run(model, params, plan.tokens, plan.positions, plan.segment_ids)
-  if all_logits:
-    return _gather(plan, logits), caches
-  return logits[plan.last_row, plan.last_col], caches
+  last = None if all_logits else (plan.last_row, plan.last_col)
+  logits, caches = router.run(model, params, plan.tokens, plan.positions, plan.segment_ids,
+                              logits_at=last)
+  return (_gather(plan, logits) if all_logits else logits), caches
 
 
 def prefill_packed(model: DecoderLM, params: Any,

@@ -54,6 +54,20 @@ def test_prefill_then_token_by_token_equals_full_forward(smollm2_2layers, rows):
   assert int(caches[0].length) == prompts.shape[1] + steps
 
 
+def test_prefill_last_only_gives_the_last_logits_and_the_same_caches(smollm2_2layers, rows):
+  model, params, tokenizer = smollm2_2layers
+  prompts, start = left_pad(rows, tokenizer.pad_id)
+  run = jax.jit(prefill, static_argnums=0, static_argnames="last_only")
+  fresh = lambda: init_caches(model, len(rows), prompts.shape[1] + 4)
+  logits, caches = run(model, params, prompts, start, fresh())
+  last, last_caches = run(model, params, prompts, start, fresh(), last_only=True)
+  assert last.shape == (len(rows), model.config.vocab_size)
+  testing.assert_close(last, logits[:, -1])
+  for cache, last_cache in zip(caches, last_caches):
+    np.testing.assert_array_equal(last_cache.k, cache.k)
+    np.testing.assert_array_equal(last_cache.v, cache.v)
+
+
 def test_flash_attention_in_the_model_matches_reference_attention(smollm2_2layers, rows):
   model, params, tokenizer = smollm2_2layers
   tokens, start = left_pad(rows, tokenizer.pad_id)
