@@ -86,6 +86,18 @@ def time_call(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int 
   return Timing(statistics.median(samples), min(samples), max(samples), repeats)
 
 
+def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+  """Median seconds of each no-argument call, the calls alternating within every repeat (so a
+  slow phase of the machine hits them all alike). Warm them up (compile) first."""
+  if repeats < 1:
+    raise ValueError(f"repeats is {repeats!r}; expected >= 1")
+  samples: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      samples[name].append(time_call(call, warmup=0, repeats=1).median_s)
+  return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def random_inputs(specs: Sequence[jax.ShapeDtypeStruct], seed: int = 0) -> list[jax.Array]:
   """Standard-normal arrays (or random ints) for ``specs``, to time what was measured for memory."""
   keys = jax.random.split(jax.random.key(seed), len(specs))
@@ -149,11 +161,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 
   def cell(row, column):
     value = row.get(column)
+    if value is None:
+      return "-"
     if column in formatters:
       return formatters[column](value)
     if isinstance(value, float):
       return f"{value:.3g}"
-    return "-" if value is None else str(value)
+    return str(value)
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]

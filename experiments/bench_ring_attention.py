@@ -114,14 +114,11 @@ def step_rows(seq_len: int, batch: int, repeats: int) -> list[dict]:
     benchmarking.time_call(steppers[label], warmup=2, repeats=1)
     rows.append({"mesh": label, "seq_len": seq_len, "batch": batch,
                  "temp_bytes": stats.temp_bytes})
-  samples = {label: [] for label in steppers}
-  for _ in range(repeats):
-    for label, stepper in steppers.items():
-      samples[label].append(benchmarking.time_call(stepper, warmup=0, repeats=1).median_s)
-  base = float(np.median(samples[rows[0]["mesh"]]))
+  medians = benchmarking.interleaved_medians(steppers, repeats)
+  base = medians[rows[0]["mesh"]]
   for row in rows:
-    median = float(np.median(samples[row["mesh"]]))
-    row.update(step_ms=median * 1e3, time_vs_data_parallel=median / base)
+    row.update(step_ms=medians[row["mesh"]] * 1e3,
+               time_vs_data_parallel=medians[row["mesh"]] / base)
   return rows
 
 

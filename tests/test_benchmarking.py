@@ -41,6 +41,16 @@ def test_time_call():
     benchmarking.time_call(lambda: None, repeats=0)
 
 
+def test_interleaved_medians_alternate_the_calls():
+  order = []
+  medians = benchmarking.interleaved_medians(
+      {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3)
+  assert order == ["a", "b"] * 3 and set(medians) == {"a", "b"}
+  assert all(value >= 0 for value in medians.values())
+  with pytest.raises(ValueError, match="repeats is 0"):
+    benchmarking.interleaved_medians({"a": lambda: None}, repeats=0)
+
+
 def test_write_results_has_command_machine_and_table(tmp_path):
   rows = [{"seq_len": 1024, "temp_bytes": 3 * 2**20, "ratio": 0.5},
           {"seq_len": 2048, "temp_bytes": None, "ratio": 1.25}]
@@ -92,6 +102,28 @@ def test_quickstart_suite_quick(tmp_path):
   assert [row["step"] for row in record["rows"]] == [2, 4]
   assert "Held-out perplexity" in (tmp_path / "quickstart.md").read_text()
   assert (tmp_path / "quickstart_loss.png").exists()
+
+
+def test_remat_suite_quick(tmp_path):
+  assert bench.main(["remat", "--quick", "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "remat.json").read_text())["rows"]
+  assert {row["remat"]: row["attention_forwards"] for row in rows} == {
+      "none": 2, "full": 4, "save_attention": 2}
+  assert all(row["temp_bytes"] > 0 and row["step_ms"] > 0 for row in rows)
+
+
+def test_prepacking_suite_quick(tmp_path):
+  pytest.importorskip("gguf")
+  pytest.importorskip("gensim")
+  assert bench.main(["prepacking", "--quick", "--out", str(tmp_path)]) == 0
+  prefill = json.loads((tmp_path / "prepacking_prefill.json").read_text())["rows"]
+  assert [(row["batch"], row["prefill"]) for row in prefill] == [
+      (4, "padded"), (4, "packed"), (8, "padded"), (8, "packed")]
+  assert all(row["flops"] > 0 and row["peak_bytes"] > 0 for row in prefill)
+  training = json.loads((tmp_path / "prepacking_training.json").read_text())["rows"]
+  padded, packed = training
+  assert packed["non_padding_fraction"] >= padded["non_padding_fraction"]
+  assert packed["rows_per_epoch"] <= padded["rows_per_epoch"] and packed["tokens_per_s"] > 0
 
 
 @pytest.mark.slow

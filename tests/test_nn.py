@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from effjax import nn as enn
-from effjax import testing
+from effjax import sharding, testing
 from effjax.ops.attention import flash_attention
 
 
@@ -102,6 +102,38 @@ def test_decoder_takes_its_attention_fn():
   assert calls == [((1, 5, 4, 8), (1, 5, 2, 8))] * 2
 
 
+def _split_attention(devices):
+  mesh = sharding.make_mesh(sharding.MeshConfig(("data", "seq"), (1, devices)),
+                            jax.devices()[:devices])
+  return enn.SequenceParallel(mesh, layout="contiguous")
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["flash", "ring"])
+def test_remat_policies_keep_gradients_and_save_attention_never_reruns_its_forward(
+    sequence_parallel):
+  base = _tiny_lm(num_layers=3)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  segments = jnp.array([[1] * 9 + [2] * 7, [1] * 16])
+  params = base.init(jax.random.key(1), tokens)
+  split = _split_attention(4) if sequence_parallel else None
+  forwards, grads = {}, {}
+  for remat in enn.REMAT_POLICIES:
+    model = base.clone(remat=remat)
+    if split is None:
+      loss = lambda p, m=model: jnp.mean(m.apply(p, tokens, segment_ids=segments) ** 2)
+    else:
+      model = model.clone(attention_fn=split.attention_fn())
+      loss = lambda p, m=model: jnp.mean(
+          m.apply(p, **split.inputs(tokens, segments)) ** 2)
+    forwards[remat] = enn.count_attention_forwards(jax.grad(loss), params)
+    grads[remat] = jax.jit(jax.grad(loss))(params)
+  # One attention forward per layer; "full" reruns each in the backward, LightSeq's does not.
+  assert forwards == {"none": 3, "full": 6, "save_attention": 3}
+  for remat in ("full", "save_attention"):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+                 grads[remat], grads["none"])
+
+
 def test_bad_model_config_and_inputs():
   with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
     enn.TransformerConfig(vocab_size=8, d_model=24, num_layers=1, num_heads=6, num_kv_heads=4,
@@ -109,6 +141,8 @@ def test_bad_model_config_and_inputs():
   with pytest.raises(ValueError, match="vocab_size must be > 0"):
     enn.TransformerConfig(vocab_size=0, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
                           d_ff=8)
+  with pytest.raises(ValueError, match="remat is 'attention'; expected one of"):
+    _tiny_lm().clone(remat="attention").init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))
   model = _tiny_lm()
   with pytest.raises(ValueError, match=r"tokens must be integer \[batch, seq\]"):
     model.init(jax.random.key(0), jnp.zeros((1, 5), jnp.float32))

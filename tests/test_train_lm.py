@@ -67,21 +67,22 @@ def _losses(directory):
   return [r["loss"] for r in records if "loss" in r]
 
 
-@pytest.mark.parametrize("layout, strategy, packing", [
-    ("zigzag", "ring", False),
-    ("striped", "ring", True),
-    pytest.param("striped", "all_gather", False, marks=pytest.mark.slow),
-    pytest.param("contiguous", "ring", False, marks=pytest.mark.slow),
-    pytest.param("zigzag", "all_gather", True, marks=pytest.mark.slow),
+@pytest.mark.parametrize("layout, strategy, packing, remat", [
+    ("zigzag", "ring", False, "none"),
+    ("striped", "ring", True, "save_attention"),
+    pytest.param("striped", "all_gather", False, "full", marks=pytest.mark.slow),
+    pytest.param("contiguous", "ring", False, "none", marks=pytest.mark.slow),
+    pytest.param("zigzag", "all_gather", True, "save_attention", marks=pytest.mark.slow),
 ])
-def test_sequence_parallel_run_matches_data_parallel(tmp_path, layout, strategy, packing):
+def test_sequence_parallel_run_matches_data_parallel(tmp_path, layout, strategy, packing, remat):
   """A 2 x 4 (data x seq) run: same losses and held-out perplexity as data parallel over 8
-  (packed rows: documents crossing device borders)."""
+  (packed rows: documents crossing device borders; remat only in the split run)."""
   common = [*TINY, "--steps=3", "--optim.warmup_steps=1", "--optim.learning_rate=1e-2",
             f"--data.packing={str(packing).lower()}"]
   plain = run.run("configs/quickstart.yaml", [*common, f"--output_dir={tmp_path / 'data'}"])
   split = run.run("configs/quickstart.yaml", [
       *common, "--mesh.seq=4", f"--mesh.layout={layout}", f"--mesh.strategy={strategy}",
+      f"--model.remat={remat}",
       f"--output_dir={tmp_path / 'seq'}"])
   np.testing.assert_allclose(_losses(tmp_path / "seq"), _losses(tmp_path / "data"),
                              rtol=1e-6, atol=1e-5)
@@ -95,6 +96,8 @@ def test_sequence_parallel_run_matches_data_parallel(tmp_path, layout, strategy,
     (["--mesh.layout=zig-zag"], "'mesh.layout'"),
     (["--mesh.strategy=ulysses"], "'mesh.strategy'"),
     (["--data.packing=true", "--model.mixer=long_conv"], "'data.packing'.*long_conv"),
+    (["--model.remat=dots"], "'model.remat': got 'dots'"),
+    (["--model.remat=full", "--model.mixer=h3"], "'model.remat'.*long_conv / h3"),
 ])
 def test_sequence_parallel_settings_are_checked(tmp_path, overrides, words):
   with pytest.raises(run.ConfigError, match=words):

@@ -1,6 +1,7 @@
 """Flax (Linen) modules. Layers take their ops as callables (``attention_fn=...``)."""
 
 from effjax.nn.attention import MultiHeadAttention
+from effjax.nn.remat import REMAT_POLICIES, count_attention_forwards, remat_policy
 from effjax.nn.rope import apply_rope, rope_frequencies, segment_positions
 from effjax.nn.sequence_parallel import SequenceParallel
 from effjax.nn.transformer import DecoderBlock, DecoderLM, SwiGLU, TransformerConfig
@@ -8,7 +9,8 @@ from effjax.nn.long_conv import (H3LongConv, LongConv, LongConvKernel, LongConvL
                                  LongConvLMConfig)
 
 __all__ = [
-    "MultiHeadAttention", "apply_rope", "rope_frequencies",
+    "MultiHeadAttention", "REMAT_POLICIES", "count_attention_forwards", "remat_policy",
+    "apply_rope", "rope_frequencies",
     "segment_positions", "SequenceParallel", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",
     "H3LongConv", "LongConv", "LongConvKernel", "LongConvLM", "LongConvLMConfig",
 ]

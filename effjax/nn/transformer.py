@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from effjax.nn.attention import AttentionFn, MultiHeadAttention
+from effjax.nn.remat import remat_policy
 from effjax.ops.attention import flash_attention
 from effjax.nn.rope import segment_positions
 
@@ -98,11 +99,15 @@ class DecoderLM(nn.Module):
   the vocabulary projection then run on ``n`` tokens instead of ``batch * seq`` (a prefill needs
   one per prompt; at SmolLM2's 49k vocabulary the full projection is ~20% of the forward FLOPs
   and its float32 logits the largest activation).
+
+  ``remat`` checkpoints every block with a policy of :mod:`effjax.nn.remat`: ``"none"``,
+  ``"full"`` or ``"save_attention"`` (LightSeq: the backward never reruns the attention forward).
   """
   config: TransformerConfig
   attention_fn: AttentionFn = flash_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, tokens: Int[Array, "batch seq"],
@@ -120,10 +125,11 @@ class DecoderLM(nn.Module):
                      param_dtype=self.param_dtype, name="embed",
                      embedding_init=nn.initializers.normal(stddev=config.d_model**-0.5))
     x = embed(tokens)
+    policy = remat_policy(self.remat)
+    block = DecoderBlock if policy is None else nn.remat(DecoderBlock, policy=policy)
     for layer in range(config.num_layers):
-      x = DecoderBlock(config, attention_fn=self.attention_fn, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=f"layer_{layer}")(x, positions,
-                                                                            segment_ids)
+      x = block(config, attention_fn=self.attention_fn, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"layer_{layer}")(x, positions, segment_ids)
     if logits_at is not None:
       rows, cols = logits_at
       x = x[rows, cols]

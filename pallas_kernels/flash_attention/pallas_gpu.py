@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import shapes
 from pallas_kernels.flash_attention import masks
+from pallas_kernels.flash_attention.residuals import tag_residuals
 from pallas_kernels.interpret import gpu_compute_capability, gpu_interpret
 
 # Triton tiles must be powers of two and a dot needs every dimension >= 16.
@@ -207,7 +208,7 @@ def _attention(config: Call, q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def _attention_fwd(config: Call, q, k, v, q_segment_ids, kv_segment_ids):
-  out, lse = _forward(config, q, k, v, q_segment_ids, kv_segment_ids)
+  out, lse = tag_residuals(*_forward(config, q, k, v, q_segment_ids, kv_segment_ids))
   return (out, lse), (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
 
 

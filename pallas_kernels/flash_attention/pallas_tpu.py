@@ -72,6 +72,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import shapes
 from pallas_kernels.flash_attention import masks
+from pallas_kernels.flash_attention.residuals import tag_residuals
 from pallas_kernels.interpret import require_tpu_or_interpret
 
 _LANES = 128
@@ -292,7 +293,7 @@ def _attention(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def _attention_fwd(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
-  out, lse = _forward(config, q, k, v, q_segment_ids, kv_segment_ids)
+  out, lse = tag_residuals(*_forward(config, q, k, v, q_segment_ids, kv_segment_ids))
   return (out, lse), (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
 
 

@@ -39,6 +39,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import shapes
 from pallas_kernels.flash_attention import masks
+from pallas_kernels.flash_attention.residuals import tag_residuals
 
 # Block-size heuristic: blocks of up to _MAX_BLOCK positions, halved (down to _MIN_BLOCK) until
 # one block of float32 logits over batch * heads fits in _BLOCK_ELEMENTS elements (16 MiB).
@@ -169,7 +170,7 @@ def _attention(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def _attention_fwd(config: _Config, q, k, v, q_segment_ids, kv_segment_ids):
-  out, lse = _forward(config, q, k, v, q_segment_ids, kv_segment_ids)
+  out, lse = tag_residuals(*_forward(config, q, k, v, q_segment_ids, kv_segment_ids))
   return (out, lse), (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
 
 

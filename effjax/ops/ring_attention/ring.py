@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from effjax.ops.ring_attention import blocks
+from pallas_kernels.flash_attention.residuals import tag_residuals
 
 
 class RingConfig(NamedTuple):
@@ -99,7 +100,7 @@ def _ring_forward(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def _ring_fwd(config: RingConfig, q, k, v, q_segment_ids, kv_segment_ids):
-  out, lse = _ring_forward(config, q, k, v, q_segment_ids, kv_segment_ids)
+  out, lse = tag_residuals(*_ring_forward(config, q, k, v, q_segment_ids, kv_segment_ids))
   return (out, lse), (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
 
 

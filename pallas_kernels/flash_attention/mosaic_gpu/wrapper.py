@@ -19,6 +19,7 @@ from pallas_kernels.flash_attention.mosaic_gpu.backward import dkv_kernel, dq_ke
 from pallas_kernels.flash_attention.mosaic_gpu.config import (LOG2E, TILE, BlockSizes, Call,
                                                               default_block_sizes)
 from pallas_kernels.flash_attention.mosaic_gpu.forward import forward_kernel
+from pallas_kernels.flash_attention.residuals import tag_residuals
 from pallas_kernels.interpret import mosaic_gpu_interpret
 
 _LN2 = math.log(2.0)
@@ -162,7 +163,7 @@ def _attention(call: Call, q, k, v, ids: _SegmentIds):
 
 
 def _attention_fwd(call: Call, q, k, v, ids: _SegmentIds):
-  out, lse = _forward(call, q, k, v, ids)
+  out, lse = tag_residuals(*_forward(call, q, k, v, ids))
   return (out, lse), (q, k, v, ids, out, lse)
 
 
