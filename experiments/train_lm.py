@@ -69,8 +69,9 @@ class ModelConfig:
   learned causal long convolutions as long as data.seq_len; the head and RoPE keys are unused)."""
   remat: str = "none"
   """Activation checkpointing of every block (effjax.nn.remat): 'none', 'full' (keep block
-  inputs only; the backward reruns each block) or 'save_attention' (LightSeq: also keep the
-  attention output and LSE, so the rerun never repeats the attention forward)."""
+  inputs only; the backward reruns each block), 'dots' (also keep matmul results),
+  'save_attention' (LightSeq: also keep the attention output and LSE, so the rerun never repeats
+  the attention forward) or 'offload_attention' (those two in host memory)."""
 
   def __post_init__(self):
     require(self.mixer in ("attention", "long_conv", "h3"), "model.mixer", self.mixer,

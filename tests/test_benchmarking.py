@@ -108,7 +108,8 @@ def test_remat_suite_quick(tmp_path):
   assert bench.main(["remat", "--quick", "--out", str(tmp_path)]) == 0
   rows = json.loads((tmp_path / "remat.json").read_text())["rows"]
   assert {row["remat"]: row["attention_forwards"] for row in rows} == {
-      "none": 2, "full": 4, "save_attention": 2}
+      "none": 2, "full": 4, "dots": 4, "save_attention": 2, "offload_attention": 2}
+  assert [row["remat"] for row in rows if row["host_bytes"]] == ["offload_attention"]
   assert all(row["temp_bytes"] > 0 and row["step_ms"] > 0 for row in rows)
 
 

@@ -128,10 +128,22 @@ def test_remat_policies_keep_gradients_and_save_attention_never_reruns_its_forwa
     forwards[remat] = enn.count_attention_forwards(jax.grad(loss), params)
     grads[remat] = jax.jit(jax.grad(loss))(params)
   # One attention forward per layer; "full" reruns each in the backward, LightSeq's does not.
-  assert forwards == {"none": 3, "full": 6, "save_attention": 3}
-  for remat in ("full", "save_attention"):
+  assert forwards == {"none": 3, "full": 6, "dots": 6, "save_attention": 3,
+                      "offload_attention": 3}
+  for remat in ("full", "dots", "save_attention", "offload_attention"):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
                  grads[remat], grads["none"])
+
+
+def test_offload_attention_keeps_the_attention_residuals_in_host_memory():
+  model = _tiny_lm().clone(remat="offload_attention")
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  params = model.init(jax.random.key(1), tokens)
+  grad = jax.grad(lambda p, m=model: m.apply(p, tokens).mean())
+  # Per layer: the output [2, 16, 4 heads, 8] and the LSE [2, 4, 16], float32, on the host.
+  assert enn.host_residual_bytes(grad, params) == 2 * (2 * 16 * 4 * 8 + 2 * 4 * 16) * 4
+  saved = jax.grad(lambda p, m=model.clone(remat="save_attention"): m.apply(p, tokens).mean())
+  assert enn.host_residual_bytes(saved, params) == 0
 
 
 def test_bad_model_config_and_inputs():

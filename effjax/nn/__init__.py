@@ -1,7 +1,8 @@
 """Flax (Linen) modules. Layers take their ops as callables (``attention_fn=...``)."""
 
 from effjax.nn.attention import MultiHeadAttention
-from effjax.nn.remat import REMAT_POLICIES, count_attention_forwards, remat_policy
+from effjax.nn.remat import (REMAT_POLICIES, count_attention_forwards, host_residual_bytes,
+                              remat_policy)
 from effjax.nn.rope import apply_rope, rope_frequencies, segment_positions
 from effjax.nn.sequence_parallel import SequenceParallel
 from effjax.nn.transformer import DecoderBlock, DecoderLM, SwiGLU, TransformerConfig
@@ -9,7 +10,8 @@ from effjax.nn.long_conv import (H3LongConv, LongConv, LongConvKernel, LongConvL
                                  LongConvLMConfig)
 
 __all__ = [
-    "MultiHeadAttention", "REMAT_POLICIES", "count_attention_forwards", "remat_policy",
+    "MultiHeadAttention", "REMAT_POLICIES", "count_attention_forwards", "host_residual_bytes",
+    "remat_policy",
     "apply_rope", "rope_frequencies",
     "segment_positions", "SequenceParallel", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",
     "H3LongConv", "LongConv", "LongConvKernel", "LongConvLM", "LongConvLMConfig",
