@@ -40,7 +40,8 @@ import tqdm
 
 from effjax import distributed, sharding
 from effjax.data import unigram_perplexity
-from effjax.nn import REMAT_POLICIES, DecoderLM, SequenceParallel, TransformerConfig
+from effjax.nn import (REMAT_POLICIES, DecoderLM, ReversibleDecoderLM, SequenceParallel,
+                       TransformerConfig)
 from effjax.nn.long_conv import LongConvLM, LongConvLMConfig
 from effjax.optim import zero
 from effjax.ops.ring_attention import LAYOUTS, STRATEGIES
@@ -72,6 +73,10 @@ class ModelConfig:
   inputs only; the backward reruns each block), 'dots' (also keep matmul results),
   'save_attention' (LightSeq: also keep the attention output and LSE, so the rerun never repeats
   the attention forward) or 'offload_attention' (those two in host memory)."""
+  reversible: bool = False
+  """Reversible blocks (effjax.nn.ReversibleDecoderLM, RevNet coupling of the attention and MLP
+  halves on two streams): the backward reconstructs each block's input, so stored activations do
+  not grow with num_layers. Needs mixer 'attention' and remat 'none'."""
 
   def __post_init__(self):
     require(self.mixer in ("attention", "long_conv", "h3"), "model.mixer", self.mixer,
@@ -89,6 +94,9 @@ class ModelConfig:
             f"one of {list(REMAT_POLICIES)}")
     require(self.mixer == "attention" or self.remat == "none", "model.remat", self.remat,
             "'none' with model.mixer long_conv / h3 (the policies checkpoint attention blocks)")
+    require(not self.reversible or (self.mixer == "attention" and self.remat == "none"),
+            "model.reversible", self.reversible,
+            "False unless model.mixer is 'attention' and model.remat is 'none'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +248,8 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any
                                        num_layers=config.num_layers, d_ff=config.d_ff,
                                        kernel_len=seq_len, mixer=config.mixer),
                       dtype=jnp.dtype(config.dtype))
-  return DecoderLM(
+  model = ReversibleDecoderLM if config.reversible else DecoderLM
+  return model(
       TransformerConfig(vocab_size=vocab_size, d_model=config.d_model,
                         num_layers=config.num_layers, num_heads=config.num_heads,
                         num_kv_heads=config.num_kv_heads, d_ff=config.d_ff,

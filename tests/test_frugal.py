@@ -333,7 +333,7 @@ def test_frugal_under_zero3_equals_unsharded(tmp_path):
   assert ref_losses[-1] < ref_losses[0] - 0.1   # it trains
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
   name = "params/layer_0/mlp/up/kernel"   # [16, 32]: moments [r=4, 32], split 8 ways
   assert state.opt_state.low.mu[name].sharding.spec == jax.sharding.PartitionSpec(None, "data")
 

@@ -96,8 +96,9 @@ def test_sequence_parallel_run_matches_data_parallel(tmp_path, layout, strategy,
     (["--mesh.layout=zig-zag"], "'mesh.layout'"),
     (["--mesh.strategy=ulysses"], "'mesh.strategy'"),
     (["--data.packing=true", "--model.mixer=long_conv"], "'data.packing'.*long_conv"),
-    (["--model.remat=dots"], "'model.remat': got 'dots'"),
+    (["--model.remat=everything"], "'model.remat': got 'everything'"),
     (["--model.remat=full", "--model.mixer=h3"], "'model.remat'.*long_conv / h3"),
+    (["--model.reversible=true", "--model.remat=full"], "'model.reversible': got True"),
 ])
 def test_sequence_parallel_settings_are_checked(tmp_path, overrides, words):
   with pytest.raises(run.ConfigError, match=words):

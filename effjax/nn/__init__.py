@@ -4,6 +4,7 @@ from effjax.nn.attention import MultiHeadAttention
 from effjax.nn.remat import (REMAT_POLICIES, count_attention_forwards, host_residual_bytes,
                               remat_policy)
 from effjax.nn.rope import apply_rope, rope_frequencies, segment_positions
+from effjax.nn.reversible import ReversibleDecoderLM, reversible_layers
 from effjax.nn.sequence_parallel import SequenceParallel
 from effjax.nn.transformer import DecoderBlock, DecoderLM, SwiGLU, TransformerConfig
 from effjax.nn.long_conv import (H3LongConv, LongConv, LongConvKernel, LongConvLM,
@@ -13,6 +14,6 @@ __all__ = [
     "MultiHeadAttention", "REMAT_POLICIES", "count_attention_forwards", "host_residual_bytes",
     "remat_policy",
     "apply_rope", "rope_frequencies",
-    "segment_positions", "SequenceParallel", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",
+    "segment_positions", "ReversibleDecoderLM", "reversible_layers", "SequenceParallel", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",
     "H3LongConv", "LongConv", "LongConvKernel", "LongConvLM", "LongConvLMConfig",
 ]

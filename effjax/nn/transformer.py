@@ -69,6 +69,32 @@ class SwiGLU(nn.Module):
     return dense(x.shape[-1], "down")(hidden)
 
 
+def _norm(module: nn.Module, name: str) -> nn.RMSNorm:
+  return nn.RMSNorm(epsilon=module.config.norm_eps, dtype=module.dtype,
+                    param_dtype=module.param_dtype, name=name)
+
+
+def attention_branch(module: nn.Module, x: Float[Array, "batch seq d_model"],
+                     positions: Int[Array, "batch seq"],
+                     segment_ids: Int[Array, "batch seq"] | None) -> Float[Array, "batch seq d_model"]:
+  """``Attention(RMSNorm(x))`` as submodules ``attention_norm`` / ``attention`` of ``module``
+  (called inside its compact method; ``module`` has config, attention_fn, dtype, param_dtype)."""
+  config = module.config
+  return MultiHeadAttention(
+      num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+      head_dim=config.resolved_head_dim, rope_theta=config.rope_theta, qk_norm=config.qk_norm,
+      norm_eps=config.norm_eps, attention_fn=module.attention_fn, dtype=module.dtype,
+      param_dtype=module.param_dtype, name="attention")(_norm(module, "attention_norm")(x),
+                                                        positions, segment_ids)
+
+
+def mlp_branch(module: nn.Module, x: Float[Array, "batch seq d_model"]
+               ) -> Float[Array, "batch seq d_model"]:
+  """``SwiGLU(RMSNorm(x))`` as submodules ``mlp_norm`` / ``mlp`` of ``module``."""
+  return SwiGLU(module.config.d_ff, dtype=module.dtype, param_dtype=module.param_dtype,
+                name="mlp")(_norm(module, "mlp_norm")(x))
+
+
 class DecoderBlock(nn.Module):
   config: TransformerConfig
   attention_fn: AttentionFn = flash_attention
@@ -77,17 +103,8 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, segment_ids=None):
-    config = self.config
-    norm = lambda name: nn.RMSNorm(epsilon=config.norm_eps, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name)
-    x = x + MultiHeadAttention(
-        num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-        head_dim=config.resolved_head_dim, rope_theta=config.rope_theta, qk_norm=config.qk_norm,
-        norm_eps=config.norm_eps, attention_fn=self.attention_fn, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="attention")(norm("attention_norm")(x), positions,
-                                                         segment_ids)
-    return x + SwiGLU(config.d_ff, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="mlp")(norm("mlp_norm")(x))
+    x = x + attention_branch(self, x, positions, segment_ids)
+    return x + mlp_branch(self, x)
 
 
 class DecoderLM(nn.Module):
@@ -124,12 +141,7 @@ class DecoderLM(nn.Module):
     embed = nn.Embed(config.vocab_size, config.d_model, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="embed",
                      embedding_init=nn.initializers.normal(stddev=config.d_model**-0.5))
-    x = embed(tokens)
-    policy = remat_policy(self.remat)
-    block = DecoderBlock if policy is None else nn.remat(DecoderBlock, policy=policy)
-    for layer in range(config.num_layers):
-      x = block(config, attention_fn=self.attention_fn, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"layer_{layer}")(x, positions, segment_ids)
+    x = self.layers(embed(tokens), positions, segment_ids)
     if logits_at is not None:
       rows, cols = logits_at
       x = x[rows, cols]
@@ -141,3 +153,13 @@ class DecoderLM(nn.Module):
       logits = nn.Dense(config.vocab_size, use_bias=False, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="lm_head")(x)
     return logits.astype(jnp.float32)
+
+  def layers(self, x: Float[Array, "batch seq d_model"], positions: Int[Array, "batch seq"],
+             segment_ids: Int[Array, "batch seq"] | None) -> Float[Array, "batch seq d_model"]:
+    """The decoder blocks, ``layer_0 .. layer_{L-1}`` (called inside ``__call__``)."""
+    policy = remat_policy(self.remat)
+    block = DecoderBlock if policy is None else nn.remat(DecoderBlock, policy=policy)
+    for layer in range(self.config.num_layers):
+      x = block(self.config, attention_fn=self.attention_fn, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"layer_{layer}")(x, positions, segment_ids)
+    return x

@@ -98,10 +98,9 @@ def attention_backward(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],
     v: Float[Array, "batch kv_len kv_heads v_head_dim"],
-    out: Float[Array, "batch q_len heads v_head_dim"],
     lse: Float[Array, "batch heads q_len"],
     d_out: Float[Array, "batch q_len heads v_head_dim"],
-    d_lse: Float[Array, "batch heads q_len"],
+    delta: Float[Array, "batch heads q_len"],
     *,
     causal: bool = False,
     q_segment_ids: Int[Array, "batch q_len"] | None = None,
@@ -111,15 +110,23 @@ def attention_backward(
     scale: float,
     block_sizes: tuple[int, int] | None = None,
 ) -> tuple[Array, Array, Array]:
-  """``(dq, dk, dv)`` from the output and LSE: FlashAttention-2's backward, without a forward.
+  """``(dq, dk, dv)`` from the LSE and ``delta``: FlashAttention-2's backward, without a forward.
 
-  ``out`` and ``lse`` need not come from these keys alone: when they are the statistics of a
-  longer key sequence of which ``k``/``v`` is one block (ring attention), the result is exactly
-  this block's share of the full gradient, since ``P = exp(S - lse)`` and
-  ``D = rowsum(d_out * out) - d_lse`` are the full attention's. Arguments as :func:`attention`.
+  ``delta = rowsum(d_out * out) - d_lse`` (:func:`softmax_delta`). ``lse`` and ``delta`` need not
+  come from these keys alone: when they are the statistics of a longer key sequence of which
+  ``k``/``v`` is one block (ring attention), the result is exactly this block's share of the full
+  gradient, since ``P = exp(S - lse)`` and ``delta`` are the full attention's; the output itself
+  is not needed. Arguments as :func:`attention`.
   """
   config = _config(q, k, causal, window, softcap, scale, block_sizes)
-  return _backward(config, (q, k, v, q_segment_ids, kv_segment_ids, out, lse), (d_out, d_lse))
+  return _backward_from_delta(config, q, k, v, q_segment_ids, kv_segment_ids, lse, d_out, delta)
+
+
+def softmax_delta(out: Float[Array, "batch q_len heads v_head_dim"],
+                  d_out: Float[Array, "batch q_len heads v_head_dim"],
+                  d_lse: Float[Array, "batch heads q_len"]) -> Float[Array, "batch heads q_len"]:
+  """``rowsum(d_out * out) - d_lse`` in float32: the backward's per-query statistic ``D``."""
+  return jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
 
 
 def _config(q, k, causal, window, softcap, scale, block_sizes) -> _Config:
@@ -245,12 +252,17 @@ def _backward(config: _Config, residuals, cotangents):
   """Returns ``(dq, dk, dv)`` in the dtypes of ``(q, k, v)``; dk/dv summed over GQA groups."""
   q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
   d_out, d_lse = cotangents
+  return _backward_from_delta(config, q, k, v, q_segment_ids, kv_segment_ids, lse, d_out,
+                              softmax_delta(out, d_out, d_lse))
+
+
+def _backward_from_delta(config: _Config, q, k, v, q_segment_ids, kv_segment_ids, lse, d_out,
+                         delta):
   layout = _Layout.of(config, q, k)
   qt, d_out_t = layout.queries(q), layout.queries(d_out)
   kt, vt = layout.keys(k), layout.keys(v)
   segments = layout.segments(q_segment_ids, kv_segment_ids)
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta_t = layout.query_stats(delta - d_lse)
+  delta_t = layout.query_stats(delta)
   lse_t = layout.query_stats(jnp.where(lse == -jnp.inf, 0.0, lse))  # those rows are all masked
 
   def kv_block(dq, j):

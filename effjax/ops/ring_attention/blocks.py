@@ -142,10 +142,6 @@ def step_calls(options: StepOptions, me: Int[Array, ""], step: int | Int[Array, 
   return which, (diagonal, diagonal, shifted)
 
 
-def _select(which, branches):
-  return branches[0]() if len(branches) == 1 else lax.switch(which, branches)
-
-
 def step_attention(
     options: StepOptions,
     me: Int[Array, ""],
@@ -174,7 +170,8 @@ def step_attention(
     return _pad(out, call.q_rows, length, 1), _pad(lse, call.q_rows, length, 2, -jnp.inf)
 
   which, calls = step_calls(options, me, step, length)
-  return _select(which, [functools.partial(run, call) for call in calls])
+  branches = [functools.partial(run, call) for call in calls]
+  return branches[0]() if len(branches) == 1 else lax.switch(which, branches)
 
 
 def nothing_seen(q: Float[Array, "batch c heads head_dim"],
@@ -194,31 +191,32 @@ def step_gradients(
     v: Float[Array, "batch c kv_heads v_head_dim"],
     q_segment_ids: Int[Array, "batch c"] | None,
     kv_segment_ids: Int[Array, "batch c"] | None,
-    out: Float[Array, "batch c heads v_head_dim"],
     lse: Float[Array, "batch heads c"],
     d_out: Float[Array, "batch c heads v_head_dim"],
-    d_lse: Float[Array, "batch heads c"],
+    delta: Float[Array, "batch heads c"],
+    grads: tuple[Array, Array, Array],
 ) -> tuple[Array, Array, Array]:
-  """``(dq, dk, dv)``: this step's share of the gradient, from the GLOBAL output and LSE.
+  """Adds this step's share of the gradient to the float32 accumulators ``grads = (dq, dk, dv)``.
 
   The same calls as :func:`step_attention`, each through FlashAttention-2's backward
-  (``effjax.ops.attention.xla.attention_backward``) with the full attention's ``out``/``lse``,
-  so no forward is recomputed and no per-block statistics are kept.
+  (``effjax.ops.attention.xla.attention_backward``) with the full attention's LSE and
+  ``delta = rowsum(d_out * out) - d_lse``, so no forward is recomputed and no per-block
+  statistics are kept. Each call's gradients are added into the rows it covers, in place.
   """
-  length = q.shape[1]
-
-  def run(call: Call | None):
+  def run(call: Call | None, grads):
     if call is None:
-      return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+      return grads
     rows, keys = call.q_rows, call.kv_rows
-    dq, dk, dv = xla.attention_backward(
-        q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], d_out[:, rows],
-        d_lse[:, :, rows], causal=call.causal, window=call.window, softcap=options.softcap,
-        scale=options.scale, **_segments(call, q_segment_ids, kv_segment_ids))
-    return _pad(dq, rows, length, 1), _pad(dk, keys, length, 1), _pad(dv, keys, length, 1)
+    parts = xla.attention_backward(
+        q[:, rows], k[:, keys], v[:, keys], lse[:, :, rows], d_out[:, rows], delta[:, :, rows],
+        causal=call.causal, window=call.window, softcap=options.softcap, scale=options.scale,
+        **_segments(call, q_segment_ids, kv_segment_ids))
+    return tuple(total.at[:, where].add(part.astype(jnp.float32))
+                 for total, part, where in zip(grads, parts, (rows, keys, keys)))
 
-  which, calls = step_calls(options, me, step, length)
-  return _select(which, [functools.partial(run, call) for call in calls])
+  which, calls = step_calls(options, me, step, q.shape[1])
+  branches = [functools.partial(run, call) for call in calls]
+  return branches[0](grads) if len(branches) == 1 else lax.switch(which, branches, grads)
 
 
 def _segments(call: Call, q_segment_ids, kv_segment_ids) -> dict[str, Array]:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from effjax.ops.attention import xla
 from effjax.ops.ring_attention import blocks
 from pallas_kernels.flash_attention.residuals import tag_residuals
 
@@ -108,12 +109,12 @@ def _ring_bwd(config: RingConfig, residuals, cotangents):
   q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
   d_out, d_lse = cotangents
   me = lax.axis_index(config.axis)
+  delta = xla.softmax_delta(out, d_out, d_lse)  # once: the steps need neither out nor d_lse
 
   def step(s, block, grads):
     k_s, v_s, kv_segment_ids_s = block
-    parts = blocks.step_gradients(config.step, me, s, q, k_s, v_s, q_segment_ids,
-                                  kv_segment_ids_s, out, lse, d_out, d_lse)
-    return tuple(total + part.astype(jnp.float32) for total, part in zip(grads, parts))
+    return blocks.step_gradients(config.step, me, s, q, k_s, v_s, q_segment_ids,
+                                 kv_segment_ids_s, lse, d_out, delta, grads)
 
   def body(s, carry):
     block, grads = carry
