@@ -18,7 +18,7 @@ activations, a fully rematerialized one every block's input.
 
 The reconstruction is exact in real arithmetic only: each layer's ``x = y - F(.)`` rounds, and
 the rounding error is carried down the stack. It grows with depth and with a narrower dtype
-(measured in ``benchmarks/activations.md``); the streams therefore stay in float32 whatever the
+(:func:`reconstruction_error` measures it); the streams therefore stay in float32 whatever the
 compute dtype of ``F`` and ``G``, as in the Reformer's practice of full-precision residuals.
 """
 
@@ -39,7 +39,6 @@ from effjax.nn.transformer import DecoderLM, attention_branch, mlp_branch
 Branch = Callable[[Any, Array, Any], Array]  # (layer params, stream, context) -> update
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def reversible_layers(f: Branch, g: Branch, params: Sequence[tuple[Any, Any]],
                       x1: Float[Array, "... d"], x2: Float[Array, "... d"], context: Any
                       ) -> tuple[Float[Array, "... d"], Float[Array, "... d"]]:
@@ -48,19 +47,22 @@ def reversible_layers(f: Branch, g: Branch, params: Sequence[tuple[Any, Any]],
   ``f(p, x, context)`` and ``g(p, x, context)`` are pure; ``context`` (positions, segment ids)
   is passed to both and gets no gradient. Differentiating keeps only ``(y1, y2)`` and
   reconstructs every block's inputs in the backward. Both passes are a ``lax.scan`` over the
-  layers' parameters stacked (one copy of the weights), so one block's buffers serve every layer:
-  an unrolled stack lets XLA hoist each layer's parameter-only work (and its buffers) to the
-  start of the program, which made the memory grow with depth again.
+  layers' parameters, stacked once here (one copy of the weights, kept for the backward), so one
+  block's buffers serve every layer: an unrolled stack lets XLA hoist each layer's
+  parameter-only work (and its buffers) to the start of the program, which made the memory grow
+  with depth again.
   """
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+  return _scan_layers(f, g, stacked, x1, x2, context)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_layers(f, g, stacked, x1, x2, context):
   def layer(streams, layer_params):
     return _couple(f, g, *layer_params, *streams, context), None
 
-  (y1, y2), _ = lax.scan(layer, (x1, x2), _stack(params))
+  (y1, y2), _ = lax.scan(layer, (x1, x2), stacked)
   return y1, y2
-
-
-def _stack(params: Sequence[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
 
 
 def _couple(f, g, f_params, g_params, x1, x2, context):
@@ -68,13 +70,13 @@ def _couple(f, g, f_params, g_params, x1, x2, context):
   return y1, x2 + g(g_params, y1, context).astype(x2.dtype)
 
 
-def _reversible_fwd(f, g, params, x1, x2, context):
-  y1, y2 = reversible_layers(f, g, params, x1, x2, context)
-  return (y1, y2), (params, y1, y2, context)
+def _scan_layers_fwd(f, g, stacked, x1, x2, context):
+  y1, y2 = _scan_layers(f, g, stacked, x1, x2, context)
+  return (y1, y2), (stacked, y1, y2, context)
 
 
-def _reversible_bwd(f, g, residuals, cotangents):
-  params, y1, y2, context = residuals
+def _scan_layers_bwd(f, g, residuals, cotangents):
+  stacked, y1, y2, context = residuals
 
   def layer(carry, layer_params):
     y1, y2, d_y1, d_y2 = carry
@@ -88,13 +90,11 @@ def _reversible_bwd(f, g, residuals, cotangents):
     d_f_params, d_from_f = f_vjp(d_y1)
     return (x1, x2, d_y1, d_y2 + d_from_f), (d_f_params, d_g_params)
 
-  (_, _, d_x1, d_x2), grads = lax.scan(layer, (y1, y2, *cotangents), _stack(params),
-                                       reverse=True)
-  return [jax.tree.map(lambda leaf, i=i: leaf[i], grads) for i in range(len(params))], d_x1, \
-      d_x2, None
+  (_, _, d_x1, d_x2), d_stacked = lax.scan(layer, (y1, y2, *cotangents), stacked, reverse=True)
+  return d_stacked, d_x1, d_x2, None
 
 
-reversible_layers.defvjp(_reversible_fwd, _reversible_bwd)
+_scan_layers.defvjp(_scan_layers_fwd, _scan_layers_bwd)
 
 
 def reconstruction_error(f: Branch, g: Branch, params: Sequence[tuple[Any, Any]],

@@ -142,6 +142,11 @@ def step_calls(options: StepOptions, me: Int[Array, ""], step: int | Int[Array, 
   return which, (diagonal, diagonal, shifted)
 
 
+def _select(which, branches, *operands):
+  """``branches[which](*operands)``; a single branch is called directly, without a switch."""
+  return branches[0](*operands) if len(branches) == 1 else lax.switch(which, branches, *operands)
+
+
 def step_attention(
     options: StepOptions,
     me: Int[Array, ""],
@@ -170,8 +175,7 @@ def step_attention(
     return _pad(out, call.q_rows, length, 1), _pad(lse, call.q_rows, length, 2, -jnp.inf)
 
   which, calls = step_calls(options, me, step, length)
-  branches = [functools.partial(run, call) for call in calls]
-  return branches[0]() if len(branches) == 1 else lax.switch(which, branches)
+  return _select(which, [functools.partial(run, call) for call in calls])
 
 
 def nothing_seen(q: Float[Array, "batch c heads head_dim"],
@@ -215,8 +219,7 @@ def step_gradients(
                  for total, part, where in zip(grads, parts, (rows, keys, keys)))
 
   which, calls = step_calls(options, me, step, q.shape[1])
-  branches = [functools.partial(run, call) for call in calls]
-  return branches[0](grads) if len(branches) == 1 else lax.switch(which, branches, grads)
+  return _select(which, [functools.partial(run, call) for call in calls], grads)
 
 
 def _segments(call: Call, q_segment_ids, kv_segment_ids) -> dict[str, Array]:
