@@ -39,13 +39,16 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from effjax import distributed, sharding
+from effjax.benchmarking import memory_of
 from effjax.data import unigram_perplexity
-from effjax.nn import (REMAT_POLICIES, DecoderLM, ReversibleDecoderLM, SequenceParallel,
-                       TransformerConfig)
+from effjax.nn import (DECODER_ACTIVATIONS, LONG_CONV_ACTIVATIONS, DecoderLM,
+                       ReversibleDecoderLM, SequenceParallel, TransformerConfig, parse_remat,
+                       plan_remat)
+from effjax.nn.remat import DECODER_LADDER, LONG_CONV_LADDER
 from effjax.nn.long_conv import LongConvLM, LongConvLMConfig
 from effjax.optim import zero
 from effjax.ops.ring_attention import LAYOUTS, STRATEGIES
-from experiments.config import ExperimentConfig, require
+from experiments.config import ConfigError, ExperimentConfig, require
 from experiments.optim_config import OptimConfig, build_optimizer
 
 
@@ -72,7 +75,14 @@ class ModelConfig:
   """Activation checkpointing of every block (effjax.nn.remat): 'none', 'full' (keep block
   inputs only; the backward reruns each block), 'dots' (also keep matmul results),
   'save_attention' (LightSeq: also keep the attention output and LSE, so the rerun never repeats
-  the attention forward) or 'offload_attention' (those two in host memory)."""
+  the attention forward), 'offload_attention' (those two in host memory), 'save_names(a, ...)' /
+  'offload_names(a, ...)' (named activations: effjax.nn.DECODER_ACTIVATIONS,
+  LONG_CONV_ACTIVATIONS), 'tokenwise(alpha)' (MEMO: keep every activation of a fraction alpha of
+  the positions, recompute the rest; attention blocks), or 'auto': the policy with the least
+  recompute whose compiled step fits model.memory_budget_gib (effjax.nn.plan_remat)."""
+  memory_budget_gib: float | None = None
+  """Device memory per device (GiB) that model.remat 'auto' plans for (compiled peak: parameters,
+  optimizer state, batch and the step's temporaries)."""
   reversible: bool = False
   """Reversible blocks (effjax.nn.ReversibleDecoderLM, RevNet coupling of the attention and MLP
   halves on two streams): the backward reconstructs each block's input, so stored activations do
@@ -90,10 +100,22 @@ class ModelConfig:
             f"a multiple of model.num_heads={self.num_heads} with an even head width (RoPE)")
     require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
             "'float32' or 'bfloat16'")
-    require(self.remat in REMAT_POLICIES, "model.remat", self.remat,
-            f"one of {list(REMAT_POLICIES)}")
-    require(self.mixer == "attention" or self.remat == "none", "model.remat", self.remat,
-            "'none' with model.mixer long_conv / h3 (the policies checkpoint attention blocks)")
+    if self.remat == "auto":
+      require(self.memory_budget_gib is not None and self.memory_budget_gib > 0,
+              "model.memory_budget_gib", self.memory_budget_gib,
+              "a positive number of GiB with model.remat 'auto'")
+    else:
+      try:
+        remat = parse_remat(self.remat, "model.remat")
+        if self.mixer == "attention":
+          remat.check_emitted(DECODER_ACTIVATIONS, "DecoderLM", "model.remat")
+        else:
+          remat.check_emitted(LONG_CONV_ACTIVATIONS, "LongConvLM", "model.remat")
+      except ValueError as error:
+        raise ConfigError(str(error)) from None
+      require(self.mixer == "attention" or remat.tokenwise is None, "model.remat", self.remat,
+              "not tokenwise with model.mixer long_conv / h3 (it splits the work around "
+              "attention)")
     require(not self.reversible or (self.mixer == "attention" and self.remat == "none"),
             "model.reversible", self.reversible,
             "False unless model.mixer is 'attention' and model.remat is 'none'")
@@ -208,12 +230,13 @@ class Config(ExperimentConfig):
             f"None or one of {zero.STAGES}")
     require(self.init in INITS, "init", self.init, f"one of {list(INITS)}")
     if self.init == "smollm2":
-      defaults = ModelConfig(dtype=self.model.dtype, remat=self.model.remat)
+      defaults = ModelConfig(dtype=self.model.dtype, remat=self.model.remat,
+                             memory_budget_gib=self.model.memory_budget_gib)
       for field in dataclasses.fields(ModelConfig):
         value = getattr(self.model, field.name)
         require(value == getattr(defaults, field.name), f"model.{field.name}", value,
                 "left unset with init: smollm2 (the GGUF fixes the architecture; only "
-                "model.dtype and model.remat apply)")
+                "model.dtype, model.remat and model.memory_budget_gib apply)")
     require(self.init_layers is None or (self.init == "smollm2" and self.init_layers > 0),
             "init_layers", self.init_layers, "None, or a positive int with init: smollm2")
     require(not self.data.packing or self.model.mixer == "attention", "data.packing",
@@ -242,19 +265,21 @@ def smoke_overrides(config: Config) -> tuple[str, ...]:
 
 
 def build_model(config: ModelConfig, vocab_size: int, seq_len: int = 128) -> Any:
-  """The LM; ``seq_len`` (the training window) sets the long kernels' length."""
+  """The LM; ``seq_len`` (the training window) sets the long kernels' length. With
+  ``remat: auto`` the model comes without checkpointing (:func:`plan_model_remat` picks it)."""
+  remat = "none" if config.remat == "auto" else config.remat
   if config.mixer != "attention":
     return LongConvLM(LongConvLMConfig(vocab_size=vocab_size, d_model=config.d_model,
                                        num_layers=config.num_layers, d_ff=config.d_ff,
                                        kernel_len=seq_len, mixer=config.mixer),
-                      dtype=jnp.dtype(config.dtype))
+                      dtype=jnp.dtype(config.dtype), remat=remat)
   model = ReversibleDecoderLM if config.reversible else DecoderLM
   return model(
       TransformerConfig(vocab_size=vocab_size, d_model=config.d_model,
                         num_layers=config.num_layers, num_heads=config.num_heads,
                         num_kv_heads=config.num_kv_heads, d_ff=config.d_ff,
                         rope_theta=config.rope_theta),
-      dtype=jnp.dtype(config.dtype), remat=config.remat)
+      dtype=jnp.dtype(config.dtype), remat=remat)
 
 
 def next_token_loss(model: DecoderLM, params: Any, windows: jax.Array,
@@ -405,7 +430,8 @@ def build_model_and_params(config: Config, vocab_size: int) -> tuple[Any, Callab
     from effjax.models import load_smollm2  # pylint: disable=g-import-not-at-top
 
     model, pretrained, _ = load_smollm2(num_layers=config.init_layers)
-    model = model.clone(dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
+    model = model.clone(dtype=jnp.dtype(config.model.dtype),
+                        remat="none" if config.model.remat == "auto" else config.model.remat)
     return model, lambda key: pretrained
   model = build_model(config.model, vocab_size, config.data.seq_len)
   dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
@@ -419,6 +445,25 @@ def restore_or_init(checkpoints: ocp.CheckpointManager, init: Any, key: jax.Arra
   if checkpoints.latest_step() is None:
     return init(key)
   return checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(target))
+
+
+def plan_model_remat(config: Config, trainer_for: Callable[[str], tuple[Any, zero.ZeroTrainer]],
+                     batches: Any) -> Any:
+  """``model.remat: auto``: compiles the training step (on step 0's batch) with each policy of the
+  model's ladder, least recompute first, and returns the first whose peak per device fits
+  ``model.memory_budget_gib`` (:func:`effjax.nn.plan_remat`); prints the plan."""
+  def peak_bytes(remat: str) -> int:
+    _, trainer = trainer_for(remat)
+    batch = distributed.global_batch(training_batch(batches, 0, config)[0],
+                                     trainer.batch_sharding)
+    return memory_of(trainer.jit_step.lower(trainer.abstract_state, batch).compile()).peak_bytes
+
+  ladder = DECODER_LADDER if config.model.mixer == "attention" else LONG_CONV_LADDER
+  plan = plan_remat(peak_bytes, int(config.model.memory_budget_gib * 2**30), ladder)
+  if distributed.is_main_process():
+    print(f"model.remat auto -> {plan.choice!r} (compiled peak per device, budget "
+          f"{config.model.memory_budget_gib} GiB):\n{plan.table()}")
+  return plan
 
 
 def main(config: Config) -> dict[str, Any]:
@@ -436,16 +481,24 @@ def main(config: Config) -> dict[str, Any]:
   replicated = sharding.replicated(mesh)
   model, init_params = build_model_and_params(config, tokenizer.vocab_size)
   # Training and evaluation split sequences over mesh.seq; sampling runs the plain model.
-  split_model = model if sequence_parallel is None else model.clone(
-      attention_fn=sequence_parallel.attention_fn())
   optimizer = build_optimizer(config.optim, config.steps, config.model.mixer)
 
   key = jax.random.key(config.seed)
   abstract_params = jax.eval_shape(init_params, key)
   stage = (zero.choose_stage(abstract_params, optimizer, list(mesh.devices.flat))
            if config.zero_stage is None else config.zero_stage)
-  trainer = zero.zero_trainer(make_loss(split_model, sequence_parallel), optimizer,
-                              abstract_params, mesh, stage=stage)
+
+  def trainer_for(remat: str) -> tuple[Any, zero.ZeroTrainer]:
+    """The split model (mesh.seq's ring attention in every layer) with ``remat``, its trainer."""
+    split = model.clone(remat=remat)
+    if sequence_parallel is not None:
+      split = split.clone(attention_fn=sequence_parallel.attention_fn())
+    return split, zero.zero_trainer(make_loss(split, sequence_parallel), optimizer,
+                                    abstract_params, mesh, stage=stage)
+
+  if config.model.remat == "auto":
+    model = model.clone(remat=plan_model_remat(config, trainer_for, train_batches).choice)
+  split_model, trainer = trainer_for(model.remat)
 
   checkpoints = ocp.CheckpointManager(
       output_dir / "checkpoints",

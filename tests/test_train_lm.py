@@ -96,13 +96,30 @@ def test_sequence_parallel_run_matches_data_parallel(tmp_path, layout, strategy,
     (["--mesh.layout=zig-zag"], "'mesh.layout'"),
     (["--mesh.strategy=ulysses"], "'mesh.strategy'"),
     (["--data.packing=true", "--model.mixer=long_conv"], "'data.packing'.*long_conv"),
-    (["--model.remat=everything"], "'model.remat': got 'everything'"),
-    (["--model.remat=full", "--model.mixer=h3"], "'model.remat'.*long_conv / h3"),
+    (["--model.remat=everything"], "model.remat is 'everything'; expected one of"),
+    (["--model.remat=tokenwise(1.5)"], r"alpha in \[0, 1\], got alpha=1.5"),
+    (["--model.remat=save_names(mlp_gate,nowhere)"], "names 'nowhere', which no DecoderLM"),
+    (["--model.remat=save_attention", "--model.mixer=h3"], "no LongConvLM block emits"),
+    (["--model.remat=tokenwise(0.5)", "--model.mixer=h3"], "'model.remat'.*long_conv / h3"),
+    (["--model.remat=auto"], "'model.memory_budget_gib'"),
     (["--model.reversible=true", "--model.remat=full"], "'model.reversible': got True"),
 ])
 def test_sequence_parallel_settings_are_checked(tmp_path, overrides, words):
   with pytest.raises(run.ConfigError, match=words):
     run.run("configs/quickstart.yaml", [*TINY, *overrides, f"--output_dir={tmp_path}"])
+
+
+def test_remat_auto_plans_from_the_compiled_step(tmp_path, capsys):
+  """model.remat auto: a budget every policy meets keeps 'none'; one none meets fails listing
+  the compiled peaks (tests/test_remat.py checks a budget in between)."""
+  auto = [*TINY, "--steps=1", "--model.remat=auto"]
+  summary = run.run("configs/quickstart.yaml", [*auto, "--model.memory_budget_gib=64",
+                                                f"--output_dir={tmp_path / 'roomy'}"])
+  assert np.isfinite(summary["heldout_perplexity"])
+  assert "model.remat auto -> 'none'" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="no remat policy fits the budget of 1.0 MiB(.|\n)*full"):
+    run.run("configs/quickstart.yaml", [*auto, f"--model.memory_budget_gib={2**-10}",
+                                        f"--output_dir={tmp_path / 'tight'}"])
 
 
 def test_packed_loss_is_the_token_mean_of_documents_run_alone():

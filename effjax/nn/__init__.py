@@ -1,8 +1,9 @@
 """Flax (Linen) modules. Layers take their ops as callables (``attention_fn=...``)."""
 
 from effjax.nn.attention import MultiHeadAttention
-from effjax.nn.remat import (REMAT_POLICIES, count_attention_forwards, host_residual_bytes,
-                              remat_policy)
+from effjax.nn.remat import (DECODER_ACTIVATIONS, LONG_CONV_ACTIVATIONS, REMAT_POLICIES,
+                              RematPlan, count_attention_forwards, host_residual_bytes,
+                              parse_remat, plan_remat, remat_policy)
 from effjax.nn.rope import apply_rope, rope_frequencies, segment_positions
 from effjax.nn.reversible import ReversibleDecoderLM, reversible_layers
 from effjax.nn.sequence_parallel import SequenceParallel
@@ -11,7 +12,8 @@ from effjax.nn.long_conv import (H3LongConv, LongConv, LongConvKernel, LongConvL
                                  LongConvLMConfig)
 
 __all__ = [
-    "MultiHeadAttention", "REMAT_POLICIES", "count_attention_forwards", "host_residual_bytes",
+    "MultiHeadAttention", "DECODER_ACTIVATIONS", "LONG_CONV_ACTIVATIONS", "REMAT_POLICIES",
+    "RematPlan", "count_attention_forwards", "host_residual_bytes", "parse_remat", "plan_remat",
     "remat_policy",
     "apply_rope", "rope_frequencies",
     "segment_positions", "ReversibleDecoderLM", "reversible_layers", "SequenceParallel", "DecoderBlock", "DecoderLM", "SwiGLU", "TransformerConfig",

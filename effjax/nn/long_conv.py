@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from effjax.nn.remat import LONG_CONV_ACTIVATIONS, parse_remat, tag
 from effjax.nn.transformer import SwiGLU
 from effjax.ops.long_conv import butterfly, long_conv
 
@@ -136,7 +137,7 @@ class LongConv(nn.Module):
     else:
       kernel = kernel[:, :seq]
     skip = self.param("skip", nn.initializers.normal(1.0), (channels,), jnp.float32)
-    u = jnp.tile(x.astype(self.dtype), (1, 1, self.num_kernels))
+    u = tag(jnp.tile(x.astype(self.dtype), (1, 1, self.num_kernels)), "mixer_input")
     if self.learned_butterfly:
       _, transform = butterfly.plan_and_transform(self.mode, seq, kernel.shape[1])
       blocks = self.param(BUTTERFLY_PARAM, lambda _: tuple(
@@ -144,6 +145,7 @@ class LongConv(nn.Module):
       y = butterfly.long_conv(u, kernel, mode=self.mode, skip=skip, blocks=blocks)
     else:
       y = self.conv_fn(u, kernel, mode=self.mode, skip=skip)
+    y = tag(y, "long_conv_output")
     y = nn.Dropout(self.dropout, deterministic=deterministic)(nn.gelu(y))
     y = nn.Dense(2 * features, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
     return nn.glu(y, axis=-1)
@@ -168,7 +170,7 @@ class H3LongConv(nn.Module):
                ) -> Float[Array, "batch seq d"]:
     seq, features = x.shape[1:]
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    q, k, v = jnp.split(dense(3 * features, "qkv")(x), 3, axis=-1)
+    q, k, v = jnp.split(tag(dense(3 * features, "qkv")(x), "mixer_input"), 3, axis=-1)
     shift = self.param("shift_kernel", nn.initializers.normal(0.5), (features, self.shift_len),
                        jnp.float32)
     k = self.conv_fn(k, shift[:, :seq].astype(k.dtype), mode="causal")
@@ -176,7 +178,7 @@ class H3LongConv(nn.Module):
                             name="kernel")(deterministic)[:, :seq]
     skip = self.param("skip", nn.initializers.normal(1.0), (features,), jnp.float32)
     y = self.conv_fn(v, kernel, mode="causal", skip=skip, pre_gate=k, post_gate=q)
-    return dense(features, "out")(y)
+    return dense(features, "out")(tag(y, "long_conv_output"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,11 +213,37 @@ class LongConvLM(nn.Module):
 
   Pre-norm blocks ``x + Mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``, the mixer a causal
   :class:`LongConv` or :class:`H3LongConv`; no positional encoding (the kernels are positional).
+  ``remat`` checkpoints every block with a policy of :mod:`effjax.nn.remat` (not ``tokenwise``,
+  which needs attention blocks; names from :data:`~effjax.nn.remat.LONG_CONV_ACTIVATIONS`).
   """
   config: LongConvLMConfig
   conv_fn: ConvFn = long_conv
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = "none"
+
+  @nn.nowrap
+  def block(self, x: Float[Array, "batch seq d"], layer: int, deterministic: bool
+            ) -> Float[Array, "batch seq d"]:
+    """Block ``layer`` (submodules ``layer_{layer}_mixer``, ``_mixer_norm``, ``_mlp``,
+    ``_mlp_norm``); called inside ``__call__``, under ``nn.remat`` when ``remat`` checkpoints."""
+    config = self.config
+    norm = lambda name: nn.RMSNorm(epsilon=config.norm_eps, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=f"layer_{layer}_{name}")
+    kernel = dict(squash=config.squash, smooth_window=config.smooth_window,
+                  dropout=config.kernel_dropout, initializer=config.kernel_initializer)
+    name = f"layer_{layer}_mixer"
+    if config.mixer == "h3":
+      mixer = H3LongConv(config.kernel_len, kernel=kernel, conv_fn=self.conv_fn,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    else:
+      mixer = LongConv(config.kernel_len, num_kernels=config.num_kernels,
+                       dropout=config.dropout, kernel=kernel, conv_fn=self.conv_fn,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = x + mixer(tag(norm("mixer_norm")(x), "mixer_norm"), deterministic)
+    mlp = SwiGLU(config.d_ff, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name=f"layer_{layer}_mlp")
+    return x + mlp(tag(norm("mlp_norm")(x), "mlp_norm"))
 
   @nn.compact
   def __call__(self, tokens: Int[Array, "batch seq"], deterministic: bool = True
@@ -223,27 +251,23 @@ class LongConvLM(nn.Module):
     config = self.config
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be integer [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
-    norm = lambda name: nn.RMSNorm(epsilon=config.norm_eps, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name)
-    kernel = dict(squash=config.squash, smooth_window=config.smooth_window,
-                  dropout=config.kernel_dropout, initializer=config.kernel_initializer)
     embed = nn.Embed(config.vocab_size, config.d_model, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="embed",
                      embedding_init=nn.initializers.normal(stddev=config.d_model**-0.5))
+    remat = parse_remat(self.remat, f"{type(self).__name__}.remat")
+    remat.check_emitted(LONG_CONV_ACTIVATIONS, type(self).__name__)
+    if remat.tokenwise is not None:
+      raise ValueError(f"LongConvLM.remat is {self.remat!r}; tokenwise(alpha) splits the "
+                       "token-local work around attention, which long-convolution blocks lack; "
+                       "use none, full, dots, save_names(...) or offload_names(...)")
+    policy = remat.policy()
+    block = type(self).block if policy is None else nn.remat(
+        type(self).block, policy=policy, static_argnums=(2, 3))
     x = embed(tokens)
     for layer in range(config.num_layers):
-      name = f"layer_{layer}_mixer"
-      if config.mixer == "h3":
-        mixer = H3LongConv(config.kernel_len, kernel=kernel, conv_fn=self.conv_fn,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-      else:
-        mixer = LongConv(config.kernel_len, num_kernels=config.num_kernels,
-                         dropout=config.dropout, kernel=kernel, conv_fn=self.conv_fn,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-      x = x + mixer(norm(f"layer_{layer}_mixer_norm")(x), deterministic)
-      x = x + SwiGLU(config.d_ff, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name=f"layer_{layer}_mlp")(norm(f"layer_{layer}_mlp_norm")(x))
-    x = norm("final_norm")(x)
+      x = block(self, x, layer, deterministic)
+    x = nn.RMSNorm(epsilon=config.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="final_norm")(x)
     if config.tie_embeddings:
       logits = embed.attend(x)
     else:

@@ -12,6 +12,7 @@ heads*head_dim*d + 3*d*d_ff + 2d)``; activations per layer ``O(batch * seq * d)`
 from __future__ import annotations
 
 import dataclasses
+import fractions
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from effjax.nn.attention import AttentionFn, MultiHeadAttention
-from effjax.nn.remat import remat_policy
+from effjax.nn.remat import DECODER_ACTIVATIONS, over_tokens, parse_remat, tag
 from effjax.ops.attention import flash_attention
 from effjax.nn.rope import segment_positions
 
@@ -56,7 +57,8 @@ class TransformerConfig:
 
 
 class SwiGLU(nn.Module):
-  """``down(silu(gate(x)) * up(x))`` (Shazeer 2020), as in Llama."""
+  """``down(silu(gate(x)) * up(x))`` (Shazeer 2020), as in Llama; tags ``mlp_gate``,
+  ``mlp_up`` and ``mlp_hidden`` for :mod:`effjax.nn.remat`."""
   d_ff: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -65,7 +67,8 @@ class SwiGLU(nn.Module):
   def __call__(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_model"]:
     dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=self.dtype,
                                             param_dtype=self.param_dtype, name=name)
-    hidden = nn.silu(dense(self.d_ff, "gate")(x)) * dense(self.d_ff, "up")(x)
+    gate = tag(dense(self.d_ff, "gate")(x), "mlp_gate")
+    hidden = tag(nn.silu(gate) * tag(dense(self.d_ff, "up")(x), "mlp_up"), "mlp_hidden")
     return dense(x.shape[-1], "down")(hidden)
 
 
@@ -76,35 +79,44 @@ def _norm(module: nn.Module, name: str) -> nn.RMSNorm:
 
 def attention_branch(module: nn.Module, x: Float[Array, "batch seq d_model"],
                      positions: Int[Array, "batch seq"],
-                     segment_ids: Int[Array, "batch seq"] | None) -> Float[Array, "batch seq d_model"]:
+                     segment_ids: Int[Array, "batch seq"] | None,
+                     tokenwise: fractions.Fraction | None = None
+                     ) -> Float[Array, "batch seq d_model"]:
   """``Attention(RMSNorm(x))`` as submodules ``attention_norm`` / ``attention`` of ``module``
-  (called inside its compact method; ``module`` has config, attention_fn, dtype, param_dtype)."""
+  (called inside its compact method; ``module`` has config, attention_fn, dtype, param_dtype).
+  ``tokenwise``: the kept fraction of ``remat="tokenwise(alpha)"``
+  (:func:`effjax.nn.remat.over_tokens`)."""
   config = module.config
   return MultiHeadAttention(
       num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
       head_dim=config.resolved_head_dim, rope_theta=config.rope_theta, qk_norm=config.qk_norm,
-      norm_eps=config.norm_eps, attention_fn=module.attention_fn, dtype=module.dtype,
-      param_dtype=module.param_dtype, name="attention")(_norm(module, "attention_norm")(x),
+      norm_eps=config.norm_eps, attention_fn=module.attention_fn, tokenwise=tokenwise,
+      dtype=module.dtype, param_dtype=module.param_dtype, name="attention")(_norm(module, "attention_norm")(x),
                                                         positions, segment_ids)
 
 
-def mlp_branch(module: nn.Module, x: Float[Array, "batch seq d_model"]
-               ) -> Float[Array, "batch seq d_model"]:
-  """``SwiGLU(RMSNorm(x))`` as submodules ``mlp_norm`` / ``mlp`` of ``module``."""
-  return SwiGLU(module.config.d_ff, dtype=module.dtype, param_dtype=module.param_dtype,
-                name="mlp")(_norm(module, "mlp_norm")(x))
+def mlp_branch(module: nn.Module, x: Float[Array, "batch seq d_model"],
+               tokenwise: fractions.Fraction | None = None) -> Float[Array, "batch seq d_model"]:
+  """``SwiGLU(RMSNorm(x))`` as submodules ``mlp_norm`` / ``mlp`` of ``module`` (the norm output
+  tagged ``mlp_norm``; ``tokenwise`` as in :func:`attention_branch`)."""
+  norm = _norm(module, "mlp_norm")
+  mlp = SwiGLU(module.config.d_ff, dtype=module.dtype, param_dtype=module.param_dtype, name="mlp")
+  return over_tokens(lambda h: mlp(tag(norm(h), "mlp_norm")), tokenwise, x)
 
 
 class DecoderBlock(nn.Module):
+  """``x + Attention(RMSNorm(x))``, then ``x + SwiGLU(RMSNorm(x))``; ``tokenwise`` as in
+  :func:`attention_branch`."""
   config: TransformerConfig
   attention_fn: AttentionFn = flash_attention
+  tokenwise: fractions.Fraction | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, segment_ids=None):
-    x = x + attention_branch(self, x, positions, segment_ids)
-    return x + mlp_branch(self, x)
+    x = x + attention_branch(self, x, positions, segment_ids, self.tokenwise)
+    return x + mlp_branch(self, x, self.tokenwise)
 
 
 class DecoderLM(nn.Module):
@@ -117,8 +129,9 @@ class DecoderLM(nn.Module):
   one per prompt; at SmolLM2's 49k vocabulary the full projection is ~20% of the forward FLOPs
   and its float32 logits the largest activation).
 
-  ``remat`` checkpoints every block with a policy of :mod:`effjax.nn.remat`: ``"none"``,
-  ``"full"`` or ``"save_attention"`` (LightSeq: the backward never reruns the attention forward).
+  ``remat`` checkpoints every block with a policy of :mod:`effjax.nn.remat` (e.g. ``"none"``,
+  ``"full"``, ``"save_attention"``: LightSeq, the backward never reruns the attention forward;
+  ``"tokenwise(0.25)"``: MEMO; ``"save_names(...)"`` of :data:`~effjax.nn.remat.DECODER_ACTIVATIONS`).
   """
   config: TransformerConfig
   attention_fn: AttentionFn = flash_attention
@@ -157,9 +170,12 @@ class DecoderLM(nn.Module):
   def layers(self, x: Float[Array, "batch seq d_model"], positions: Int[Array, "batch seq"],
              segment_ids: Int[Array, "batch seq"] | None) -> Float[Array, "batch seq d_model"]:
     """The decoder blocks, ``layer_0 .. layer_{L-1}`` (called inside ``__call__``)."""
-    policy = remat_policy(self.remat)
+    remat = parse_remat(self.remat, f"{type(self).__name__}.remat")
+    remat.check_emitted(DECODER_ACTIVATIONS, type(self).__name__)
+    policy = remat.policy()
     block = DecoderBlock if policy is None else nn.remat(DecoderBlock, policy=policy)
     for layer in range(self.config.num_layers):
-      x = block(self.config, attention_fn=self.attention_fn, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"layer_{layer}")(x, positions, segment_ids)
+      x = block(self.config, attention_fn=self.attention_fn, tokenwise=remat.tokenwise,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+                name=f"layer_{layer}")(x, positions, segment_ids)
     return x
