@@ -1,0 +1,116 @@
+"""Privacy accounting of DP-SGD with Poisson-sampled batches, through ``dp-accounting``.
+
+One DP-SGD step samples every example independently with probability ``q`` (the sampling rate,
+expected batch size / dataset size), clips each sampled example's gradient to norm ``C``, sums
+them and adds Gaussian noise of standard deviation ``sigma * C`` (``sigma``: the noise
+multiplier). ``steps`` such steps are the DpEvent
+``SelfComposed(PoissonSampled(q, Gaussian(sigma)), steps)``, and an accountant bounds its
+``(epsilon, delta)``:
+
+* ``"rdp"``: Rényi DP (Mironov 2017; the sampled Gaussian of Mironov et al. 2019), converted to
+  ``(epsilon, delta)``; fast, slightly loose.
+* ``"pld"``: privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022), tighter
+  (a smaller epsilon for the same run), slower for many steps.
+
+The guarantee holds only for Poisson sampling (the data pipeline must sample each example
+independently, not shuffle into fixed-size batches) and for the add-or-remove-one neighbouring
+relation these accountants use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import dp_accounting
+
+ACCOUNTANTS: dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
+    "rdp": dp_accounting.rdp.RdpAccountant,
+    "pld": dp_accounting.pld.PLDAccountant,
+}
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 0.1, 1e3
+"""The range :func:`noise_multiplier_for` searches (below 0.1 the PLD accountant's grid explodes,
+and the epsilon such noise buys is in the hundreds; above 1e3 nothing is learned)."""
+
+
+def _check(noise_multiplier: float | None, sampling_rate: float, steps: int | None, delta: float,
+           accountant: str) -> None:
+  if noise_multiplier is not None and not noise_multiplier > 0:
+    raise ValueError(f"noise_multiplier is {noise_multiplier}; expected > 0 (without noise "
+                     "there is no privacy guarantee)")
+  if not 0 < sampling_rate <= 1:
+    raise ValueError(f"sampling_rate is {sampling_rate}; expected the probability of sampling "
+                     "an example in (0, 1]")
+  if steps is not None and (not isinstance(steps, int) or steps < 0):
+    raise ValueError(f"steps is {steps!r}; expected an integer >= 0")
+  if not 0 < delta < 1:
+    raise ValueError(f"delta is {delta}; expected a probability in (0, 1), typically below "
+                     "1 / dataset size")
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(f"accountant is {accountant!r}; expected one of {sorted(ACCOUNTANTS)}")
+
+
+def dp_sgd_event(noise_multiplier: float, sampling_rate: float,
+                 steps: int) -> dp_accounting.DpEvent:
+  """``steps`` Poisson-sampled Gaussian steps, as a ``dp_accounting`` DpEvent."""
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(sampling_rate,
+                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
+      steps)
+
+
+def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+                  accountant: str = "rdp") -> float:
+  """The ``epsilon`` of ``steps`` DP-SGD steps at ``delta`` (0 for no steps)."""
+  _check(noise_multiplier, sampling_rate, steps, delta, accountant)
+  if steps == 0:
+    return 0.0
+  ledger = ACCOUNTANTS[accountant]()
+  ledger.compose(dp_sgd_event(noise_multiplier, sampling_rate, steps))
+  return float(ledger.get_epsilon(delta))
+
+
+def noise_multiplier_for(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
+                         accountant: str = "rdp") -> float:
+  """The smallest noise multiplier whose ``steps`` steps spend at most ``target_epsilon``, to a
+  tolerance of 1e-4 (then rounded up until the target holds), searched in
+  [``MIN_NOISE_MULTIPLIER``, ``MAX_NOISE_MULTIPLIER``].
+
+  Raises ``ValueError`` when even :data:`MAX_NOISE_MULTIPLIER` spends more (a target too small
+  for the number of steps and the sampling rate).
+  """
+  _check(None, sampling_rate, steps, delta, accountant)
+  if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+    raise ValueError(f"target_epsilon is {target_epsilon}; expected a finite number > 0")
+  worst = epsilon_spent(MAX_NOISE_MULTIPLIER, sampling_rate, max(steps, 1), delta, accountant)
+  if worst > target_epsilon:
+    raise ValueError(
+        f"target_epsilon {target_epsilon} is unreachable: {steps} steps at sampling rate "
+        f"{sampling_rate} spend epsilon {worst:.3g} even with noise multiplier "
+        f"{MAX_NOISE_MULTIPLIER:g} (fewer steps or a smaller sampling rate)")
+  spend = lambda sigma: epsilon_spent(sigma, sampling_rate, max(steps, 1), delta, accountant)
+  if spend(MIN_NOISE_MULTIPLIER) <= target_epsilon:
+    return MIN_NOISE_MULTIPLIER
+  sigma = float(dp_accounting.calibrate_dp_mechanism(
+      ACCOUNTANTS[accountant],
+      lambda sigma: dp_sgd_event(sigma, sampling_rate, max(steps, 1)), target_epsilon, delta,
+      bracket_interval=dp_accounting.ExplicitBracketInterval(MIN_NOISE_MULTIPLIER,
+                                                             MAX_NOISE_MULTIPLIER),
+      tol=1e-4))
+  while spend(sigma) > target_epsilon:  # the root finder may stop on the wrong side of it
+    sigma *= 1 + 1e-4
+  return sigma
+
+
+def steps_within_budget(target_epsilon: float, noise_multiplier: float, sampling_rate: float,
+                        delta: float, accountant: str = "rdp") -> int:
+  """The most steps that spend at most ``target_epsilon`` (0 if one step already spends more)."""
+  _check(noise_multiplier, sampling_rate, 0, delta, accountant)
+  spend = lambda steps: epsilon_spent(noise_multiplier, sampling_rate, steps, delta, accountant)
+  low, high = 0, 1  # spend(low) <= target < spend(high) once the doubling stops
+  while spend(high) <= target_epsilon:
+    low, high = high, 2 * high
+  while high - low > 1:
+    middle = (low + high) // 2
+    low, high = (middle, high) if spend(middle) <= target_epsilon else (low, middle)
+  return low
