@@ -96,3 +96,41 @@ def test_noise_std_is_sigma_c_over_the_expected_batch():
 def test_bad_input_names_the_argument(call, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
     call()
+
+
+def test_embedding_norms_and_clipping_match_per_example_autodiff():
+  vocab, threshold = 5, 1.5
+  _, g, _, mask = _inputs(4)
+  g = g[..., :4]
+  tokens = jax.random.randint(jax.random.key(5), (B, T), 0, vocab)  # repeats within examples
+  table = jax.random.normal(jax.random.key(6), (vocab, 4))
+
+  def one(tokens_i, g_i, m_i):
+    return jax.grad(lambda t: jnp.sum(t[tokens_i] * g_i * m_i[:, None]))(jnp.zeros_like(table))
+  grads = jax.vmap(one)(tokens, g, mask)
+  norms = jnp.linalg.norm(grads.reshape(B, -1), axis=1)
+  np.testing.assert_allclose(clipping.embedding_example_norms(tokens, g, mask), norms, rtol=1e-5)
+  assert (norms > threshold).any()
+  expected = jnp.sum(grads * clipping.clip_factors(norms, threshold)[:, None, None], axis=0)
+  got = jax.grad(lambda t: jnp.sum(clipping.clipped_embedding(t, tokens, mask, threshold) * g))(
+      table)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scale_norms_and_clipping_match_per_example_autodiff():
+  threshold = 0.5
+  x, g, _, mask = _inputs(7)
+  g = g[..., :D]
+  scale = jnp.linspace(0.5, 1.5, D)
+
+  def one(x_i, g_i, m_i):
+    return jax.grad(lambda s: jnp.sum(x_i * s * g_i * m_i[:, None]))(jnp.zeros(D))
+  grads = jax.vmap(one)(x, g, mask)
+  norms = jnp.linalg.norm(grads, axis=1)
+  np.testing.assert_allclose(clipping.scale_example_norms(x, g, mask), norms, rtol=1e-5)
+  assert (norms > threshold).any()
+  loss = lambda x, s: jnp.sum(clipping.clipped_scale(x, s, mask, threshold) * g)
+  d_x, d_scale = jax.grad(loss, argnums=(0, 1))(x, scale)
+  np.testing.assert_allclose(d_scale, jnp.sum(grads * clipping.clip_factors(norms, threshold)[:, None],
+                                              axis=0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(d_x, g * scale, rtol=1e-6)

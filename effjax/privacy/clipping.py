@@ -23,7 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 
 def _masked(x: Array, mask: Array | None) -> Array:
@@ -91,6 +91,83 @@ def _clipped_dense_bwd(threshold, residuals, output_grads):
 
 
 clipped_dense.defvjp(_clipped_dense_fwd, _clipped_dense_bwd)
+
+
+def embedding_example_norms(tokens: Int[Array, "batch seq"],
+                            output_grads: Float[Array, "batch seq d"],
+                            mask: Float[Array, "batch seq"] | None = None
+                            ) -> Float[Array, "batch"]:
+  """Per-example norms of an embedding table's gradient by token counts: example ``i``'s gradient
+  adds ``g_t`` to row ``tokens_t``, so ``||G_i||^2 = sum_{s,t: tokens_s = tokens_t} g_s . g_t``
+  (a ``[seq, seq]`` match matrix per example; the ``[vocab, d]`` rows are never formed)."""
+  if tokens.shape != output_grads.shape[:2]:
+    raise ValueError(f"tokens {tokens.shape} and output_grads {output_grads.shape} must share "
+                     "[batch, seq]")
+  g = _masked(output_grads.astype(jnp.float32), mask)
+  same = (tokens[:, :, None] == tokens[:, None, :]).astype(jnp.float32)
+  squared = jnp.einsum("bst,bst->b", same, g @ g.transpose(0, 2, 1))
+  return jnp.sqrt(jnp.maximum(squared, 0.0))
+
+
+def scale_example_norms(normalized: Float[Array, "batch seq d"],
+                        output_grads: Float[Array, "batch seq d"],
+                        mask: Float[Array, "batch seq"] | None = None) -> Float[Array, "batch"]:
+  """Per-example norms of an elementwise scale's gradient (``y = x_hat * scale``, RMSNorm):
+  ``G_i = sum_t x_hat_t * g_t``, ``[batch, d]``, formed explicitly (it is as small as the
+  scale). With ``normalized`` all ones it is a bias's gradient."""
+  products = _masked(normalized.astype(jnp.float32) * output_grads.astype(jnp.float32), mask)
+  return jnp.linalg.norm(products.sum(axis=1), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def clipped_embedding(table: Float[Array, "vocab d"], tokens: Int[Array, "batch seq"],
+                      mask: Float[Array, "batch seq"], threshold: float
+                      ) -> Float[Array, "batch seq d"]:
+  """``table[tokens]`` whose table gradient sums per-example gradients clipped to ``threshold``
+  (norms by :func:`embedding_example_norms`); padding positions contribute nothing."""
+  del mask, threshold
+  return table[tokens]
+
+
+def _clipped_embedding_fwd(table, tokens, mask, threshold):
+  return table[tokens], (table, tokens, mask)  # the table is a parameter: alive anyway
+
+
+def _clipped_embedding_bwd(threshold, residuals, output_grads):
+  table, tokens, mask = residuals
+  factors = clip_factors(embedding_example_norms(tokens, output_grads, mask), threshold)
+  scaled = _masked(output_grads.astype(jnp.float32), mask) * factors[:, None, None]
+  table_grad = jnp.zeros(table.shape, jnp.float32).at[tokens.reshape(-1)].add(
+      scaled.reshape(-1, table.shape[1]))
+  return table_grad.astype(table.dtype), None, None
+
+
+clipped_embedding.defvjp(_clipped_embedding_fwd, _clipped_embedding_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def clipped_scale(normalized: Float[Array, "batch seq d"], scale: Float[Array, "d"],
+                  mask: Float[Array, "batch seq"], threshold: float
+                  ) -> Float[Array, "batch seq d"]:
+  """``normalized * scale`` whose scale gradient sums per-example gradients clipped to
+  ``threshold``; the input gradient is the ordinary one."""
+  del mask, threshold
+  return normalized * scale
+
+
+def _clipped_scale_fwd(normalized, scale, mask, threshold):
+  return normalized * scale, (normalized, scale, mask)
+
+
+def _clipped_scale_bwd(threshold, residuals, output_grads):
+  normalized, scale, mask = residuals
+  factors = clip_factors(scale_example_norms(normalized, output_grads, mask), threshold)
+  products = _masked(normalized.astype(jnp.float32) * output_grads.astype(jnp.float32), mask)
+  scale_grad = jnp.einsum("bsd,b->d", products, factors)
+  return ((output_grads * scale).astype(normalized.dtype), scale_grad.astype(scale.dtype), None)
+
+
+clipped_scale.defvjp(_clipped_scale_fwd, _clipped_scale_bwd)
 
 
 def layer_thresholds(parameter_counts: dict[str, int], clip_norm: float,
