@@ -131,6 +131,6 @@ def test_scale_norms_and_clipping_match_per_example_autodiff():
   assert (norms > threshold).any()
   loss = lambda x, s: jnp.sum(clipping.clipped_scale(x, s, mask, threshold) * g)
   d_x, d_scale = jax.grad(loss, argnums=(0, 1))(x, scale)
-  np.testing.assert_allclose(d_scale, jnp.sum(grads * clipping.clip_factors(norms, threshold)[:, None],
-                                              axis=0), rtol=1e-5, atol=1e-6)
+  expected = jnp.sum(grads * clipping.clip_factors(norms, threshold)[:, None], axis=0)
+  np.testing.assert_allclose(d_scale, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(d_x, g * scale, rtol=1e-6)

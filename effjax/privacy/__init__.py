@@ -2,6 +2,7 @@
 
 * :mod:`effjax.privacy.accounting`: epsilon spent by DP-SGD with Poisson sampling, the noise
   multiplier for a target epsilon and the steps a budget allows (``dp-accounting``'s RDP and PLD).
+* :mod:`effjax.privacy.sampling`: Poisson-sampled batches padded (or truncated) to one shape.
 * :mod:`effjax.privacy.clipping`: per-example gradient norms of dense layers without per-example
   gradients (ghost or explicit, by the Book-Keeping rule), of embeddings (by token matches) and of
   elementwise scales; dense, embedding and scale ops whose backward clips each example's
@@ -9,6 +10,7 @@
   calibrated on the sum.
 """
 
+from effjax.privacy.sampling import PoissonSampling
 from effjax.privacy.accounting import (ACCOUNTANTS, dp_sgd_event, epsilon_spent,
                                        noise_multiplier_for, steps_within_budget)
 from effjax.privacy.clipping import (clip_factors, clipped_dense, clipped_embedding,
@@ -19,4 +21,4 @@ from effjax.privacy.clipping import (clip_factors, clipped_dense, clipped_embedd
 __all__ = ["ACCOUNTANTS", "clip_factors", "clipped_dense", "clipped_embedding", "clipped_scale",
            "dense_example_norms", "dp_sgd_event", "embedding_example_norms", "epsilon_spent",
            "ghost_norm_is_cheaper", "layer_thresholds", "noise_multiplier_for", "noised_mean",
-           "scale_example_norms", "steps_within_budget"]
+           "PoissonSampling", "scale_example_norms", "steps_within_budget"]

@@ -24,6 +24,12 @@ from collections.abc import Callable
 
 import dp_accounting
 
+from effjax.privacy.sampling import PoissonSampling
+
+Sampling = float | PoissonSampling
+"""The probability ``q`` that an example joins a batch, or a :class:`PoissonSampling` (whose
+``max_batch_size``, if set, makes it truncated Poisson sampling: PLD accounting only)."""
+
 ACCOUNTANTS: dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
     "rdp": dp_accounting.rdp.RdpAccountant,
     "pld": dp_accounting.pld.PLDAccountant,
@@ -33,14 +39,22 @@ MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 0.1, 1e3
 and the epsilon such noise buys is in the hundreds; above 1e3 nothing is learned)."""
 
 
-def _check(noise_multiplier: float | None, sampling_rate: float, steps: int | None, delta: float,
+def _rate(sampling: Sampling) -> float:
+  return sampling.rate if isinstance(sampling, PoissonSampling) else sampling
+
+
+def _check(noise_multiplier: float | None, sampling: Sampling, steps: int | None, delta: float,
            accountant: str) -> None:
   if noise_multiplier is not None and not noise_multiplier > 0:
     raise ValueError(f"noise_multiplier is {noise_multiplier}; expected > 0 (without noise "
                      "there is no privacy guarantee)")
-  if not 0 < sampling_rate <= 1:
-    raise ValueError(f"sampling_rate is {sampling_rate}; expected the probability of sampling "
-                     "an example in (0, 1]")
+  if not 0 < _rate(sampling) <= 1:
+    raise ValueError(f"sampling is {sampling}; expected the probability of sampling an example "
+                     "in (0, 1] or a PoissonSampling")
+  if (isinstance(sampling, PoissonSampling) and sampling.max_batch_size is not None
+      and accountant != "pld"):
+    raise ValueError(f"accountant is {accountant!r}; truncated Poisson sampling (max_batch_size "
+                     f"{sampling.max_batch_size}) is accounted by 'pld' only")
   if steps is not None and (not isinstance(steps, int) or steps < 0):
     raise ValueError(f"steps is {steps!r}; expected an integer >= 0")
   if not 0 < delta < 1:
@@ -50,27 +64,31 @@ def _check(noise_multiplier: float | None, sampling_rate: float, steps: int | No
     raise ValueError(f"accountant is {accountant!r}; expected one of {sorted(ACCOUNTANTS)}")
 
 
-def dp_sgd_event(noise_multiplier: float, sampling_rate: float,
+def dp_sgd_event(noise_multiplier: float, sampling: Sampling,
                  steps: int) -> dp_accounting.DpEvent:
-  """``steps`` Poisson-sampled Gaussian steps, as a ``dp_accounting`` DpEvent."""
-  return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(sampling_rate,
-                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
-      steps)
+  """``steps`` Poisson-sampled (or truncated Poisson-sampled) Gaussian steps, as a
+  ``dp_accounting`` DpEvent."""
+  if isinstance(sampling, PoissonSampling) and sampling.max_batch_size is not None:
+    step = dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        sampling.dataset_size, sampling.rate, sampling.max_batch_size, noise_multiplier)
+  else:
+    step = dp_accounting.PoissonSampledDpEvent(_rate(sampling),
+                                               dp_accounting.GaussianDpEvent(noise_multiplier))
+  return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
-def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+def epsilon_spent(noise_multiplier: float, sampling: Sampling, steps: int, delta: float,
                   accountant: str = "rdp") -> float:
   """The ``epsilon`` of ``steps`` DP-SGD steps at ``delta`` (0 for no steps)."""
-  _check(noise_multiplier, sampling_rate, steps, delta, accountant)
+  _check(noise_multiplier, sampling, steps, delta, accountant)
   if steps == 0:
     return 0.0
   ledger = ACCOUNTANTS[accountant]()
-  ledger.compose(dp_sgd_event(noise_multiplier, sampling_rate, steps))
+  ledger.compose(dp_sgd_event(noise_multiplier, sampling, steps))
   return float(ledger.get_epsilon(delta))
 
 
-def noise_multiplier_for(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
+def noise_multiplier_for(target_epsilon: float, sampling: Sampling, steps: int, delta: float,
                          accountant: str = "rdp") -> float:
   """The smallest noise multiplier whose ``steps`` steps spend at most ``target_epsilon``, to a
   tolerance of 1e-4 (then rounded up until the target holds), searched in
@@ -79,21 +97,21 @@ def noise_multiplier_for(target_epsilon: float, sampling_rate: float, steps: int
   Raises ``ValueError`` when even :data:`MAX_NOISE_MULTIPLIER` spends more (a target too small
   for the number of steps and the sampling rate).
   """
-  _check(None, sampling_rate, steps, delta, accountant)
+  _check(None, sampling, steps, delta, accountant)
   if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
     raise ValueError(f"target_epsilon is {target_epsilon}; expected a finite number > 0")
-  worst = epsilon_spent(MAX_NOISE_MULTIPLIER, sampling_rate, max(steps, 1), delta, accountant)
+  worst = epsilon_spent(MAX_NOISE_MULTIPLIER, sampling, max(steps, 1), delta, accountant)
   if worst > target_epsilon:
     raise ValueError(
         f"target_epsilon {target_epsilon} is unreachable: {steps} steps at sampling rate "
-        f"{sampling_rate} spend epsilon {worst:.3g} even with noise multiplier "
+        f"{_rate(sampling):g} spend epsilon {worst:.3g} even with noise multiplier "
         f"{MAX_NOISE_MULTIPLIER:g} (fewer steps or a smaller sampling rate)")
-  spend = lambda sigma: epsilon_spent(sigma, sampling_rate, max(steps, 1), delta, accountant)
+  spend = lambda sigma: epsilon_spent(sigma, sampling, max(steps, 1), delta, accountant)
   if spend(MIN_NOISE_MULTIPLIER) <= target_epsilon:
     return MIN_NOISE_MULTIPLIER
   sigma = float(dp_accounting.calibrate_dp_mechanism(
       ACCOUNTANTS[accountant],
-      lambda sigma: dp_sgd_event(sigma, sampling_rate, max(steps, 1)), target_epsilon, delta,
+      lambda sigma: dp_sgd_event(sigma, sampling, max(steps, 1)), target_epsilon, delta,
       bracket_interval=dp_accounting.ExplicitBracketInterval(MIN_NOISE_MULTIPLIER,
                                                              MAX_NOISE_MULTIPLIER),
       tol=1e-4))
@@ -102,11 +120,11 @@ def noise_multiplier_for(target_epsilon: float, sampling_rate: float, steps: int
   return sigma
 
 
-def steps_within_budget(target_epsilon: float, noise_multiplier: float, sampling_rate: float,
+def steps_within_budget(target_epsilon: float, noise_multiplier: float, sampling: Sampling,
                         delta: float, accountant: str = "rdp") -> int:
   """The most steps that spend at most ``target_epsilon`` (0 if one step already spends more)."""
-  _check(noise_multiplier, sampling_rate, 0, delta, accountant)
-  spend = lambda steps: epsilon_spent(noise_multiplier, sampling_rate, steps, delta, accountant)
+  _check(noise_multiplier, sampling, 0, delta, accountant)
+  spend = lambda steps: epsilon_spent(noise_multiplier, sampling, steps, delta, accountant)
   low, high = 0, 1  # spend(low) <= target < spend(high) once the doubling stops
   while spend(high) <= target_epsilon:
     low, high = high, 2 * high
