@@ -134,3 +134,9 @@ def test_scale_norms_and_clipping_match_per_example_autodiff():
   expected = jnp.sum(grads * clipping.clip_factors(norms, threshold)[:, None], axis=0)
   np.testing.assert_allclose(d_scale, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(d_x, g * scale, rtol=1e-6)
+
+
+def test_noised_mean_of_a_pytree_draws_independent_noise_per_leaf():
+  tree = {"a": jnp.zeros((1000,)), "b": jnp.zeros((1000,))}
+  released = clipping.noised_mean(tree, jax.random.key(1), 1.0, 1.0, 1.0)
+  assert abs(float(jnp.corrcoef(released["a"], released["b"])[0, 1])) < 0.1

@@ -20,6 +20,7 @@ unclipped (clipping changes parameter gradients only).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -189,9 +190,10 @@ def layer_thresholds(parameter_counts: dict[str, int], clip_norm: float,
   return {name: clip_norm * (weight / total) ** 0.5 for name, weight in weights.items()}
 
 
-def noised_mean(clipped_sum: Float[Array, "..."], key: Array, noise_multiplier: float,
-                clip_norm: float, expected_batch_size: float) -> Float[Array, "..."]:
-  """DP-SGD's released gradient: ``(sum of clipped gradients + N(0, (sigma C)^2)) / E[B]``.
+def noised_mean(clipped_sum: Any, key: Array, noise_multiplier: float, clip_norm: float,
+                expected_batch_size: float) -> Any:
+  """DP-SGD's released gradient: ``(sum of clipped gradients + N(0, (sigma C)^2)) / E[B]``, for
+  an array or a pytree of them (independent noise per leaf).
 
   The noise is calibrated on the SUM (sensitivity ``C`` under add/remove-one) and then divided
   by the expected batch size of Poisson sampling, not by the realized one (which would leak the
@@ -199,6 +201,11 @@ def noised_mean(clipped_sum: Float[Array, "..."], key: Array, noise_multiplier: 
   """
   if not expected_batch_size > 0:
     raise ValueError(f"expected_batch_size is {expected_batch_size}; expected > 0")
-  noise = jax.random.normal(key, clipped_sum.shape, jnp.float32) * (noise_multiplier * clip_norm)
-  return ((clipped_sum.astype(jnp.float32) + noise) / expected_batch_size).astype(
-      clipped_sum.dtype)
+  leaves, treedef = jax.tree.flatten(clipped_sum)
+  keys = jax.random.split(key, len(leaves))
+
+  def release(leaf, leaf_key):
+    noise = jax.random.normal(leaf_key, leaf.shape, jnp.float32) * (noise_multiplier * clip_norm)
+    return ((leaf.astype(jnp.float32) + noise) / expected_batch_size).astype(leaf.dtype)
+
+  return jax.tree.unflatten(treedef, [release(leaf, k) for leaf, k in zip(leaves, keys)])
