@@ -11,6 +11,7 @@
 * :mod:`effjax.privacy.per_layer`: the clipped ops applied to every Dense, DenseGeneral, Embed
   and RMSNorm of any Flax model (``DecoderLM`` included) through a method interceptor, with the
   per-use thresholds; parameters without a rule are refused.
+* :mod:`effjax.privacy.transform`: the noise as the head of an optax chain.
 """
 
 from effjax.privacy.accounting import (ACCOUNTANTS, dp_sgd_event, epsilon_spent,
@@ -21,10 +22,11 @@ from effjax.privacy.clipping import (clip_factors, clipped_dense, clipped_embedd
                                      scale_example_norms)
 from effjax.privacy.per_layer import LayerUses, layer_uses, per_layer_clipping
 from effjax.privacy.sampling import PoissonSampling
+from effjax.privacy.transform import DpNoiseState, add_dp_noise
 
-__all__ = ["ACCOUNTANTS", "LayerUses", "PoissonSampling", "clip_factors",
-           "clipped_dense", "clipped_embedding", "clipped_scale", "dense_example_norms",
-           "dp_sgd_event", "embedding_example_norms", "epsilon_spent",
-           "ghost_norm_is_cheaper", "layer_thresholds", "layer_uses",
-           "noise_multiplier_for", "noised_mean", "per_layer_clipping",
-           "scale_example_norms", "steps_within_budget"]
+__all__ = ["ACCOUNTANTS", "DpNoiseState", "LayerUses", "PoissonSampling",
+           "add_dp_noise", "clip_factors", "clipped_dense", "clipped_embedding",
+           "clipped_scale", "dense_example_norms", "dp_sgd_event",
+           "embedding_example_norms", "epsilon_spent", "ghost_norm_is_cheaper",
+           "layer_thresholds", "layer_uses", "noise_multiplier_for", "noised_mean",
+           "per_layer_clipping", "scale_example_norms", "steps_within_budget"]
