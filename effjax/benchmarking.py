@@ -179,8 +179,13 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, title: str,
                   command: str | None = None, notes: str = "",
                   formatters: Mapping[str, Callable[[Any], str]] | None = None,
                   extra_markdown: str = "",
-                  group_by: Sequence[str] = ()) -> tuple[pathlib.Path, pathlib.Path]:
+                  group_by: Sequence[str] = (),
+                  markdown_rows: Sequence[Mapping[str, Any]] | None = None
+                  ) -> tuple[pathlib.Path, pathlib.Path]:
   """Writes ``<directory>/<name>.json`` and ``<directory>/<name>.md``; returns both paths.
+
+  The JSON holds every row; the markdown table shows ``markdown_rows`` (default: ``rows``), e.g.
+  one part of a suite whose other parts go in ``extra_markdown``.
 
   ``group_by`` (column names) splits the markdown into one table per distinct value of those
   columns, in order of first appearance, each under a heading naming the values.
@@ -195,13 +200,14 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, title: str,
        "rows": list(rows)}, indent=1, default=_json_default) + "\n")
   machine_line = ", ".join(f"{key}: {value}" for key, value in machine.items())
   groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
-  for row in rows:
+  shown_rows = rows if markdown_rows is None else markdown_rows
+  for row in shown_rows:
     groups.setdefault(tuple(row.get(column) for column in group_by), []).append(row)
   shown = [column for column in columns if column not in group_by]
   tables = "\n\n".join(
       (f"## {', '.join(map(str, key))}\n\n" if group_by else "")
       + markdown_table(group, shown, formatters) for key, group in groups.items()
-  ) or markdown_table(rows, shown, formatters)
+  ) or markdown_table(shown_rows, shown, formatters)
   markdown = (f"# {title}\n\nCommand: `{command}`\n\nMachine: {machine_line}\n\n"
               f"{notes.strip()}\n\n{tables}\n")
   if extra_markdown:

@@ -29,6 +29,7 @@ SUITES: dict[str, str] = {
     "kvcache_decode": "experiments.bench_kvcache",
     "optimizers": "experiments.bench_optimizers",
     "optimizer_curves": "experiments.bench_optimizer_curves",
+    "activations": "experiments.bench_activations",
     "zero": "experiments.bench_zero",
 }
 

@@ -8,6 +8,7 @@ import pytest
 
 from effjax import benchmarking
 from experiments import bench
+from pallas_kernels import aot
 
 
 def _naive_attention(q, k, v):
@@ -78,6 +79,15 @@ def test_write_results_group_by_writes_one_table_per_group(tmp_path):
   assert "| op |" not in markdown
 
 
+def test_write_results_markdown_rows_shows_a_part_and_keeps_every_row_in_json(tmp_path):
+  rows = [{"part": "a", "x": 1}, {"part": "b", "y": 2}]
+  json_path, md_path = benchmarking.write_results(
+      "parts", rows, title="P", columns=["x"], directory=tmp_path, command="c",
+      markdown_rows=rows[:1], extra_markdown="| y |\n|---|\n| 2 |")
+  assert json.loads(json_path.read_text())["rows"] == rows
+  assert "| x |\n|---|\n| 1 |\n\n| y |" in md_path.read_text()
+
+
 def test_plot_writes_png(tmp_path):
   path = benchmarking.plot_lines(tmp_path / "p.png", {"a": ([1, 2, 4], [1, 4, 16]),
                                                       "b": ([1, 2, 4], [1, None, 3])},
@@ -142,3 +152,23 @@ def test_optimizer_suites_quick(tmp_path):
       *(("smollm2_finetune", name) for name in ("adamw", "galore", "frugal", "spiel", "snell")),
       *(("quickstart", name) for name in ("adamw", "galore", "frugal"))}
   assert (tmp_path / "optimizer_curves_smollm2_finetune.png").exists()
+
+
+@pytest.mark.slow
+def test_activations_suite_quick(tmp_path):
+  """Compiles for an H100 on this host (about 4 minutes)."""
+  if not (aot.cuda_plugin_available() and aot.ptxas_available()):
+    pytest.skip("needs jax's CUDA plugin and ptxas")
+  assert bench.main(["activations", "--quick", "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "activations.json").read_text())["rows"]
+  memory = [row for row in rows if row["table"] == "memory"]
+  policies = {row["policy"] for row in memory}
+  assert policies == {"none", "dots", "tokenwise(0.5)", "save_attention", "full",
+                      "offload_attention", "offload_all", "reversible"}
+  assert all(row["host_temp_bytes"] > 0 for row in memory if row["policy"].startswith("offload"))
+  assert all(row["host_temp_bytes"] == 0 for row in memory
+             if not row["policy"].startswith("offload"))
+  errors = [row for row in rows if row["table"] == "reconstruction"]
+  assert max(r["relative_error"] for r in errors if r["streams"] == "float32") < 1e-5 < min(
+      r["relative_error"] for r in errors if r["streams"] == "bfloat16")
+  assert (tmp_path / "activations.png").exists() and (tmp_path / "activations_seq_len.png").exists()

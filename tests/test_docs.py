@@ -18,7 +18,8 @@ def test_every_pillar_has_a_page():
   names = {page.name for page in PAGES}
   assert {"README.md", "attention.md", "long_conv.md", "kv_cache.md", "sharded_training.md",
           "models.md", "experiments.md", "compiling.md", "contributing.md",
-          "training_state.md", "sequence_parallel.md"} <= names
+          "training_state.md", "sequence_parallel.md", "activations.md",
+          "privacy.md"} <= names
 
 
 @pytest.fixture
