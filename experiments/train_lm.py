@@ -16,6 +16,8 @@
   the gradients, 3 also the parameters; explicit jit shardings, state donated); optax AdamW with
   linear warm-up and cosine decay, global-norm clipping; with ``model.mixer`` long_conv / h3 the
   long kernels get their own learning rate and no weight decay (``optim.kernel_learning_rate``).
+* Privacy: ``privacy.target_epsilon`` trains with DP-SGD (experiments/privacy_config.py):
+  Poisson-sampled windows, per-layer clipping in one backward, noise on the sum, PLD accounting.
 * Outputs in ``output_dir``: ``metrics.jsonl``, TensorBoard event files (``tb/``), orbax
   checkpoints every ``checkpoint_every`` steps (``checkpoints/``). Re-running with the same
   ``output_dir`` resumes from the latest checkpoint. At the end: held-out perplexity and a greedy
@@ -50,6 +52,7 @@ from effjax.optim import zero
 from effjax.ops.ring_attention import LAYOUTS, STRATEGIES
 from experiments.config import ConfigError, ExperimentConfig, require
 from experiments.optim_config import OptimConfig, build_optimizer
+from experiments.privacy_config import PrivacyConfig, PrivateTraining, private_training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +191,9 @@ class Config(ExperimentConfig):
   """How the devices split the work: batch only, or batch x sequence (mesh.seq > 1)."""
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+  """DP-SGD (experiments/privacy_config.py): off unless privacy.target_epsilon or
+  privacy.noise_multiplier is set."""
   distributed: distributed.DistributedConfig = dataclasses.field(
       default_factory=distributed.DistributedConfig)
   """Multi-process runs: coordinator host:port, process count and id (else $JAX_COORDINATOR_ADDRESS,
@@ -242,6 +248,14 @@ class Config(ExperimentConfig):
     require(not self.data.packing or self.model.mixer == "attention", "data.packing",
             self.data.packing, "False with model.mixer long_conv / h3 (a convolution has no "
             "segment ids: it would mix packed documents)")
+    if self.privacy.enabled:
+      require(self.model.mixer == "attention" and not self.model.reversible
+              and not self.data.packing and self.mesh.seq == 1
+              and parse_remat(self.model.remat if self.model.remat != "auto" else "none"
+                              ).tokenwise is None,
+              "privacy", self.privacy, "DecoderLM attention blocks without model.reversible, "
+              "data.packing, mesh.seq > 1 or tokenwise remat (one example must be one row, "
+              "seen whole by every clipped layer)")
     if self.mesh.seq > 1:
       require(self.model.mixer == "attention", "model.mixer", self.model.mixer,
               "'attention' with mesh.seq > 1 (sequence parallelism splits attention layers)")
@@ -413,9 +427,15 @@ def load_windows(config: Config, tokenizer: Any) -> tuple[Any, np.ndarray, np.nd
   return TokenWindows(train_tokens, config.data.seq_len), heldout, train_tokens
 
 
-def training_batch(batches: Any, step: int, config: Config) -> tuple[Any, int]:
+def training_batch(batches: Any, step: int, config: Config,
+                   private: PrivateTraining | None = None) -> tuple[Any, int]:
   """This process's share of step ``step``'s global batch and the number of tokens predicted in
-  the whole batch (packed rows get their loss weights from the global batch first)."""
+  the whole batch (packed rows get their loss weights from the global batch first; with
+  ``private``, the step's Poisson sample with its mask of real rows)."""
+  if private is not None:
+    batch = private.batch(step, config.seed)
+    real = int(batch["example_mask"].sum())
+    return distributed.process_share(batch), real * config.data.seq_len
   batch = batches.batch(step, config.batch_size, config.seed)
   if isinstance(batch, dict):
     batch["weights"] = packed_loss_weights(batch["segment_ids"])
@@ -448,13 +468,13 @@ def restore_or_init(checkpoints: ocp.CheckpointManager, init: Any, key: jax.Arra
 
 
 def plan_model_remat(config: Config, trainer_for: Callable[[str], tuple[Any, zero.ZeroTrainer]],
-                     batches: Any) -> Any:
+                     batches: Any, private: PrivateTraining | None = None) -> Any:
   """``model.remat: auto``: compiles the training step (on step 0's batch) with each policy of the
   model's ladder, least recompute first, and returns the first whose peak per device fits
   ``model.memory_budget_gib`` (:func:`effjax.nn.plan_remat`); prints the plan."""
   def peak_bytes(remat: str) -> int:
     _, trainer = trainer_for(remat)
-    batch = distributed.global_batch(training_batch(batches, 0, config)[0],
+    batch = distributed.global_batch(training_batch(batches, 0, config, private)[0],
                                      trainer.batch_sharding)
     return memory_of(trainer.jit_step.lower(trainer.abstract_state, batch).compile()).peak_bytes
 
@@ -482,6 +502,16 @@ def main(config: Config) -> dict[str, Any]:
   model, init_params = build_model_and_params(config, tokenizer.vocab_size)
   # Training and evaluation split sequences over mesh.seq; sampling runs the plain model.
   optimizer = build_optimizer(config.optim, config.steps, config.model.mixer)
+  private = None
+  if config.privacy.enabled:
+    private = private_training(config.privacy, train_batches.all_windows(), config.batch_size,
+                               config.steps, mesh.devices.size)
+    optimizer = private.optimizer(optimizer, config.seed)
+    if distributed.is_main_process():
+      print(f"DP-SGD: noise multiplier {private.noise_multiplier:.4f}, sampling rate "
+            f"{private.sampling.rate:.4g} ({config.batch_size} of {len(private.windows)} windows"
+            f" expected, {private.sampling.max_batch_size} rows), delta {private.delta:.3g}, "
+            f"clip norm {config.privacy.clip_norm}")
 
   key = jax.random.key(config.seed)
   abstract_params = jax.eval_shape(init_params, key)
@@ -493,11 +523,13 @@ def main(config: Config) -> dict[str, Any]:
     split = model.clone(remat=remat)
     if sequence_parallel is not None:
       split = split.clone(attention_fn=sequence_parallel.attention_fn())
-    return split, zero.zero_trainer(make_loss(split, sequence_parallel), optimizer,
-                                    abstract_params, mesh, stage=stage)
+    loss = (make_loss(split, sequence_parallel) if private is None else
+            private.loss(split, abstract_params, config.data.seq_len))
+    return split, zero.zero_trainer(loss, optimizer, abstract_params, mesh, stage=stage)
 
   if config.model.remat == "auto":
-    model = model.clone(remat=plan_model_remat(config, trainer_for, train_batches).choice)
+    model = model.clone(remat=plan_model_remat(config, trainer_for, train_batches,
+                                               private).choice)
   split_model, trainer = trainer_for(model.remat)
 
   checkpoints = ocp.CheckpointManager(
@@ -527,13 +559,17 @@ def main(config: Config) -> dict[str, Any]:
                        desc="train", disable=jax.process_index() != 0)
   tick, tokens_since = time.perf_counter(), 0
   for step in progress:
-    rows, predicted = training_batch(train_batches, step, config)
+    rows, predicted = training_batch(train_batches, step, config, private)
     batch = distributed.global_batch(rows, trainer.batch_sharding)
     state, metrics = trainer.step(state, batch)
     tokens_since += predicted
     done = step + 1
     if done % config.log_every == 0 or done == config.steps:
       metrics = {key: float(value) for key, value in metrics.items()}
+      if private is not None:  # the trainer's loss: the sum over real rows / devices
+        real = max(predicted // config.data.seq_len, 1)
+        metrics["loss"] *= private.devices / real
+        metrics["epsilon"] = private.epsilon(done)
       now = time.perf_counter()
       metrics["tokens_per_s"] = tokens_since / (now - tick)
       tick, tokens_since = now, 0
@@ -555,6 +591,9 @@ def main(config: Config) -> dict[str, Any]:
                                   sequence_parallel)
   summary.update({"steps": config.steps, "parameters": num_params, "zero_stage": stage,
                   "heldout_windows": len(heldout_windows), "heldout_perplexity": perplexity})
+  if private is not None:
+    summary.update({"epsilon": private.epsilon(config.steps), "delta": private.delta,
+                    "noise_multiplier": private.noise_multiplier})
   if config.sample_prompt and config.sample_tokens:
     prompt = tokenizer.encode(config.sample_prompt)
     continuation = greedy_sample(model, params, prompt, config.sample_tokens)
@@ -568,6 +607,9 @@ def main(config: Config) -> dict[str, Any]:
     print(f"parameters: {num_params:,}  held-out perplexity: {perplexity:.2f} "
           f"(unigram: {summary['unigram_perplexity']:.2f}; {len(heldout_windows)} windows of "
           f"{config.data.seq_len} tokens)")
+    if private is not None:
+      print(f"privacy: epsilon {summary['epsilon']:.3f} at delta {private.delta:.3g} "
+            f"(noise multiplier {private.noise_multiplier:.4f}, {config.steps} steps)")
     if "sample" in summary:
       print(f"greedy sample: {summary['sample']!r}")
   return summary

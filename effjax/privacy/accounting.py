@@ -19,6 +19,7 @@ relation these accountants use.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -30,9 +31,14 @@ Sampling = float | PoissonSampling
 """The probability ``q`` that an example joins a batch, or a :class:`PoissonSampling` (whose
 ``max_batch_size``, if set, makes it truncated Poisson sampling: PLD accounting only)."""
 
+PLD_DISCRETIZATION = 1e-3
+"""The PLD accountant's grid of privacy-loss values. Its discretization is pessimistic (the
+epsilon an upper bound); 1e-3 instead of dp-accounting's default 1e-4 runs about 10x faster and
+adds 0.01-0.2% to epsilon at the sampling rates of ``train_lm``."""
 ACCOUNTANTS: dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
     "rdp": dp_accounting.rdp.RdpAccountant,
-    "pld": dp_accounting.pld.PLDAccountant,
+    "pld": functools.partial(dp_accounting.pld.PLDAccountant,
+                             value_discretization_interval=PLD_DISCRETIZATION),
 }
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 0.1, 1e3
 """The range :func:`noise_multiplier_for` searches (below 0.1 the PLD accountant's grid explodes,
