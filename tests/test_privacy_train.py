@@ -52,7 +52,9 @@ def test_a_fixed_sigma_that_would_cross_the_budget_is_refused():
                     data=train_lm.DataConfig(packing=True))
 
 
-def test_clipped_gradient_is_the_same_on_one_device_and_sharded_zero3():
+def test_clipped_gradient_is_the_same_on_one_device_sharded_zero3_and_in_micro_batches():
+  """Each device (and micro-batch) clips its own rows; the trainer's mean of local sums times
+  ``devices * micro_batches`` (add_dp_noise's gradient_scale) is the same clipped sum."""
   private = _private()
   model = enn.DecoderLM(enn.TransformerConfig(vocab_size=64, d_model=16, num_layers=2,
                                               num_heads=4, num_kv_heads=2, d_ff=24))
@@ -60,17 +62,18 @@ def test_clipped_gradient_is_the_same_on_one_device_and_sharded_zero3():
   abstract = jax.eval_shape(lambda: params)
   loss = private.loss(model, abstract, seq_len=16)
   batch = private.batch(step=0, seed=1)
-  grads = {}
-  for devices, stage in ((1, 0), (8, 3)):
+  grads = []
+  for devices, stage, micro_batches in ((1, 0, 1), (8, 3, 1), (4, 2, 2)):
     mesh = sharding.make_mesh(sharding.MeshConfig(("data",), (devices,)),
                               jax.devices()[:devices])
-    trainer = zero.zero_trainer(loss, private.optimizer(optax.sgd(1.0), 0),
-                                abstract, mesh, stage=stage)
+    trainer = zero.zero_trainer(loss, private.optimizer(optax.sgd(1.0), 0), abstract, mesh,
+                                stage=stage, micro_batches=micro_batches)
     placed = jax.device_put(params, trainer.state_sharding.params)
     _, mean_of_sums = trainer.gradients(placed, jax.device_put(batch, trainer.batch_sharding))
-    grads[devices] = jax.tree.map(lambda g: np.asarray(g) * devices, mean_of_sums)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), grads[8],
-               grads[1])
+    grads.append(jax.tree.map(lambda g: np.asarray(g) * devices * micro_batches, mean_of_sums))
+  for other in grads[1:]:
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), other,
+                 grads[0])
 
 
 def test_train_lm_runs_dp_sgd_and_logs_the_epsilon_spent(tmp_path):
